@@ -1,0 +1,177 @@
+"""Runs one rank's side of a plan, forward or backward. No rank arithmetic lives here: what to
+compute, send and receive at each step is read from the plan.
+
+Legend: B batch, S local tokens, H query heads, G key/value heads, D head dim.
+Running results (out and lse forward; dq, dk, dv backward) accumulate in float32, or float64
+for float64 inputs, and are cast to the inputs' dtype at the end.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .comm import Exchange, Pending
+from .kernels.base import BlockKernel, accum_dtype, span_of
+from .merge import merge_into
+from .plan import INPUT_KINDS, Block, Payload, Plan, Shape, Steps, payload_tensors
+from .trace import count
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+def shape_of(q: torch.Tensor, k: torch.Tensor) -> Shape:
+    b, s, h, d = q.shape
+    return Shape(batch=b, seqlen_local=s, nheads=h, nheads_kv=k.shape[2], headdim=d, dtype=q.dtype)
+
+
+class _RankRun:
+    """State of one rank while it walks the steps of one phase."""
+
+    def __init__(self, plan: Plan, steps: Steps, rank: int, exchange: Exchange, shape: Shape,
+                 local: dict[str, Tensors]) -> None:
+        self.plan, self.steps, self.rank, self.exchange, self.shape = plan, steps, rank, exchange, shape
+        self.chunk_len = shape.seqlen_local // len(plan.owned(rank))
+        self.local = local  # kind -> this rank's own tensors for that kind (whole local sequence)
+        self.held: dict[tuple[str, int], tuple[Payload, Tensors]] = {}  # received inputs
+        self.results: dict[Payload, Tensors] = {}  # computed for other ranks, not yet sent
+        self.last_use = self._last_uses()
+
+    def _last_uses(self) -> dict[tuple[str, int], int]:
+        """For each received input, the last iteration that needs it (compute or post a send)."""
+        last: dict[tuple[str, int], int] = {}
+        for t, step in enumerate(self.steps):
+            mine = step[self.rank]
+            for b in mine.blocks:
+                for key in self._input_keys(b):
+                    last[key] = t
+            for tr in mine.sends:  # step t's sends are posted during iteration t-1
+                if tr.payload.kind in INPUT_KINDS:
+                    last[tr.payload.kind, tr.payload.owner] = max(last.get((tr.payload.kind, tr.payload.owner), 0), t - 1)
+        return last
+
+    def _input_keys(self, b: Block) -> list[tuple[str, int]]:
+        q_kind = "q" if "q" in self.local else "qg"
+        return [(q_kind, b.q_owner), ("kv", b.kv_owner)]
+
+    def rows(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> slice:
+        first = within.index(chunks[0])
+        return slice(first * self.chunk_len, (first + len(chunks)) * self.chunk_len)
+
+    def take(self, kind: str, owner: int, chunks: tuple[int, ...]) -> Tensors:
+        """Views of ``chunks`` of owner's ``kind`` tensors: local ones, or a received payload."""
+        if owner == self.rank:
+            tensors, within = self.local[kind], self.plan.owned(owner)
+        else:
+            payload, tensors = self.held[kind, owner]
+            within = payload.chunks
+        sl = self.rows(chunks, within)
+        return tuple(t[:, :, sl] if t.dim() == 3 else t[:, sl] for t in tensors)  # lse is [B, H, S]
+
+    def post(self, t: int) -> tuple[Pending, list[tuple[Payload, Tensors]]]:
+        if t >= len(self.steps):
+            return Pending([]), []
+        mine = self.steps[t][self.rank]
+        sends = []
+        for tr in mine.sends:
+            p = tr.payload
+            tensors = self.take(p.kind, p.owner, p.chunks) if p.kind in INPUT_KINDS else self.results.pop(p)
+            sends.append((tr.dst, tuple(x.contiguous() for x in tensors)))
+        recvs = []
+        for tr in mine.recvs:
+            tokens = len(tr.payload.chunks) * self.chunk_len
+            bufs = tuple(torch.empty(shape, dtype=dtype, device=self.device)
+                         for shape, dtype, _ in payload_tensors(tr.payload.kind, tokens, self.shape))
+            recvs.append((tr.payload, bufs))
+        pending = self.exchange.post(sends, [(tr.src, bufs) for tr, (_, bufs) in zip(mine.recvs, recvs)])
+        return pending, recvs
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.local.values()))[0].device
+
+    def run(self, compute: Callable[[Block], None], absorb: Callable[[Payload, Tensors], None]) -> None:
+        """The loop of plan.py: wait for step t, post step t+1, compute step t."""
+        pending, arriving = self.post(0)
+        for t in range(len(self.steps)):
+            pending.wait()
+            for payload, tensors in arriving:
+                if payload.kind in INPUT_KINDS:
+                    self.held[payload.kind, payload.owner] = (payload, tensors)
+                else:
+                    absorb(payload, tensors)
+            pending, arriving = self.post(t + 1)
+            for block in self.steps[t][self.rank].blocks:
+                compute(block)
+                count(blocks=1)
+            for key in [k for k in self.held if self.last_use.get(k, -1) <= t]:
+                del self.held[key]
+        pending.wait()
+
+
+def _spans(run: _RankRun, b: Block):
+    return dict(q_span=span_of(b.q_chunks, run.chunk_len), k_span=span_of(b.kv_chunks, run.chunk_len))
+
+
+def run_forward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, q, k, v, *,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (out_BSHD, lse_BHS) of attention over the whole sequence."""
+    shape = shape_of(q, k)
+    acc = accum_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((shape.batch, shape.nheads, shape.seqlen_local), float("-inf"), dtype=acc, device=q.device)
+    run = _RankRun(plan, plan.forward, rank, exchange, shape, {"q": (q,), "kv": (k, v)})
+    owned = plan.owned(rank)
+
+    def merge(chunks, part_out, part_lse):
+        sl = run.rows(chunks, owned)
+        merge_into(out[:, sl], lse[:, :, sl], part_out, part_lse)
+
+    def compute(b: Block) -> None:
+        (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
+        o, l = kernel.forward(q_, k_, v_, causal=plan.causal, scale=scale, **_spans(run, b))
+        if b.q_owner == rank:
+            merge(b.q_chunks, o, l)
+        else:
+            run.results[Payload("o", b.q_owner, b.q_chunks)] = (o, l.to(acc))
+
+    run.run(compute, lambda p, tensors: merge(p.chunks, *tensors))
+    count(forward_calls=1)
+    return out.to(q.dtype), lse
+
+
+def run_backward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, dout, q, k, v, out, lse, *,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's (dq, dk, dv) from the saved forward results; the forward is not re-run."""
+    acc = accum_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+    run = _RankRun(plan, plan.backward, rank, exchange, shape_of(q, k), {"qg": (q, out, lse, dout), "kv": (k, v)})
+    owned = plan.owned(rank)
+
+    def add_dq(chunks, part):
+        dq[:, run.rows(chunks, owned)] += part
+
+    def add_dkv(chunks, part_k, part_v):
+        sl = run.rows(chunks, owned)
+        dk[:, sl] += part_k
+        dv[:, sl] += part_v
+
+    def compute(b: Block) -> None:
+        q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)
+        k_, v_ = run.take("kv", b.kv_owner, b.kv_chunks)
+        dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, causal=plan.causal, scale=scale, **_spans(run, b))
+        if b.q_owner == rank:
+            add_dq(b.q_chunks, dq_)
+        else:
+            run.results[Payload("dq", b.q_owner, b.q_chunks)] = (dq_,)
+        if b.kv_owner == rank:
+            add_dkv(b.kv_chunks, dk_, dv_)
+        else:
+            run.results[Payload("dkv", b.kv_owner, b.kv_chunks)] = (dk_, dv_)
+
+    def absorb(p: Payload, tensors) -> None:
+        (add_dq if p.kind == "dq" else add_dkv)(p.chunks, *tensors)
+
+    run.run(compute, absorb)
+    count(backward_calls=1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,71 @@
+"""The block-kernel interface: attention of one block of queries against one block of keys.
+
+Shapes (legend used across the package): B batch, S tokens, H query heads, G key/value heads
+(H a multiple of G), D head dim. Tensors are ``_BSHD`` like flash-attn; the LSE is ``_BHS``.
+
+A block knows where its tokens sit in the whole sequence: ``q_span`` and ``k_span`` are tuples
+of (start, stop) token ranges, concatenated in row order. With ``causal`` a query at position i
+sees keys at positions <= i. That covers any block of any layout; :func:`mask_kind` tells a
+kernel when the cheap forms (no mask, top-left causal) are exact.
+
+``forward(q, k, v, *, q_span, k_span, causal, scale) -> (out_BSHD, lse_BHS)``:
+    out in q's dtype; lse float32 (float64 for float64 inputs), -inf on rows that see no key
+    (their out is 0).
+``backward(dout, q, k, v, out, lse, *, q_span, k_span, causal, scale) -> (dq, dk, dv)``:
+    from the *merged* out and lse of the whole row, so the block's gradients are exact parts of
+    the full gradients; grads in the inputs' dtypes, dk/dv with G heads.
+A kernel that cannot produce an LSE must not be registered: it never returns a made-up one.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+Span = tuple[tuple[int, int], ...]
+
+
+class BlockKernel(Protocol):
+    name: str
+
+    def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool: ...
+
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float): ...
+
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool,
+                 scale: float): ...
+
+
+def span_of(chunks: tuple[int, ...], chunk_len: int) -> Span:
+    """Token ranges of consecutive chunk ids, adjacent ranges joined."""
+    ranges: list[tuple[int, int]] = []
+    for c in chunks:
+        start, stop = c * chunk_len, (c + 1) * chunk_len
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], stop)
+        else:
+            ranges.append((start, stop))
+    return tuple(ranges)
+
+
+def mask_kind(q_span: Span, k_span: Span, causal: bool) -> str:
+    """"full" (no mask), "causal" (lower triangle from the top-left) or "general"."""
+    if not causal or max(stop for _, stop in k_span) - 1 <= min(start for start, _ in q_span):
+        return "full"
+    if q_span == k_span:  # same increasing positions on both sides: the plain triangle
+        return "causal"
+    return "general"
+
+
+def positions(span: Span, device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b, device=device) for a, b in span])
+
+
+def allowed_mask(q_span: Span, k_span: Span, device: torch.device) -> torch.Tensor:
+    """Bool [Sq, Sk]: True where a query may see a key (causal by position)."""
+    return positions(k_span, device)[None, :] <= positions(q_span, device)[:, None]
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision to accumulate and merge in: float64 stays, everything else goes to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,198 @@
+"""The plan: a DistAttn schedule as plain data, checked and costed without any process.
+
+``plan.forward[t][rank]`` (and ``plan.backward``) is a :class:`RankStep`: the blocks ``rank``
+computes at step t, and the transfers it posts at step t. The executor runs, on every rank::
+
+    post(step 0 transfers)
+    for t: wait(step t transfers); post(step t+1 transfers); compute(step t blocks)
+
+so step t+1's transfers travel while step t computes (double buffering). It follows that a
+block of step t may use what arrived at steps <= t, and a transfer of step s may send what
+arrived at steps <= s-1 or what blocks of steps <= s-2 produced. The trailing steps of a plan
+may carry transfers only: they return the last partial results.
+
+Payload kinds (what travels; ``owner`` is the rank whose tokens they are):
+  forward  ``kv``  k and v of ``chunks``               (to a rank that computes with them)
+           ``q``   q of ``chunks``                     (to a helper)
+           ``o``   partial out and lse of ``chunks``   (from a helper back to the owner)
+  backward ``kv``  as in forward
+           ``qg``  q, out, lse, d_out of ``chunks``    (to a helper)
+           ``dq``  partial dq                           (helper -> owner)
+           ``dkv`` partial dk and dv                    (back to the kv owner)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from .layout import chunks_per_rank, owned_chunks
+
+INPUT_KINDS = ("kv", "q", "qg")
+RESULT_KINDS = ("o", "dq", "dkv")
+PHASES = ("forward", "backward", "both")
+
+
+@dataclass(frozen=True, order=True)
+class Payload:
+    kind: str
+    owner: int
+    chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True, order=True)
+class Transfer:
+    src: int
+    dst: int
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kernel call: queries of ``q_chunks`` (owned by q_owner) against keys of ``kv_chunks``."""
+
+    q_owner: int
+    q_chunks: tuple[int, ...]
+    kv_owner: int
+    kv_chunks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RankStep:
+    blocks: tuple[Block, ...] = ()
+    sends: tuple[Transfer, ...] = ()
+    recvs: tuple[Transfer, ...] = ()
+
+
+Steps = tuple[tuple[RankStep, ...], ...]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes that turn a plan's payloads into bytes (per rank's local tensors)."""
+
+    batch: int
+    seqlen_local: int
+    nheads: int
+    nheads_kv: int
+    headdim: int
+    dtype: torch.dtype
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """LSE and merge precision: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def payload_tensors(kind: str, tokens: int, s: Shape) -> tuple[tuple[tuple[int, ...], torch.dtype, int], ...]:
+    """(shape, dtype, sequence dim) of each tensor a ``kind`` payload over ``tokens`` tokens carries,
+    in the order they travel. The executor allocates receive buffers from this, and the byte
+    counts come from it, so prediction and measurement cannot drift apart."""
+    q = ((s.batch, tokens, s.nheads, s.headdim), s.dtype, 1)
+    kv = ((s.batch, tokens, s.nheads_kv, s.headdim), s.dtype, 1)
+    lse = ((s.batch, s.nheads, tokens), lse_dtype(s.dtype), 2)
+    return {
+        "kv": (kv, kv),  # k, v
+        "q": (q,),
+        "o": (q, lse),  # out, lse
+        "qg": (q, q, lse, q),  # q, out, lse, d_out
+        "dq": (q,),
+        "dkv": (kv, kv),  # dk, dv
+    }[kind]
+
+
+def payload_bytes(kind: str, tokens: int, s: Shape) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype, _ in payload_tensors(kind, tokens, s))
+
+
+@dataclass(frozen=True)
+class Plan:
+    schedule: str
+    layout: str
+    world_size: int
+    causal: bool
+    forward: Steps
+    backward: Steps
+
+    @cached_property
+    def chunk_count(self) -> int:
+        return chunks_per_rank(self.layout) * self.world_size
+
+    def owned(self, rank: int) -> tuple[int, ...]:
+        return owned_chunks(self.layout, rank, self.world_size)
+
+    @property
+    def compute_steps(self) -> int:
+        """Steps in which some rank computes (the forward and backward have the same)."""
+        return sum(1 for step in self.forward if any(rs.blocks for rs in step))
+
+    @cached_property
+    def critical_work(self) -> float:
+        """Sum over steps of the busiest rank's work, in units of one full rank-by-rank block
+        ((N/P)^2 query-key pairs); a causal diagonal chunk counts half."""
+        per_rank = chunks_per_rank(self.layout)
+        total = 0.0
+        for step in self.forward:
+            total += max((sum(self.block_work(b) for b in rs.blocks) for rs in step), default=0.0)
+        return total / per_rank**2
+
+    def block_work(self, block: Block) -> float:
+        """Chunk-pairs a block computes (causal diagonal chunks count half)."""
+        work = 0.0
+        for qc in block.q_chunks:
+            for kc in block.kv_chunks:
+                if not self.causal or kc < qc:
+                    work += 1.0
+                elif kc == qc:
+                    work += 0.5
+        return work
+
+    def critical_bytes(self, shape: Shape) -> int:
+        """Sum over steps, forward and backward, of the most bytes any one rank receives: the
+        traffic that gates the step when transfers are not hidden behind compute."""
+        chunk = shape.seqlen_local // chunks_per_rank(self.layout)
+        return sum(
+            max(sum(payload_bytes(tr.payload.kind, chunk * len(tr.payload.chunks), shape) for tr in rs.recvs)
+                for rs in step)
+            for steps in (self.forward, self.backward) for step in steps
+        )
+
+    def _bytes(self, rank: int, shape: Shape, phase: str, side: str) -> int:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        chunk = shape.seqlen_local // chunks_per_rank(self.layout)
+        phases = (self.forward, self.backward) if phase == "both" else (getattr(self, phase),)
+        total = 0
+        for steps in phases:
+            for step in steps:
+                for tr in getattr(step[rank], side):
+                    total += payload_bytes(tr.payload.kind, chunk * len(tr.payload.chunks), shape)
+        return total
+
+    def bytes_sent(self, rank: int, *, batch: int, seqlen_local: int, nheads: int, nheads_kv: int,
+                   headdim: int, dtype: torch.dtype, phase: str = "both") -> int:
+        """Exact bytes ``rank`` sends in one dist_attn call (``phase``: forward, backward, both)."""
+        shape = Shape(batch, seqlen_local, nheads, nheads_kv, headdim, dtype)
+        return self._bytes(rank, shape, phase, "sends")
+
+    def bytes_received(self, rank: int, *, batch: int, seqlen_local: int, nheads: int, nheads_kv: int,
+                       headdim: int, dtype: torch.dtype, phase: str = "both") -> int:
+        shape = Shape(batch, seqlen_local, nheads, nheads_kv, headdim, dtype)
+        return self._bytes(rank, shape, phase, "recvs")
+
+    def describe(self) -> str:
+        """A table of the forward plan, one line per step: what each rank computes."""
+        lines = [f"{self.schedule} on {self.layout}, P={self.world_size}, causal={self.causal}"]
+        for t, step in enumerate(self.forward):
+            cells = []
+            for rank, rs in enumerate(step):
+                work = " ".join(
+                    f"Q{','.join(map(str, b.q_chunks))}K{','.join(map(str, b.kv_chunks))}"
+                    + ("" if b.q_owner == rank else "(help)")
+                    for b in rs.blocks
+                )
+                cells.append(work or "-")
+            lines.append(f"t={t}: " + " | ".join(cells))
+        return "\n".join(lines)
