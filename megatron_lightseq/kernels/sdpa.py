@@ -64,7 +64,9 @@ class TorchSdpaKernel:
     def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool,
                  scale: float):
         if q.device.type == "cpu":
-            is_causal, mask, _ = _cpu_mask(q_span, k_span, causal, q)
+            is_causal, mask, blind_rows = _cpu_mask(q_span, k_span, causal, q)
+            if blind_rows is not None:  # exp(-inf - -inf) would be NaN; any finite lse gives p = 0
+                lse = lse.masked_fill(torch.isneginf(lse), 0.0)
             dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(), 0.0, is_causal,
                 attn_mask=mask, scale=scale)

@@ -1,0 +1,27 @@
+"""The test oracle: plain attention over the whole sequence, written independently of the
+package (repeat K/V heads, masked softmax), differentiated by autograd."""
+from __future__ import annotations
+
+import torch
+
+
+def reference_attention(q, k, v, *, causal: bool, scale: float | None = None):
+    """(out_BSHD, lse_BHS) in the inputs' dtype; differentiable through out."""
+    rep = q.shape[2] // k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kr, vr = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    if causal:
+        n = q.shape[1]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), vr)
+    return out, lse
+
+
+def reference_with_grads(q, k, v, dout, *, causal: bool):
+    """Full-sequence (out, lse, dq, dk, dv) of the oracle."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out, lse = reference_attention(*leaves, causal=causal)
+    grads = torch.autograd.grad(out, leaves, dout)
+    return (out.detach(), lse.detach(), *grads)

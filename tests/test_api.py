@@ -1,0 +1,70 @@
+"""Single-process API: layouts, input checks, trace scoping."""
+import pytest
+import torch
+
+import megatron_lightseq as mls
+from oracle import reference_attention
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_shard_unshard_roundtrip(layout, world_size):
+    full = torch.arange(2 * 2 * world_size * 3).view(2, -1)
+    parts = [mls.shard(full, layout=layout, rank=r, world_size=world_size) for r in range(world_size)]
+    assert torch.equal(mls.unshard(parts, layout=layout), full)
+
+
+def test_zigzag_matches_megatron_cp_split():
+    # Megatron-Core: 2P chunks, rank r keeps chunks r and 2P-1-r.
+    full = torch.arange(16)[None]
+    assert mls.shard(full, layout="zigzag", rank=1, world_size=4).tolist() == [[2, 3, 12, 13]]
+
+
+def test_shard_errors():
+    with pytest.raises(ValueError, match="must be a multiple of 6; got 8"):
+        mls.shard(torch.zeros(1, 8), layout="zigzag", rank=0, world_size=3)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
+        mls.shard(torch.zeros(1, 8), layout="contiguous", rank=2, world_size=2)
+
+
+def _qkv(**over):
+    t = dict(q=torch.randn(1, 4, 4, 8), k=torch.randn(1, 4, 2, 8), v=torch.randn(1, 4, 2, 8))
+    t.update(over)
+    return t["q"], t["k"], t["v"]
+
+
+@pytest.mark.parametrize("inputs,options,message", [
+    (dict(q=torch.randn(4, 4, 8)), {}, r"q must be 4-D .* got shape \(4, 4, 8\)"),
+    (dict(k=torch.randn(1, 4, 2, 8).double()), {}, "share one dtype"),
+    (dict(q=torch.randn(1, 4, 4, 8).int()), {}, "share one dtype"),
+    (dict(v=torch.randn(1, 4, 1, 8)), {}, r"k and v must have the same shape, got \(1, 4, 2, 8\) and \(1, 4, 1, 8\)"),
+    (dict(k=torch.randn(1, 2, 2, 8), v=torch.randn(1, 2, 2, 8)), {}, r"expected \(1, 4, \*, 8\), got \(1, 2, 2, 8\)"),
+    (dict(k=torch.randn(1, 4, 3, 8), v=torch.randn(1, 4, 3, 8)), {}, r"nheads \(4\) must be a multiple of nheads_kv \(3\)"),
+    ({}, dict(layout="striped"), "layout must be one of"),
+    ({}, dict(schedule="ulysses"), "schedule must be one of"),
+    ({}, dict(kernel="flash3"), "kernel must be one of"),
+    ({}, dict(softmax_scale=-1.0), "softmax_scale must be None or a positive"),
+    ({}, dict(causal="yes"), "causal must be a bool"),
+    (dict(q=torch.randn(1, 3, 4, 8), k=torch.randn(1, 3, 2, 8), v=torch.randn(1, 3, 2, 8)), dict(layout="zigzag"),
+     "positive multiple of 2, got 3"),
+])
+def test_bad_input_raises_value_error(inputs, options, message):
+    with pytest.raises(ValueError, match=message):
+        mls.dist_attn(*_qkv(**inputs), **options)
+
+
+def test_single_process_call_and_trace_scope():
+    q, k, v = (x.double().requires_grad_() for x in _qkv())
+    out = mls.dist_attn(q, k, v)  # outside any trace: nothing is recorded anywhere
+    with mls.trace() as outer:
+        with mls.trace() as inner:
+            out, lse = mls.dist_attn(q, k, v, return_lse=True, softmax_scale=0.5)
+        out.sum().backward()
+    assert inner.as_dict() == dict(bytes_sent=0, bytes_received=0, forward_calls=1, backward_calls=0, blocks=1)
+    assert outer.as_dict() == dict(bytes_sent=0, bytes_received=0, forward_calls=1, backward_calls=1, blocks=2)
+    ref_out, ref_lse = reference_attention(q, k, v, causal=True, scale=0.5)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    assert lse.dtype == torch.float64 and not lse.requires_grad
+    mls.dist_attn(q, k, v).sum().backward()
+    assert inner.blocks == 1 and outer.blocks == 2  # closed traces stay as they were

@@ -1,0 +1,135 @@
+"""dist_attn on local gloo ranks against the float64 oracle: out, lse, dq, dk, dv, bytes, counters.
+
+One process group per world size runs the whole matrix (forking a group per case would cost
+more than the cases); a failing case names itself in the message.
+"""
+import itertools
+
+import pytest
+import torch
+
+import megatron_lightseq as mls
+from harness import run_ranks
+from megatron_lightseq.executor import shape_of
+from oracle import reference_attention, reference_with_grads
+
+WORLD_SIZES = [1, 2, 3, 4, 8]
+HEADS = [(4, 4), (6, 2), (4, 1)]
+F64 = dict(rtol=1e-10, atol=1e-10)
+
+
+def _full_inputs(world_size, nheads, nheads_kv, headdim, dtype, tokens_per_chunk, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * world_size * tokens_per_chunk  # splits under both layouts
+    q = torch.randn(2, n, nheads, headdim, generator=g, dtype=torch.float64)
+    k = torch.randn(2, n, nheads_kv, headdim, generator=g, dtype=torch.float64)
+    v = torch.randn(2, n, nheads_kv, headdim, generator=g, dtype=torch.float64)
+    dout = torch.randn(2, n, nheads, headdim, generator=g, dtype=torch.float64)
+    return [x.to(dtype) for x in (q, k, v, dout)]
+
+
+def _run_local(rank, world_size, full, layout, **options):
+    """This rank's (out, lse, dq, dk, dv) and its trace."""
+    q, k, v, dout = (mls.shard(x, layout=layout, rank=rank, world_size=world_size) for x in full)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    with mls.trace() as t:
+        out, lse = mls.dist_attn(q, k, v, layout=layout, return_lse=True, **options)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    return (out.detach(), lse, *grads), t
+
+
+def _exact_matrix(rank, world_size):
+    cases = [(lay, sch, c, h, d, ker) for lay, sch, c, h, d, ker in itertools.product(
+        ("contiguous", "zigzag"), ("ring", "lightseq"), (True, False), HEADS, (64, 80), ("math", "torch"))]
+    cases += [(lay, "auto", c, h, 64, "auto") for lay, c, h in itertools.product(("contiguous", "zigzag"), (True, False), HEADS)]
+    for i, (layout, schedule, causal, (h, hkv), d, kernel) in enumerate(cases):
+        label = f"{layout} {schedule} causal={causal} heads=({h},{hkv}) d={d} kernel={kernel}"
+        full = _full_inputs(world_size, h, hkv, d, torch.float64, tokens_per_chunk=3, seed=i)
+        expected = reference_with_grads(*full, causal=causal)
+        got, t = _run_local(rank, world_size, full, layout, schedule=schedule, causal=causal, kernel=kernel)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+            dim = 2 if name == "lse" else 1
+            torch.testing.assert_close(a, mls.shard(b, layout=layout, rank=rank, world_size=world_size, dim=dim),
+                                       **F64, msg=lambda m: f"{label}: {name}: {m}")
+        if schedule == "auto":
+            schedule = mls.choose_schedule(layout, world_size, causal, shape_of(got[0], got[3]))
+        plan = mls.build_plan(schedule, layout=layout, world_size=world_size, causal=causal)
+        sizes = dict(batch=2, seqlen_local=got[0].shape[1], nheads=h, nheads_kv=hkv, headdim=d, dtype=torch.float64)
+        blocks = sum(len(step[rank].blocks) for step in plan.forward + plan.backward)
+        assert t.as_dict() == dict(
+            bytes_sent=plan.bytes_sent(rank, **sizes), bytes_received=plan.bytes_received(rank, **sizes),
+            forward_calls=1, backward_calls=1, blocks=blocks), label
+    return len(cases)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_exact_against_float64_oracle(world_size):
+    assert run_ranks(world_size, _exact_matrix) == [108] * world_size
+
+
+def _max_errors(got, expected):
+    return [(a.double() - b).abs().max().item() for a, b in zip(got, expected)]
+
+
+BF16_CASES = [(lay, sch, ker) for lay, sch in (("contiguous", "lightseq"), ("zigzag", "ring"), ("zigzag", "lightseq"))
+              for ker in ("math", "torch")]
+
+
+def _bf16_errors(rank, world_size):
+    """Per case: this rank's max errors against float64, ours and a plain bf16 computation's."""
+    full64 = _full_inputs(world_size, 4, 2, 64, torch.float64, tokens_per_chunk=32, seed=7)
+    full16 = [x.to(torch.bfloat16) for x in full64]
+    dims = (1, 2, 1, 1, 1)  # out, lse, dq, dk, dv
+    results = []
+    for layout, schedule, kernel in BF16_CASES:
+        local = lambda xs: [mls.shard(x, layout=layout, rank=rank, world_size=world_size, dim=d)
+                            for x, d in zip(xs, dims)]
+        exact = local(reference_with_grads(*full64, causal=True))
+        plain = local(reference_with_grads(*full16, causal=True))
+        got, _ = _run_local(rank, world_size, full16, layout, schedule=schedule, causal=True, kernel=kernel)
+        results.append((_max_errors(got, exact), _max_errors(plain, exact)))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+def test_bf16_error_at_most_twice_plain_bf16(world_size):
+    """flash-attn's rule: the error against float64 is at most about twice a plain bf16 one's."""
+    for rank, cases in enumerate(run_ranks(world_size, _bf16_errors)):
+        for case, (ours, plain) in zip(BF16_CASES, cases):
+            for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, plain):
+                assert a <= 2 * b + 1e-6, f"rank {rank} {case} {name}: error {a:.3g} vs plain bf16 {b:.3g}"
+
+
+def _errors_raised(rank, world_size, case):
+    """Run one bad call; return the ValueError message this rank got."""
+    torch.manual_seed(0)
+    n = 4
+    q, k, v = torch.randn(1, n, 4, 16), torch.randn(1, n, 2, 16), torch.randn(1, n, 2, 16)
+    kwargs = {}
+    if case == "seqlen_mismatch" and rank == 1:
+        q, k, v = (x[:, :2] for x in (q, k, v))
+    if case == "dtype_on_rank0" and rank == 0:
+        k = k.double()
+    if case == "odd_zigzag":
+        q, k, v = (x[:, :3] for x in (q, k, v))
+        kwargs["layout"] = "zigzag"
+    try:
+        mls.dist_attn(q, k, v, **kwargs)
+    except ValueError as e:
+        # The group is still usable afterwards: a good call goes through.
+        q, k, v = torch.randn(1, n, 4, 16), torch.randn(1, n, 2, 16), torch.randn(1, n, 2, 16)
+        mls.dist_attn(q, k, v)
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("case,rank0,rank1", [
+    ("seqlen_mismatch", "every rank must pass the same sizes", "seqlen_local: rank 0=4, rank 1=2"),
+    ("dtype_on_rank0", "share one dtype, got torch.float32, torch.float64", "rank(s) [0] of the group rejected"),
+    ("odd_zigzag", "positive multiple of 2, got 3", "positive multiple of 2, got 3"),
+])
+def test_bad_input_raises_on_every_rank(case, rank0, rank1):
+    messages = run_ranks(3, _errors_raised, case, timeout=120)
+    assert all(m is not None for m in messages), messages
+    assert rank0 in messages[0], messages[0]
+    assert rank1 in messages[1] and rank1 in messages[2], messages
