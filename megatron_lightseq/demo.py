@@ -1,0 +1,119 @@
+"""The main job until the Megatron demo exists: dist_attn on local gloo ranks, every layout and
+schedule, checked against a float64 oracle, with the plan's traffic measured and predicted.
+
+    python -m megatron_lightseq demo [--world-size 4] [--tokens 2048] ...
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+SCHEDULE_NAMES = ("ring", "lightseq", "auto")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m megatron_lightseq demo", description=__doc__.splitlines()[0])
+    p.add_argument("--world-size", type=int, default=4, help="local gloo ranks")
+    p.add_argument("--tokens", type=int, default=2048, help="whole sequence length")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
+    p.add_argument("--kernel", default="auto")
+    p.add_argument("--no-causal", dest="causal", action="store_false")
+    return p.parse_args(argv)
+
+
+def _oracle(args, dtype):
+    """Inputs (in ``dtype``) and the float64 whole-sequence (out, dq, dk, dv), same on every rank."""
+    from .kernels.math import MathKernel
+
+    g = torch.Generator().manual_seed(0)
+    n, h, hkv, d = args.tokens, args.heads, args.kv_heads, args.headdim
+    q, dout = (torch.randn(1, n, h, d, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, n, hkv, d, generator=g, dtype=torch.float64) for _ in range(2))
+    q, k, v, dout = (x.to(dtype).double() for x in (q, k, v, dout))  # the oracle sees what we see
+    whole = dict(q_span=((0, n),), k_span=((0, n),), causal=args.causal, scale=d ** -0.5)
+    out, lse = MathKernel().forward(q, k, v, **whole)
+    grads = MathKernel().backward(dout, q, k, v, out, lse, **whole)
+    return (q, k, v, dout), (out, *grads)
+
+
+def _rank_main(rank: int, args, init_file: str, conn) -> None:
+    import megatron_lightseq as mls
+    from .executor import shape_of
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=args.world_size)
+    dtype = getattr(torch, args.dtype)
+    inputs, expected = _oracle(args, dtype)
+    rows = []
+    for layout in ("contiguous", "zigzag"):
+        local = lambda x: mls.shard(x, layout=layout, rank=rank, world_size=args.world_size)
+        q, k, v, dout = (local(x).to(dtype) for x in inputs)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        for schedule in SCHEDULE_NAMES:
+            for _ in range(2):  # the first call also opens gloo's connections between new pairs
+                dist.barrier()
+                start = time.perf_counter()
+                with mls.trace() as t:
+                    out = mls.dist_attn(q, k, v, layout=layout, schedule=schedule, causal=args.causal,
+                                        kernel=args.kernel)
+                    grads = torch.autograd.grad(out, (q, k, v), dout)
+                seconds = time.perf_counter() - start
+            errors = [(a.double() - local(b)).abs().max().item() for a, b in zip((out, *grads), expected)]
+            chosen = mls.choose_schedule(layout, args.world_size, args.causal, shape_of(q, k)) \
+                if schedule == "auto" else schedule
+            plan = mls.build_plan(chosen, layout=layout, world_size=args.world_size, causal=args.causal)
+            predicted = plan.bytes_sent(rank, batch=1, seqlen_local=q.shape[1], nheads=args.heads,
+                                        nheads_kv=args.kv_heads, headdim=args.headdim, dtype=dtype)
+            rows.append(dict(layout=layout, schedule=schedule if schedule != "auto" else f"auto={chosen}",
+                             steps=plan.compute_steps, err_out=errors[0], err_grad=max(errors[1:]),
+                             sent=t.bytes_sent, predicted=predicted, seconds=seconds))
+    gathered = [None] * args.world_size
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        conn.send(gathered)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _table(per_rank: list[list[dict]], args) -> str:
+    lines = [f"dist_attn on {args.world_size} gloo ranks: {args.tokens} tokens, heads {args.heads}/{args.kv_heads} "
+             f"x {args.headdim}, {args.dtype}, causal={args.causal}, kernel={args.kernel}",
+             f"{'layout':<11} {'schedule':<16} {'steps':>5} {'max err out':>12} {'max err grad':>12} "
+             f"{'KiB sent/rank, measured':>32} {'= predicted':>12} {'fwd+bwd s':>10}"]
+    for i, row in enumerate(per_rank[0]):
+        sent = [rank_rows[i]["sent"] for rank_rows in per_rank]
+        predicted = [rank_rows[i]["predicted"] for rank_rows in per_rank]
+        lines.append(
+            f"{row['layout']:<11} {row['schedule']:<16} {row['steps']:>5} "
+            f"{max(r[i]['err_out'] for r in per_rank):>12.2e} {max(r[i]['err_grad'] for r in per_rank):>12.2e} "
+            f"{' '.join(f'{s / 1024:.0f}' for s in sent):>32} {str(sent == predicted):>12} "
+            f"{max(r[i]['seconds'] for r in per_rank):>10.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        parent, child = ctx.Pipe(duplex=False)
+        procs = [ctx.Process(target=_rank_main, args=(r, args, os.path.join(tmp, "store"), child))
+                 for r in range(args.world_size)]
+        for p in procs:
+            p.start()
+        per_rank = parent.recv() if parent.poll(600) else None
+        for p in procs:
+            p.join(timeout=60)
+    if per_rank is None or any(p.exitcode not in (0, None) for p in procs):
+        print("demo failed: a rank exited without results")
+        return 1
+    print(_table(per_rank, args))
+    return 0
