@@ -13,7 +13,7 @@ def reference_attention(q, k, v, *, causal: bool, scale: float | None = None):
     s = torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale
     if causal:
         n = q.shape[1]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, dim=-1), vr)
     return out, lse

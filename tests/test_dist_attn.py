@@ -133,3 +133,26 @@ def test_bad_input_raises_on_every_rank(case, rank0, rank1):
     assert all(m is not None for m in messages), messages
     assert rank0 in messages[0], messages[0]
     assert rank1 in messages[1] and rank1 in messages[2], messages
+
+
+def _in_subgroups(rank, world_size):
+    """Two groups, {0, 2} and {3, 1} (reversed: group rank 0 is global rank 3), at once."""
+    import torch.distributed as dist
+
+    members = [[0, 2], [3, 1]]
+    groups = [dist.new_group(m) for m in members]
+    mine = next(i for i, m in enumerate(members) if rank in m)
+    group, group_rank = groups[mine], members[mine].index(rank)
+    full = _full_inputs(2, 6, 2, 64, torch.float64, tokens_per_chunk=3, seed=mine)
+    expected = reference_with_grads(*full, causal=True)
+    q, k, v, dout = (mls.shard(x, layout="contiguous", rank=group_rank, world_size=2) for x in full)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = mls.dist_attn(q, k, v, group=group, schedule="lightseq")
+    got = (out, *torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(got, expected[:1] + expected[2:]):
+        torch.testing.assert_close(a, mls.shard(b, layout="contiguous", rank=group_rank, world_size=2), **F64)
+    return group_rank
+
+
+def test_process_subgroups_translate_ranks():
+    assert run_ranks(4, _in_subgroups) == [0, 1, 1, 0]
