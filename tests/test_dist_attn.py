@@ -136,13 +136,14 @@ def test_bad_input_raises_on_every_rank(case, rank0, rank1):
 
 
 def _in_subgroups(rank, world_size):
-    """Two groups, {0, 2} and {3, 1} (reversed: group rank 0 is global rank 3), at once."""
+    """Two groups at once, {0, 2} and {1, 3}: group ranks differ from global ranks."""
     import torch.distributed as dist
 
-    members = [[0, 2], [3, 1]]
+    members = [[0, 2], [1, 3]]
     groups = [dist.new_group(m) for m in members]
-    mine = next(i for i, m in enumerate(members) if rank in m)
-    group, group_rank = groups[mine], members[mine].index(rank)
+    mine = rank % 2
+    group = groups[mine]
+    group_rank = dist.get_rank(group)
     full = _full_inputs(2, 6, 2, 64, torch.float64, tokens_per_chunk=3, seed=mine)
     expected = reference_with_grads(*full, causal=True)
     q, k, v, dout = (mls.shard(x, layout="contiguous", rank=group_rank, world_size=2) for x in full)
@@ -155,4 +156,4 @@ def _in_subgroups(rank, world_size):
 
 
 def test_process_subgroups_translate_ranks():
-    assert run_ranks(4, _in_subgroups) == [0, 1, 1, 0]
+    assert run_ranks(4, _in_subgroups) == [0, 0, 1, 1]
