@@ -1,0 +1,105 @@
+"""Registering the lightseq attention backend with Megatron-Core.
+
+- ``AttnBackend`` gains a ``lightseq`` member in place, so ``--attention-backend lightseq`` parses
+  (Megatron builds the flag's choices from the enum) and checkpoints that pickled it load.
+- ``GPTModel.__init__`` is wrapped: when ``config.attention_backend`` is lightseq, every
+  self-attention's ``core_attention`` slot in the given spec (local or TransformerEngine, dense or
+  MoE block spec, MTP block spec) is set to :class:`LightSeqAttention` before the model is built,
+  and the rotary positions follow the layout. Models with other backends are untouched.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .batch import follow_layout
+from .core_attention import LightSeqAttention
+from .versions import training_args
+
+NAME = "lightseq"
+# A string, not the next integer: it can never collide with a backend Megatron adds later.
+VALUE = "lightseq"
+
+
+def _extend_enum(enum_cls, name: str, value) -> None:
+    if name in enum_cls.__members__:
+        return
+    member = object.__new__(enum_cls)
+    member._name_, member._value_ = name, value
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(name)
+    type.__setattr__(enum_cls, name, member)
+
+
+def lightseq_backend():
+    """The ``AttnBackend.lightseq`` member (after :func:`register`)."""
+    return AttnBackend[NAME]
+
+
+def lightseq_active() -> bool:
+    """True unless Megatron-LM's parsed arguments name another attention backend."""
+    args = training_args()
+    return args is None or getattr(args, "attention_backend", None) == AttnBackend[NAME]
+
+
+def with_lightseq_attention(spec):
+    """A copy of ``spec`` with LightSeqAttention in every self-attention's core_attention slot."""
+    spec = copy.deepcopy(spec)
+    found = []
+
+    def visit(node) -> None:
+        if isinstance(node, ModuleSpec):
+            visit(node.submodules)
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                visit(item)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            if hasattr(node, "core_attention"):
+                if type(node) is not SelfAttentionSubmodules:
+                    raise NotImplementedError(
+                        f"the lightseq backend replaces plain self-attention only, found {type(node).__name__}")
+                node.core_attention = LightSeqAttention
+                found.append(node)
+            for f in dataclasses.fields(node):
+                visit(getattr(node, f.name))
+
+    visit(spec)
+    if not found:
+        raise NotImplementedError(f"no self-attention core_attention slot found in the layer spec {type(spec).__name__}")
+    return spec
+
+
+def _wrap_gpt_init(init):
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        config = bound.arguments["config"]
+        active = getattr(config, "attention_backend", None) == AttnBackend[NAME]
+        if active:
+            bound.arguments["transformer_layer_spec"] = with_lightseq_attention(bound.arguments["transformer_layer_spec"])
+            if bound.arguments.get("mtp_block_spec") is not None:
+                bound.arguments["mtp_block_spec"] = with_lightseq_attention(bound.arguments["mtp_block_spec"])
+        init(*bound.args, **bound.kwargs)
+        if active:
+            follow_layout(self)
+
+    __init__.lightseq_wrapped = True
+    return __init__
+
+
+def register() -> None:
+    """Make ``lightseq`` a Megatron attention backend. Idempotent; call before arguments are parsed
+    (and before a checkpoint that names the backend is loaded)."""
+    _extend_enum(AttnBackend, NAME, VALUE)
+    if not getattr(GPTModel.__init__, "lightseq_wrapped", False):
+        GPTModel.__init__ = _wrap_gpt_init(GPTModel.__init__)

@@ -1,0 +1,74 @@
+"""The plugin's settings: one frozen dataclass and the ``--lightseq-*`` flags that fill it, parsed here
+and nowhere else."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from ..kernels import kernel_names
+from ..layout import LAYOUTS
+from ..schedules import SCHEDULES
+
+
+@dataclass(frozen=True)
+class LightSeqConfig:
+    schedule: str = "auto"
+    """DistAttn schedule: ring, lightseq or auto (docs/schedules.md)."""
+    layout: str = "zigzag"
+    """Token layout over the CP group. zigzag is Megatron-Core's own CP split (its batch split and
+    rotary positions are used as they are); contiguous swaps both for the plugin's."""
+    kernel: str = "auto"
+    """Block kernel name (megatron_lightseq.kernels)."""
+
+    def __post_init__(self) -> None:
+        choices = {"schedule": SCHEDULES + ("auto",), "layout": LAYOUTS, "kernel": kernel_names()}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--lightseq-{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(f"megatron-lightseq flags: {message}")
+
+
+def add_lightseq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--lightseq-*`` flags (usable as Megatron's ``extra_args_provider``)."""
+    group = parser.add_argument_group("megatron-lightseq")
+    defaults = LightSeqConfig()
+    group.add_argument("--lightseq-schedule", choices=SCHEDULES + ("auto",), default=defaults.schedule,
+                       help="DistAttn schedule (default: auto, the cheapest plan for the layout)")
+    group.add_argument("--lightseq-layout", choices=LAYOUTS, default=defaults.layout,
+                       help="token layout over the context-parallel group (default: zigzag, Megatron's own)")
+    group.add_argument("--lightseq-kernel", choices=kernel_names(), default=defaults.kernel,
+                       help="block attention kernel (default: auto)")
+    return parser
+
+
+def config_from_namespace(ns: argparse.Namespace) -> LightSeqConfig:
+    return LightSeqConfig(schedule=ns.lightseq_schedule, layout=ns.lightseq_layout, kernel=ns.lightseq_kernel)
+
+
+def parse_lightseq_args(argv: list[str]) -> tuple[LightSeqConfig, list[str]]:
+    """(config, the other arguments): takes the ``--lightseq-*`` flags out of ``argv``."""
+    ns, rest = add_lightseq_args(_RaisingParser(add_help=False, allow_abbrev=False)).parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("--lightseq")]
+    if unknown:
+        raise ValueError(f"megatron-lightseq flags: unknown {unknown}; known: --lightseq-schedule, "
+                         "--lightseq-layout, --lightseq-kernel")
+    return config_from_namespace(ns), rest
+
+
+_active = LightSeqConfig()
+
+
+def configure(config: LightSeqConfig) -> None:
+    """Set the settings that core attentions built from now on will use."""
+    global _active
+    if not isinstance(config, LightSeqConfig):
+        raise ValueError(f"expected a LightSeqConfig, got {type(config).__name__}")
+    _active = config
+
+
+def active_config() -> LightSeqConfig:
+    return _active

@@ -1,0 +1,54 @@
+"""The core attention Megatron builds into every self-attention layer when the backend is lightseq.
+
+Megatron's contract: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` (RoPE already
+applied, np/ng the heads on this tensor-parallel rank) -> ``[sq, b, np * hn]``. The sequence is
+this rank's share of the context-parallel group's sequence, in the configured layout.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from ..api import dist_attn
+from .config import active_config
+from .versions import cp_group_from
+
+_SUPPORTED_MASKS = (AttnMaskType.causal, AttnMaskType.no_mask)
+
+
+class LightSeqAttention(MegatronModule):
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
+                 cp_comm_type: str | None = None, softmax_scale: float | None = None, pg_collection=None,
+                 **kwargs) -> None:
+        super().__init__(config=config)
+        if attention_type != "self":
+            raise NotImplementedError(f"the lightseq backend does self-attention only, got {attention_type!r}")
+        if config.attention_dropout:
+            raise NotImplementedError(
+                f"the lightseq backend has no attention dropout; set --attention-dropout 0 "
+                f"(got {config.attention_dropout})")
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+        self.cp_group = cp_group_from(pg_collection, kwargs)
+        self.settings = active_config()
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if mask_type not in _SUPPORTED_MASKS:
+            raise NotImplementedError(f"the lightseq backend supports causal and no_mask attention, got {mask_type}")
+        if attention_bias is not None:
+            raise NotImplementedError("the lightseq backend does not take an attention_bias")
+        if packed_seq_params is not None:
+            raise NotImplementedError("the lightseq backend does not take packed sequences (packed_seq_params)")
+        # attention_mask is ignored as by Megatron's TE backends: with mask type causal it is the
+        # causal mask, which the kernels apply from token positions; with no_mask there is none.
+        s = self.settings
+        out_BSHD = dist_attn(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                             group=self.cp_group, layout=s.layout, schedule=s.schedule,
+                             causal=mask_type == AttnMaskType.causal, softmax_scale=self.softmax_scale,
+                             kernel=s.kernel)
+        sq, b, np_, hn = query.shape
+        return out_BSHD.transpose(0, 1).reshape(sq, b, np_ * hn)

@@ -1,0 +1,32 @@
+"""``python -m megatron_lightseq.run SCRIPT [args]``: run a Megatron-LM training script (e.g.
+pretrain_gpt.py) with the lightseq backend available and no patch to the script."""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print(__doc__.strip())
+        return 2
+    from .megatron import setup
+
+    script = argv[0]
+    sys.argv = [script, *argv[1:]]
+    try:
+        setup(sys.argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # The script's own directory first on the path, as when Python runs it directly (pretrain_gpt.py
+    # imports gpt_builders and model_provider from beside itself).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
