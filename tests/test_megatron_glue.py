@@ -1,0 +1,152 @@
+"""The Megatron glue around the core attention: registration, spec rewrite, flags, runner, refusals."""
+import argparse
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+import megatron_lightseq.megatron as mlm  # noqa: E402
+from gpt_cases import Case, build_model, init_parallel, setup_rank  # noqa: E402
+from harness import run_ranks  # noqa: E402
+from megatron.core.transformer.enums import AttnBackend, AttnMaskType  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_register_is_idempotent_and_enum_round_trips():
+    mlm.register()
+    init = __import__("megatron.core.models.gpt.gpt_model", fromlist=["GPTModel"]).GPTModel.__init__
+    mlm.register()
+    assert __import__("megatron.core.models.gpt.gpt_model", fromlist=["GPTModel"]).GPTModel.__init__ is init
+    assert [b.name for b in AttnBackend].count("lightseq") == 1
+    assert AttnBackend["lightseq"] is AttnBackend("lightseq") is mlm.lightseq_backend()
+    assert pickle.loads(pickle.dumps(AttnBackend["lightseq"])) is AttnBackend["lightseq"]
+
+
+def test_flag_parses_the_way_megatron_builds_it():
+    # Megatron 0.16+ builds --attention-backend from the TransformerConfig field:
+    # choices=list(AttnBackend), type=AttnBackend[name] (argument_utils.ArgumentGroupFactory).
+    mlm.register()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--attention-backend", type=lambda s: AttnBackend[s], choices=list(AttnBackend))
+    assert parser.parse_args(["--attention-backend", "lightseq"]).attention_backend is AttnBackend["lightseq"]
+
+
+def test_flag_parses_through_megatron_training_parser():
+    arguments = pytest.importorskip("megatron.training.arguments", exc_type=ImportError)
+    mlm.register()
+    sys_argv = sys.argv
+    try:
+        sys.argv = ["pretrain_gpt.py", "--attention-backend", "lightseq", "--lightseq-layout", "contiguous"]
+        args = arguments.parse_args(extra_args_provider=mlm.add_lightseq_args, ignore_unknown_args=True)
+    finally:
+        sys.argv = sys_argv
+    assert args.attention_backend is AttnBackend["lightseq"] and args.lightseq_layout == "contiguous"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lightseq-schedule", "striped"], "invalid choice: 'striped'"),
+    (["--lightseq-layout", "diagonal"], "invalid choice: 'diagonal'"),
+    (["--lightseq-kernel", "cutlass"], "invalid choice: 'cutlass'"),
+    (["--lightseq-schedul", "ring"], "unknown ['--lightseq-schedul']"),
+])
+def test_flags_are_validated(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mlm.parse_lightseq_args(argv)
+
+
+def test_flags_are_taken_out_of_argv():
+    config, rest = mlm.parse_lightseq_args(["--num-layers", "2", "--lightseq-schedule", "ring", "--lightseq-layout=contiguous"])
+    assert rest == ["--num-layers", "2"]
+    assert config == mlm.LightSeqConfig(schedule="ring", layout="contiguous")
+    with pytest.raises(ValueError, match="--lightseq-kernel must be one of"):
+        mlm.LightSeqConfig(kernel="nope")
+
+
+def test_runner_sets_up_and_runs_the_script_as_main():
+    script = os.path.join(ROOT, "tests", "data", "show_setup.py")
+    run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", script, "--num-layers", "2",
+                          "--lightseq-layout", "contiguous", "--attention-backend", "lightseq"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["argv"] == ["--num-layers", "2", "--attention-backend", "lightseq"]
+    assert "lightseq" in report["backends"] and report["main"] == "__main__"
+    assert report["batch_split_wired"] and "contiguous" in str(report["config"])
+
+
+def test_runner_rejects_a_bad_flag():
+    run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", "x.py", "--lightseq-layout", "spiral"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2 and "invalid choice: 'spiral'" in run.stderr
+
+
+def _spec_cases(rank, world_size):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    setup_rank(Case(cp=1))
+    init_parallel(Case(cp=1), 1)
+    slot = lambda layer: layer.submodules.self_attention.submodules.core_attention
+    # local spec
+    local = get_gpt_layer_local_spec()
+    assert slot(mlm.with_lightseq_attention(local)) is mlm.LightSeqAttention
+    assert slot(local) is not mlm.LightSeqAttention  # the given spec is left as it was
+    # MoE decoder block spec: every layer
+    moe = TransformerConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_moe_experts=2, moe_router_topk=2,
+                            moe_ffn_hidden_size=16, use_cpu_initialization=True)
+    block = mlm.with_lightseq_attention(get_gpt_decoder_block_spec(moe, use_transformer_engine=False, pp_rank=0))
+    assert [slot(s) for s in block.layer_specs] == [mlm.LightSeqAttention] * 3
+    # TransformerEngine's layout of the spec (TE classes are not importable here: stand-ins)
+    class TEDotProductAttention: ...
+    te_like = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        self_attention=ModuleSpec(module=SelfAttention, submodules=SelfAttentionSubmodules(
+            linear_qkv=object, core_attention=TEDotProductAttention, linear_proj=object))))
+    assert slot(mlm.with_lightseq_attention(te_like)) is mlm.LightSeqAttention
+    # a GPTModel with another backend keeps Megatron's attention; with lightseq it gets ours
+    other = build_model(Case(cp=1), cp=1, backend=AttnBackend.local)
+    ours = build_model(Case(cp=1), cp=1, backend=AttnBackend["lightseq"])
+    kinds = lambda m: {type(layer.self_attention.core_attention).__name__ for layer in m.decoder.layers}
+    assert kinds(other) == {"DotProductAttention"} and kinds(ours) == {"LightSeqAttention"}
+    return True
+
+
+def test_spec_rewrite_local_moe_and_te_layouts():
+    assert run_ranks(1, _spec_cases) == [True]
+
+
+def _refusals(rank, world_size):
+    import dataclasses
+
+    setup_rank(Case(cp=2))
+    init_parallel(Case(cp=2), 2)
+    model = build_model(Case(cp=2), cp=2, backend=AttnBackend["lightseq"])
+    attn = model.decoder.layers[0].self_attention.core_attention
+    q = torch.randn(6, 2, 4, 8)
+    k = torch.randn(6, 2, 2, 8)
+    seen = []
+    for kwargs in (dict(attention_bias=torch.zeros(1)), dict(packed_seq_params=object()),
+                   dict(attn_mask_type=AttnMaskType.padding)):
+        with pytest.raises(NotImplementedError) as e:
+            attn(q, k, k, None, **kwargs)
+        seen.append(str(e.value))
+    with pytest.raises(NotImplementedError, match="--attention-dropout 0"):
+        mlm.LightSeqAttention(dataclasses.replace(model.config, attention_dropout=0.1), 1, AttnMaskType.causal)
+    out = attn(q, k, k, None)  # the good call still works on both ranks
+    assert out.shape == (6, 2, 32)
+    return seen
+
+
+def test_unsupported_features_are_refused_by_name():
+    seen = run_ranks(2, _refusals)[0]
+    assert "attention_bias" in seen[0] and "packed_seq_params" in seen[1] and "padding" in seen[2]
