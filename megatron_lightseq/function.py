@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from .comm import Exchange
 from .executor import run_backward, run_forward
-from .kernels.base import BlockKernel
-from .plan import Plan
 
 
 class DistAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, scale: float):
-        out, lse = run_forward(plan, rank, exchange, kernel, q, k, v, scale=scale)
+    def forward(ctx, q, k, v, call, saved):
+        """``saved``: None to run the forward, or the (out, lse) an earlier forward of the same
+        inputs returned, which are then used as they are."""
+        if saved is None:
+            out, lse = run_forward(call.plan, call.rank, call.exchange, call.kernel, q, k, v, scale=call.scale)
+        else:
+            out, lse = (t.view_as(t) for t in saved)  # new tensor objects: autograd owns these outputs
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.setup = (plan, rank, exchange, kernel, scale)
+        ctx.call = call
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, rank, exchange, kernel, scale = ctx.setup
-        dq, dk, dv = run_backward(plan, rank, exchange, kernel, dout, q, k, v, out, lse, scale=scale)
-        return dq, dk, dv, None, None, None, None, None
+        c = ctx.call
+        dq, dk, dv = run_backward(c.plan, c.rank, c.exchange, c.kernel, dout, q, k, v, out, lse, scale=c.scale)
+        return dq, dk, dv, None, None

@@ -22,15 +22,18 @@ class Case:
     schedule: str = "auto"
     kernel: str = "auto"
     dtype: torch.dtype = torch.float32
-    recompute: str | None = None  # None, "uniform", "block"
+    recompute: str | None = None  # None; "uniform" or "block" (full recompute); "selective" (core_attn)
     recompute_layers: int = 1
+    remat: bool = True
 
 
 def _config(case: Case, *, cp: int, backend):
     from megatron.core.transformer import TransformerConfig
 
     extra = {}
-    if case.recompute:
+    if case.recompute == "selective":
+        extra = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif case.recompute:
         extra = dict(recompute_granularity="full", recompute_method=case.recompute,
                      recompute_num_layers=case.recompute_layers)
     return TransformerConfig(
@@ -45,8 +48,10 @@ def build_model(case: Case, *, cp: int, backend):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     torch.manual_seed(1234)
-    return GPTModel(_config(case, cp=cp, backend=backend), get_gpt_layer_local_spec(), vocab_size=VOCAB,
-                    max_sequence_length=SEQ, position_embedding_type=case.position)
+    model = GPTModel(_config(case, cp=cp, backend=backend), get_gpt_layer_local_spec(), vocab_size=VOCAB,
+                     max_sequence_length=SEQ, position_embedding_type=case.position)
+    # Megatron keeps some parameters (embeddings, norms) in float32 whatever params_dtype says.
+    return model.to(case.dtype) if case.dtype == torch.float64 else model
 
 
 def full_batch():
@@ -66,7 +71,8 @@ def setup_rank(case: Case):
 
     install()
     mlm.register()
-    mlm.configure(mlm.LightSeqConfig(layout=case.layout, schedule=case.schedule, kernel=case.kernel))
+    mlm.configure(mlm.LightSeqConfig(layout=case.layout, schedule=case.schedule, kernel=case.kernel,
+                                     remat=case.remat))
     return mlm
 
 

@@ -46,7 +46,7 @@ def install() -> None:
     transformer_utils.get_default_causal_mask = _causal_mask
     fused_softmax.get_default_causal_mask = _causal_mask
     tp_random.CudaRNGStatesTracker.fork = _no_fork
-    tp_random._get_all_rng_states = lambda: {"cpu": torch.get_rng_state()}
-    tp_random._set_all_rng_states = lambda states, *args, **kwargs: torch.set_rng_state(states["cpu"])
+    tp_random._get_all_rng_states = lambda: (torch.get_rng_state(), None, None)
+    tp_random._set_all_rng_states = lambda cpu_state, cuda_state, tracker_states: torch.set_rng_state(cpu_state)
     rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     rotary.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank

@@ -19,6 +19,9 @@ class LightSeqConfig:
     rotary positions are used as they are); contiguous swaps both for the plugin's."""
     kernel: str = "auto"
     """Block kernel name (megatron_lightseq.kernels)."""
+    remat: bool = True
+    """Under Megatron's activation recompute, reuse the first pass's attention output and LSE
+    instead of running the attention forward again (--lightseq-no-remat turns it off)."""
 
     def __post_init__(self) -> None:
         choices = {"schedule": SCHEDULES + ("auto",), "layout": LAYOUTS, "kernel": kernel_names()}
@@ -42,11 +45,15 @@ def add_lightseq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="token layout over the context-parallel group (default: zigzag, Megatron's own)")
     group.add_argument("--lightseq-kernel", choices=kernel_names(), default=defaults.kernel,
                        help="block attention kernel (default: auto)")
+    group.add_argument("--lightseq-no-remat", dest="lightseq_remat", action="store_false",
+                       help="under activation recompute, run the attention forward again (Megatron's plain "
+                            "behaviour) instead of reusing the first pass's output and LSE")
     return parser
 
 
 def config_from_namespace(ns: argparse.Namespace) -> LightSeqConfig:
-    return LightSeqConfig(schedule=ns.lightseq_schedule, layout=ns.lightseq_layout, kernel=ns.lightseq_kernel)
+    return LightSeqConfig(schedule=ns.lightseq_schedule, layout=ns.lightseq_layout, kernel=ns.lightseq_kernel,
+                          remat=ns.lightseq_remat)
 
 
 def parse_lightseq_args(argv: list[str]) -> tuple[LightSeqConfig, list[str]]:
@@ -55,7 +62,7 @@ def parse_lightseq_args(argv: list[str]) -> tuple[LightSeqConfig, list[str]]:
     unknown = [a for a in rest if a.startswith("--lightseq")]
     if unknown:
         raise ValueError(f"megatron-lightseq flags: unknown {unknown}; known: --lightseq-schedule, "
-                         "--lightseq-layout, --lightseq-kernel")
+                         "--lightseq-layout, --lightseq-kernel, --lightseq-no-remat")
     return config_from_namespace(ns), rest
 
 

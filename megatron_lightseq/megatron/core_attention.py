@@ -10,9 +10,10 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from ..api import dist_attn
+from ..api import dist_attn, dist_attn_from_saved
 from .config import active_config
-from .versions import cp_group_from
+from .remat import AttentionStash
+from .versions import cp_group_from, is_checkpointing
 
 _SUPPORTED_MASKS = (AttnMaskType.causal, AttnMaskType.no_mask)
 
@@ -33,6 +34,7 @@ class LightSeqAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.cp_group = cp_group_from(pg_collection, kwargs)
         self.settings = active_config()
+        self.stash = AttentionStash()
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -46,9 +48,15 @@ class LightSeqAttention(MegatronModule):
         # attention_mask is ignored as by Megatron's TE backends: with mask type causal it is the
         # causal mask, which the kernels apply from token positions; with no_mask there is none.
         s = self.settings
-        out_BSHD = dist_attn(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-                             group=self.cp_group, layout=s.layout, schedule=s.schedule,
-                             causal=mask_type == AttnMaskType.causal, softmax_scale=self.softmax_scale,
-                             kernel=s.kernel)
+        q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, s, heads, hn] views
+        options = dict(group=self.cp_group, layout=s.layout, schedule=s.schedule,
+                       causal=mask_type == AttnMaskType.causal, softmax_scale=self.softmax_scale, kernel=s.kernel)
+        if s.remat and is_checkpointing() and not torch.is_grad_enabled():  # first pass of a checkpoint
+            out_BSHD, lse = dist_attn(q, k, v, return_lse=True, **options)
+            self.stash.push(q, k, v, out_BSHD, lse)
+        elif s.remat and is_checkpointing():  # its recompute: no attention forward, no communication
+            out_BSHD = dist_attn_from_saved(q, k, v, *self.stash.pop(q, k, v), **options)
+        else:
+            out_BSHD = dist_attn(q, k, v, **options)
         sq, b, np_, hn = query.shape
         return out_BSHD.transpose(0, 1).reshape(sq, b, np_ * hn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import is_checkpointing  # noqa: F401 (0.14 .. 0.19)
 from megatron.core.package_info import __version__ as MCORE_VERSION
 
 MCORE_MAJOR_MINOR = tuple(int(x) for x in MCORE_VERSION.split(".")[:2])
