@@ -13,6 +13,7 @@ setup(
     extras_require={
         "megatron": ["megatron-core>=0.16"],
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "numpy"],
+        "test": ["pytest>=8", "numpy", "matplotlib"],
+        "plot": ["matplotlib"],
     },
 )

@@ -1,0 +1,126 @@
+"""``python -m megatron_lightseq plan``: traffic, steps, time, memory and the longest sequence per
+GPU for LightSeq schedules against Megatron TP(+SP) and Megatron CP, and the flags to use.
+
+    python -m megatron_lightseq plan --model llama-7b [--kv-heads 8] --seq 32k..512k --gpus 16 \\
+        --gpus-per-node 8 [--json] [--plot out.png]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from .model import MODELS, Machine
+from .report import as_dict, recommend, rows_for
+
+
+def parse_tokens(text: str) -> int:
+    text = text.strip().lower()
+    scale = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
+    try:
+        return int(float(text.rstrip("km")) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count like 32k or 32768, got {text!r}") from None
+
+
+def parse_seq_range(text: str) -> list[int]:
+    """'32k..512k' -> 32K, 64K, ..., 512K (doubling); '32k' -> [32K]."""
+    lo, _, hi = text.partition("..")
+    lo, hi = parse_tokens(lo), parse_tokens(hi or lo)
+    if lo <= 0 or hi < lo:
+        raise argparse.ArgumentTypeError(f"expected LOW..HIGH with 0 < LOW <= HIGH, got {text!r}")
+    out = [lo]
+    while out[-1] * 2 <= hi:
+        out.append(out[-1] * 2)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m megatron_lightseq plan", description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="llama-7b")
+    for name in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab"):
+        p.add_argument(f"--{name}", type=int, help="override the model's value")
+    p.add_argument("--seq", type=parse_seq_range, default=parse_seq_range("32k..512k"))
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the sequence-parallel (or TP) group")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gib", type=float, default=Machine.gpu_memory_gib)
+    p.add_argument("--nvlink-gbs", type=float, default=Machine.nvlink_gbs)
+    p.add_argument("--ib-gbs", type=float, default=Machine.ib_gbs)
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard params and grads too (Megatron-FSDP), not only the optimizer state")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--plot", metavar="PNG", help="draw time and traffic per system with matplotlib")
+    args = p.parse_args(argv)
+    overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in
+                 ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab")}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    model = dataclasses.replace(MODELS[args.model], **overrides)
+    if overrides.get("kv_heads"):
+        model = dataclasses.replace(model, name=f"{args.model} ({model.kv_heads} KV heads)")
+    if model.hidden % model.heads or model.heads % model.kv_heads or args.gpus < 1:
+        p.error(f"hidden ({model.hidden}) must divide by heads ({model.heads}), heads by kv-heads "
+                f"({model.kv_heads}), and --gpus must be >= 1")
+    bad = [s for s in args.seq if s % (2 * args.gpus)]
+    if bad:
+        p.error(f"every sequence length must be a multiple of 2 x gpus = {2 * args.gpus}, got {bad}")
+    machine = Machine(gpu_memory_gib=args.gpu_memory_gib, nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
+    return args, model, machine
+
+
+def _table(model, args, machine, by_seq) -> str:
+    budget = machine.gpu_memory_gib * 2**30 * machine.usable_fraction
+    lines = [f"{model.name}: {model.layers} layers, hidden {model.hidden}, {model.heads} heads, {model.kv_heads} KV "
+             f"heads; {args.gpus} GPUs, {args.gpus_per_node} per node; batch 1, bf16, full recompute; "
+             f"{'params+grads+optimizer sharded (FSDP)' if args.fsdp else 'optimizer sharded (distributed optimizer)'}",
+             f"{'seq':>6} {'system':<26} {'MiB/GPU/layer':>13} {'steps':>5} {'ms/layer':>9} {'GiB/GPU':>8} "
+             f"{'max seq':>8}"]
+    for seq, rows in by_seq.items():
+        for r in rows:
+            fits = "" if r.memory_bytes <= budget else " (OOM)"
+            lines.append(f"{seq // 1024:>5}K {r.system:<26} {r.traffic_bytes / 2**20:>13.1f} {r.steps:>5} "
+                         f"{r.seconds * 1e3:>9.2f} {r.memory_bytes / 2**30:>8.1f} {r.max_seq // 1024:>7}K{fits}")
+        best = recommend(rows, machine)
+        lines.append(f"{'':>6} -> {best.system}: {best.flags}")
+    return "\n".join(lines)
+
+
+def _plot(path: str, by_seq, model) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seqs = list(by_seq)
+    systems = [r.system for r in by_seq[seqs[0]]]
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, name in enumerate(systems):
+        ax_t.plot([s // 1024 for s in seqs], [by_seq[s][i].seconds * 1e3 for s in seqs], marker="o", label=name)
+        ax_b.plot([s // 1024 for s in seqs], [by_seq[s][i].traffic_bytes / 2**20 for s in seqs], marker="o", label=name)
+    for ax, label in ((ax_t, "predicted ms per layer (fwd+bwd)"), (ax_b, "MiB sent per GPU per layer")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (K tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.suptitle(model.name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args, model, machine = parse_args(argv)
+    by_seq = {seq: rows_for(model, seq, args.gpus, args.gpus_per_node, machine, fsdp=args.fsdp) for seq in args.seq}
+    if args.json:
+        print(json.dumps({"model": dataclasses.asdict(model), "machine": dataclasses.asdict(machine),
+                          "gpus": args.gpus, "gpus_per_node": args.gpus_per_node,
+                          "rows": [as_dict(r) for rows in by_seq.values() for r in rows],
+                          "recommended": {seq: recommend(rows, machine).system for seq, rows in by_seq.items()}},
+                         indent=1))
+    else:
+        print(_table(model, args, machine, by_seq))
+    if args.plot:
+        _plot(args.plot, by_seq, model)
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,69 @@
+"""The comparison table the ``plan`` command prints, as data: one row per (sequence, system)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..schedules import build_plan
+from .memory import lightseq_memory, max_sequence, tp_memory
+from .model import Machine, ModelSpec
+from .timing import lightseq_seconds, tp_degree, tp_seconds
+from .traffic import lightseq_traffic, megatron_cp_traffic, tp_traffic
+
+LIGHTSEQ_VARIANTS = (("contiguous", "lightseq"), ("zigzag", "ring"), ("zigzag", "lightseq"))
+
+
+@dataclass(frozen=True)
+class Row:
+    seq: int
+    system: str
+    traffic_bytes: int  # per GPU per layer, fwd+bwd
+    steps: int  # attention steps per pass (1 for TP)
+    seconds: float  # per layer, fwd+bwd
+    memory_bytes: float
+    max_seq: int
+    flags: str
+
+
+def rows_for(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machine, *, fsdp: bool = False) -> list[Row]:
+    gran = 2 * gpus * 1024
+    extra = " --use-megatron-fsdp" if fsdp else ""
+    rows = []
+    for layout, schedule in LIGHTSEQ_VARIANTS:
+        plan = build_plan(schedule, layout=layout, world_size=gpus, causal=True)
+        rows.append(Row(
+            seq, f"lightseq {layout}/{schedule}", lightseq_traffic(model, seq, gpus, layout, schedule).total,
+            plan.compute_steps, lightseq_seconds(model, seq, gpus, gpus_per_node, m, layout, schedule),
+            lightseq_memory(model, seq, gpus, fsdp=fsdp),
+            max_sequence(lambda n: lightseq_memory(model, n, gpus, fsdp=fsdp), m, gran),
+            f"--context-parallel-size {gpus} --attention-backend lightseq --lightseq-layout {layout} "
+            f"--lightseq-schedule {schedule} --attention-dropout 0 --recompute-granularity full "
+            f"--recompute-method uniform --recompute-num-layers 1" + extra))
+    tp = tp_degree(model, gpus)
+    for sp in (False, True):
+        rows.append(Row(
+            seq, f"megatron TP={tp}" + ("+SP" if sp else ""), tp_traffic(model, seq, tp, sequence_parallel=sp).total,
+            1, tp_seconds(model, seq, gpus, gpus_per_node, m, sequence_parallel=sp),
+            tp_memory(model, seq, gpus, sequence_parallel=sp, fsdp=fsdp),
+            max_sequence(lambda n: tp_memory(model, n, gpus, sequence_parallel=sp, fsdp=fsdp), m, gran),
+            f"--tensor-model-parallel-size {tp}" + (" --sequence-parallel" if sp else "")
+            + " --recompute-granularity full --recompute-method uniform --recompute-num-layers 1" + extra))
+    cp_plan = build_plan("ring", layout="zigzag", world_size=gpus, causal=True)
+    rows.append(Row(
+        seq, "megatron CP (TE ring)", megatron_cp_traffic(model, seq, gpus).total, cp_plan.compute_steps,
+        lightseq_seconds(model, seq, gpus, gpus_per_node, m, "zigzag", "ring", remat=False),
+        lightseq_memory(model, seq, gpus, remat=False, fsdp=fsdp),
+        max_sequence(lambda n: lightseq_memory(model, n, gpus, remat=False, fsdp=fsdp), m, gran),
+        f"--context-parallel-size {gpus} --cp-comm-type p2p --recompute-granularity full" + extra))
+    return rows
+
+
+def recommend(rows: list[Row], m: Machine) -> Row:
+    """The fastest LightSeq variant that fits (or the one that fits the longest sequence)."""
+    budget = m.gpu_memory_gib * 2**30 * m.usable_fraction
+    ours = [r for r in rows if r.system.startswith("lightseq")]
+    fitting = [r for r in ours if r.memory_bytes <= budget]
+    return min(fitting, key=lambda r: r.seconds) if fitting else max(ours, key=lambda r: r.max_seq)
+
+
+def as_dict(row: Row) -> dict:
+    return asdict(row)

@@ -1,0 +1,101 @@
+"""The planner: traffic pinned to hand-derived formulas, plan traffic equal to what gloo runs send,
+the CLI's output and errors."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import megatron_lightseq as mls
+from harness import run_ranks
+from megatron_lightseq.planner.cli import main as plan_main, parse_seq_range
+from megatron_lightseq.planner.memory import lightseq_memory, max_sequence, tp_memory
+from megatron_lightseq.planner.model import MODELS, Machine, ModelSpec
+from megatron_lightseq.planner.traffic import lightseq_traffic, megatron_cp_traffic, tp_traffic
+
+TINY = ModelSpec("tiny", layers=2, hidden=16, heads=4, kv_heads=2, ffn=32, vocab=64)
+
+
+def test_tp_traffic_hand_derived():
+    # seq 8 x hidden 16 x 2 B = 256 B per activation; TP = 2 sends half of it per ring pass.
+    no_sp = tp_traffic(TINY, 8, 2, sequence_parallel=False, recompute=False)
+    assert (no_sp.forward, no_sp.backward) == (2 * 256, 2 * 256)  # 2 all-reduces each way, 2*(1/2)*256
+    sp = tp_traffic(TINY, 8, 2, sequence_parallel=True, recompute=False)
+    assert (sp.forward, sp.backward) == (4 * 128, 6 * 128)  # AG+RS per block fwd; AG+AG+RS per block bwd
+    tp2 = tp_traffic(TINY, 8, 2, sequence_parallel=False, recompute=True)
+    assert tp2.forward == 2 * no_sp.forward and tp2.backward == no_sp.backward  # recompute repeats the forward's
+    # TP = 4 > 2 KV heads: Megatron also gathers the QKV output (8 x (16 + 2*8) x 2 B = 512 B) forward
+    # and reduce-scatters its grad backward, 3/4 of it per GPU each.
+    tp4 = tp_traffic(TINY, 8, 4, sequence_parallel=False, recompute=False)
+    assert (tp4.forward, tp4.backward) == (2 * 2 * 192 + 384, 2 * 2 * 192 + 384)
+
+
+def test_lightseq_and_cp_traffic_hand_derived():
+    # P = 2, 8 tokens: a rank's K or V is 4 tokens x 2 heads x 4 dims x 2 B = 64 B.
+    ring = lightseq_traffic(TINY, 8, 2, "contiguous", "ring")
+    assert (ring.forward, ring.backward) == (128, 128)  # busiest: rank 0 sends k,v; rank 1 returns dk,dv
+    no_remat = lightseq_traffic(TINY, 8, 2, "contiguous", "ring", remat=False)
+    assert no_remat.forward == 256  # the recompute sends the forward's K/V again
+    cp = megatron_cp_traffic(TINY, 8, 2, recompute=False)
+    assert (cp.forward, cp.backward) == (128, 256)
+
+
+def _measured(rank, world_size, layout, schedule):
+    q = torch.randn(1, 32 // world_size, TINY.heads, TINY.headdim, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 32 // world_size, TINY.kv_heads, TINY.headdim, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    with mls.trace() as t:
+        out = mls.dist_attn(q, k, v, layout=layout, schedule=schedule)
+        fwd = t.bytes_sent
+        out.sum().backward()
+    return fwd, t.bytes_sent - fwd
+
+
+@pytest.mark.parametrize("layout,schedule", [("contiguous", "lightseq"), ("zigzag", "ring"), ("zigzag", "lightseq")])
+def test_plan_traffic_equals_gloo_measurement(layout, schedule):
+    measured = run_ranks(4, _measured, layout, schedule)
+    predicted = lightseq_traffic(TINY, 32, 4, layout, schedule)
+    assert (predicted.forward, predicted.backward) == (max(f for f, _ in measured), max(b for _, b in measured))
+
+
+def test_memory_model_and_max_sequence():
+    m = Machine()
+    llama = MODELS["llama-7b"]
+    assert lightseq_memory(llama, 2**16, 8) < lightseq_memory(llama, 2**17, 8)
+    assert lightseq_memory(llama, 2**16, 8, remat=False) < lightseq_memory(llama, 2**16, 8)
+    assert tp_memory(llama, 2**16, 8, sequence_parallel=True) < tp_memory(llama, 2**16, 8, sequence_parallel=False)
+    longest = max_sequence(lambda n: lightseq_memory(llama, n, 8), m, 16 * 1024)
+    budget = m.gpu_memory_gib * 2**30 * m.usable_fraction
+    assert lightseq_memory(llama, longest, 8) <= budget < lightseq_memory(llama, longest + 16 * 1024, 8)
+    # Fewer heads cap Megatron's TP degree, not LightSeq's sequence split.
+    few = dataclasses.replace(llama, heads=8, kv_heads=8)
+    assert max_sequence(lambda n: tp_memory(few, n, 16, sequence_parallel=True), m, 32768) < \
+        max_sequence(lambda n: tp_memory(llama, n, 16, sequence_parallel=True), m, 32768)
+
+
+def test_seq_range_parsing():
+    assert parse_seq_range("32k..256k") == [32768, 65536, 131072, 262144]
+    assert parse_seq_range("4096") == [4096]
+
+
+def test_plan_command_table_json_and_plot(tmp_path, capsys):
+    assert plan_main(["--seq", "32k..64k", "--gpus", "8", "--kv-heads", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "lightseq contiguous/lightseq" in table and "megatron TP=8+SP" in table and "--attention-backend lightseq" in table
+    png = tmp_path / "plan.png"
+    assert plan_main(["--seq", "32k..64k", "--gpus", "16", "--json", "--plot", str(png)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["rows"]) == 2 * 6 and set(report["recommended"]) == {"32768", "65536"}
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seq", "32x"], "expected a token count"),
+    (["--seq", "1000", "--gpus", "8"], "multiple of 2 x gpus = 16"),
+    (["--heads", "5"], "must divide by heads"),
+])
+def test_plan_command_errors(argv, message):
+    run = subprocess.run([sys.executable, "-m", "megatron_lightseq", "plan", *argv], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr
