@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["megatron_lightseq", "megatron_lightseq.*"]),
     python_requires=">=3.11",
     # A range, not a pin: an installed torch (CPU 2.13.0 here, a cluster's CUDA build there) satisfies it.
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "tqdm"],
     extras_require={
         "megatron": ["megatron-core>=0.16"],
         "triton": ["triton>=3.0"],

@@ -1,10 +1,12 @@
-"""``python -m megatron_lightseq COMMAND``: demo (the main job on local ranks), plan (the planner)."""
+"""``python -m megatron_lightseq COMMAND``: train (the main job: tiny GPT, lightseq vs TP), plan (the
+planner), attn-demo (dist_attn alone: errors and traffic per layout and schedule)."""
 import sys
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": "megatron_lightseq.demo", "plan": "megatron_lightseq.planner.cli"}
+    commands = {"train": "megatron_lightseq.train", "plan": "megatron_lightseq.planner.cli",
+                "attn-demo": "megatron_lightseq.demo"}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m megatron_lightseq {{{','.join(commands)}}} [options]")
         return 2

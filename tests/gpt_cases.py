@@ -68,7 +68,7 @@ def total_loss(model, batch):
 
 def setup_rank(case: Case):
     import megatron_lightseq.megatron as mlm
-    from megatron_shims import install
+    from megatron_lightseq.cpu_shims import install
 
     install()
     mlm.register()

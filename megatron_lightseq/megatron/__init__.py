@@ -1,9 +1,22 @@
-"""Megatron-Core glue: the ``lightseq`` attention backend (needs ``pip install megatron-lightseq[megatron]``)."""
-from .backend import lightseq_backend, register, with_lightseq_attention
-from .batch import get_batch_on_this_cp_rank
-from .config import LightSeqConfig, active_config, add_lightseq_args, configure, parse_lightseq_args
-from .core_attention import LightSeqAttention
-from .setup import setup
+"""Megatron-Core glue: the ``lightseq`` attention backend (needs ``pip install megatron-lightseq[megatron]``).
 
-__all__ = ["register", "setup", "get_batch_on_this_cp_rank", "LightSeqAttention", "LightSeqConfig", "configure",
-           "active_config", "add_lightseq_args", "parse_lightseq_args", "lightseq_backend", "with_lightseq_attention"]
+Names load on first use, so that reading the ``--lightseq-*`` flags (``config``) does not import
+megatron-core's model code, which takes seconds.
+"""
+import importlib
+
+_WHERE = {
+    "register": "backend", "lightseq_backend": "backend", "with_lightseq_attention": "backend",
+    "get_batch_on_this_cp_rank": "batch",
+    "LightSeqConfig": "config", "active_config": "config", "add_lightseq_args": "config", "configure": "config",
+    "parse_lightseq_args": "config",
+    "LightSeqAttention": "core_attention",
+    "setup": "prepare",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -1,6 +1,8 @@
-"""CPU stand-ins for the few Megatron-Core helpers that insist on CUDA, for tests only.
+"""CPU stand-ins for the few Megatron-Core helpers that insist on CUDA: for running megatron-core
+models on CPU processes (the tests and the local CPU training demo), never on a GPU.
 
-The plugin never patches these; a test worker calls :func:`install` before building a model.
+The plugin itself (backend, core attention, runner) never installs these; a CPU process calls
+:func:`install` before it builds a model.
 - ``torch.cuda.current_device``: Megatron passes it as ``device=`` (rotary inv_freq, buffers);
   here it returns "cpu".
 - ``get_default_causal_mask``: builds its mask with ``device="cuda"``.

@@ -1,0 +1,44 @@
+# Sourced by the sbatch scripts: checks the paths they need, loads configs, sets the rendezvous.
+# Variables (set them in the environment or with sbatch --export):
+#   MEGATRON_LM   Megatron-LM checkout (tag core_v0.16.1 or core_v0.19.0)   GPU mode
+#   DATA_PATH     Megatron data prefix, or "mock" for synthetic data          GPU mode (default mock)
+#   CONTAINER     optional container image for srun --container-image (pyxis)
+#   CONFIGS       config files under configs/, without .sh, applied in order
+#   MODE          gpu (default): pretrain_gpt.py; cpu: the plugin's tiny GPT on gloo (CI, laptops)
+set -euo pipefail
+REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+MODE=${MODE:-gpu}
+fail() { echo "error: $*" >&2; exit 2; }
+
+if [ "$MODE" = gpu ]; then
+  [ -n "${MEGATRON_LM:-}" ] || fail "MEGATRON_LM is not set: point it at a Megatron-LM checkout"
+  [ -f "$MEGATRON_LM/pretrain_gpt.py" ] || fail "MEGATRON_LM=$MEGATRON_LM has no pretrain_gpt.py"
+  DATA_PATH=${DATA_PATH:-mock}
+  if [ "$DATA_PATH" != mock ] && [ ! -e "$DATA_PATH.bin" ]; then fail "DATA_PATH=$DATA_PATH: no $DATA_PATH.bin"; fi
+elif [ "$MODE" != cpu ]; then
+  fail "MODE must be gpu or cpu, got $MODE"
+fi
+
+ARGS=()
+for c in ${CONFIGS:-}; do
+  [ -f "$REPO/configs/$c.sh" ] || fail "no config configs/$c.sh"
+  # shellcheck source=/dev/null
+  source "$REPO/configs/$c.sh"  # each appends to ARGS
+done
+
+# Rendezvous: the first node of the job, a port from the job id (two jobs on a node don't collide).
+MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_ADDR MASTER_PORT
+# NCCL settings that matter (GPU mode):
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # Megatron TP overlap needs ordered kernels
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}         # long steps at 512K: avoid spurious IB timeouts
+export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}  # a failed rank ends the job, no hang
+# export NCCL_SOCKET_IFNAME=...  NCCL_IB_HCA=...     # set for your fabric when auto-detection picks wrong
+
+if [ "${DATA_PATH:-mock}" = mock ]; then DATA_ARGS=(--mock-data); else DATA_ARGS=(--data-path "$DATA_PATH"); fi
+
+SRUN=(srun --kill-on-bad-exit=1)
+if [ -n "${CONTAINER:-}" ]; then
+  SRUN+=(--container-image="$CONTAINER" --container-mounts="$REPO,${MEGATRON_LM:-$REPO}")
+fi

@@ -1,0 +1,35 @@
+"""The repository's own sbatch scripts, submitted to a real single-node Slurm in CPU mode: the job
+completes and its losses equal the same run without Slurm. Skipped where Slurm is not installed
+(.ci/run installs it)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from slurm_cluster import available, slurm_cluster
+
+pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.skipif(not available(), reason="slurm-wlm and munge are not installed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ["--steps", "3", "--seq", "96", "--layers", "2", "--hidden", "64"]
+
+
+def test_sbatch_cpu_mode_matches_a_run_without_slurm(tmp_path):
+    direct = tmp_path / "direct.json"
+    subprocess.run([sys.executable, "-m", "megatron_lightseq", "train", "--backends", "lightseq,tp", "--local-ranks",
+                    "2", "--json", str(direct), *TRAIN], check=True, cwd=ROOT, timeout=600, capture_output=True)
+    reference = json.loads(direct.read_text())["results"]
+    with slurm_cluster(str(tmp_path / "slurm")) as env:
+        env = dict(env, MODE="cpu", REPO=ROOT, PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+        for script, backend in (("lightseq.sbatch", "lightseq"), ("tp_baseline.sbatch", "tp")):
+            out, log = tmp_path / f"{backend}.json", tmp_path / f"{backend}.out"
+            job = subprocess.run(
+                ["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0",
+                 f"--output={log}", f"--chdir={ROOT}", os.path.join(ROOT, "scripts", script),
+                 "--json", str(out), *TRAIN], env=env, capture_output=True, text=True, timeout=600)
+            assert job.returncode == 0, f"{script}: {job.stdout}{job.stderr}\n{log.read_text() if log.exists() else ''}"
+            losses = json.loads(out.read_text())["results"][backend]["losses"]
+            assert losses == pytest.approx(reference[backend]["losses"], rel=1e-6, abs=1e-6), script
