@@ -29,8 +29,9 @@ class _RankRun:
     """State of one rank while it walks the steps of one phase."""
 
     def __init__(self, plan: Plan, steps: Steps, rank: int, exchange: Exchange, shape: Shape,
-                 local: dict[str, Tensors]) -> None:
+                 local: dict[str, Tensors], q_kind: str) -> None:
         self.plan, self.steps, self.rank, self.exchange, self.shape = plan, steps, rank, exchange, shape
+        self.q_kind = q_kind  # how queries travel in this phase: "q" forward, "qg" backward
         self.chunk_len = shape.seqlen_local // len(plan.owned(rank))
         self.local = local  # kind -> this rank's own tensors for that kind (whole local sequence)
         self.held: dict[tuple[str, int], tuple[Payload, Tensors]] = {}  # received inputs
@@ -51,8 +52,7 @@ class _RankRun:
         return last
 
     def _input_keys(self, b: Block) -> list[tuple[str, int]]:
-        q_kind = "q" if "q" in self.local else "qg"
-        return [(q_kind, b.q_owner), ("kv", b.kv_owner)]
+        return [(self.q_kind, b.q_owner), ("kv", b.kv_owner)]
 
     def rows(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> slice:
         first = within.index(chunks[0])
@@ -120,7 +120,7 @@ def run_forward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, 
     acc = accum_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((shape.batch, shape.nheads, shape.seqlen_local), float("-inf"), dtype=acc, device=q.device)
-    run = _RankRun(plan, plan.forward, rank, exchange, shape, {"q": (q,), "kv": (k, v)})
+    run = _RankRun(plan, plan.forward, rank, exchange, shape, {"q": (q,), "kv": (k, v)}, "q")
     owned = plan.owned(rank)
 
     def merge(chunks, part_out, part_lse):
@@ -145,7 +145,8 @@ def run_backward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel,
     """This rank's (dq, dk, dv) from the saved forward results; the forward is not re-run."""
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
-    run = _RankRun(plan, plan.backward, rank, exchange, shape_of(q, k), {"qg": (q, out, lse, dout), "kv": (k, v)})
+    local = {"qg": (q, out, lse, dout), "kv": (k, v)}
+    run = _RankRun(plan, plan.backward, rank, exchange, shape_of(q, k), local, "qg")
     owned = plan.owned(rank)
 
     def add_dq(chunks, part):

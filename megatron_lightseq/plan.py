@@ -159,7 +159,8 @@ class Plan:
             for steps in (self.forward, self.backward) for step in steps
         )
 
-    def _bytes(self, rank: int, shape: Shape, phase: str, side: str) -> int:
+    def traffic(self, rank: int, shape: Shape, phase: str = "both", side: str = "sends") -> int:
+        """Bytes ``rank`` sends (``side="sends"``) or receives (``"recvs"``) in ``phase``."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         chunk = shape.seqlen_local // chunks_per_rank(self.layout)
@@ -175,12 +176,12 @@ class Plan:
                    headdim: int, dtype: torch.dtype, phase: str = "both") -> int:
         """Exact bytes ``rank`` sends in one dist_attn call (``phase``: forward, backward, both)."""
         shape = Shape(batch, seqlen_local, nheads, nheads_kv, headdim, dtype)
-        return self._bytes(rank, shape, phase, "sends")
+        return self.traffic(rank, shape, phase, "sends")
 
     def bytes_received(self, rank: int, *, batch: int, seqlen_local: int, nheads: int, nheads_kv: int,
                        headdim: int, dtype: torch.dtype, phase: str = "both") -> int:
         shape = Shape(batch, seqlen_local, nheads, nheads_kv, headdim, dtype)
-        return self._bytes(rank, shape, phase, "recvs")
+        return self.traffic(rank, shape, phase, "recvs")
 
     def describe(self) -> str:
         """A table of the forward plan, one line per step: what each rank computes."""

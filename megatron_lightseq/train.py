@@ -67,9 +67,8 @@ class _CollectiveBytes:
 
     def _counting(self, fn, passes: int, name: str):
         def counted(*args, group=None, **kwargs):
-            tensor = args[0] if name != "dist_reduce_scatter_func" else args[1]
-            if name == "dist_all_gather_func":
-                tensor = args[0]  # the gathered output: the whole tensor
+            # the whole tensor: all-reduce's, all-gather's output (args[0]), reduce-scatter's input
+            tensor = args[1] if name == "dist_reduce_scatter_func" else args[0]
             size = group.size() if group is not None else dist.get_world_size()
             if size > 1:
                 self.bytes += passes * tensor.numel() * tensor.element_size() * (size - 1) // size

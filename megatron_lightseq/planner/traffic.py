@@ -39,8 +39,8 @@ def lightseq_traffic(model: ModelSpec, seq: int, gpus: int, layout: str, schedul
                      recompute: bool = True, remat: bool = True) -> Traffic:
     plan = build_plan(schedule, layout=layout, world_size=gpus, causal=True)
     shape = attention_shape(model, seq, gpus)
-    fwd = max(plan._bytes(r, shape, "forward", "sends") for r in range(gpus))
-    bwd = max(plan._bytes(r, shape, "backward", "sends") for r in range(gpus))
+    fwd = max(plan.traffic(r, shape, "forward") for r in range(gpus))
+    bwd = max(plan.traffic(r, shape, "backward") for r in range(gpus))
     repeats = 2 if recompute and not remat else 1  # full recompute without remat re-runs the forward
     return Traffic(repeats * fwd, bwd)
 
