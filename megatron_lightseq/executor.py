@@ -90,10 +90,13 @@ class _RankRun:
     def device(self) -> torch.device:
         return next(iter(self.local.values()))[0].device
 
-    def run(self, compute: Callable[[Block], None], absorb: Callable[[Payload, Tensors], None]) -> None:
-        """The loop of plan.py: wait for step t, post step t+1, compute step t."""
+    def run(self, compute: Callable[[Block], None], absorb: Callable[[Payload, Tensors], None]):
+        """The loop of plan.py: wait for step t, post step t+1, compute step t. A generator that
+        yields before each wait, when this rank has posted everything the wait needs from others:
+        real ranks run it straight through (:func:`drive`); emulated ranks run in lockstep."""
         pending, arriving = self.post(0)
         for t in range(len(self.steps)):
+            yield
             pending.wait()
             for payload, tensors in arriving:
                 if payload.kind in INPUT_KINDS:
@@ -106,7 +109,17 @@ class _RankRun:
                 count(blocks=1)
             for key in [k for k in self.held if self.last_use.get(k, -1) <= t]:
                 del self.held[key]
+        yield
         pending.wait()
+
+
+def drive(steps):
+    """Run a generator of the executor to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _spans(run: _RankRun, b: Block):
@@ -116,6 +129,11 @@ def _spans(run: _RankRun, b: Block):
 def run_forward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, q, k, v, *,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (out_BSHD, lse_BHS) of attention over the whole sequence."""
+    return drive(forward_steps(plan, rank, exchange, kernel, q, k, v, scale=scale))
+
+
+def forward_steps(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, q, k, v, *, scale: float):
+    """run_forward as a generator (see _RankRun.run)."""
     shape = shape_of(q, k)
     acc = accum_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -135,7 +153,7 @@ def run_forward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, 
         else:
             run.results[Payload("o", b.q_owner, b.q_chunks)] = (o, l.to(acc))
 
-    run.run(compute, lambda p, tensors: merge(p.chunks, *tensors))
+    yield from run.run(compute, lambda p, tensors: merge(p.chunks, *tensors))
     count(forward_calls=1)
     return out.to(q.dtype), lse
 
@@ -143,6 +161,12 @@ def run_forward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, 
 def run_backward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, dout, q, k, v, out, lse, *,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's (dq, dk, dv) from the saved forward results; the forward is not re-run."""
+    return drive(backward_steps(plan, rank, exchange, kernel, dout, q, k, v, out, lse, scale=scale))
+
+
+def backward_steps(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, dout, q, k, v, out, lse, *,
+                   scale: float):
+    """run_backward as a generator (see _RankRun.run)."""
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     local = {"qg": (q, out, lse, dout), "kv": (k, v)}
@@ -173,6 +197,6 @@ def run_backward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel,
     def absorb(p: Payload, tensors) -> None:
         (add_dq if p.kind == "dq" else add_dkv)(p.chunks, *tensors)
 
-    run.run(compute, absorb)
+    yield from run.run(compute, absorb)
     count(backward_calls=1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
