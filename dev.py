@@ -42,7 +42,7 @@ class Leg:
         stamp.touch()
 
 
-MAIN = Leg(".venv", ((TORCH, "megatron-core==0.16.1"), ("-e", ".[test]")))
+MAIN = Leg(".venv", ((TORCH, "megatron-core==0.16.1", "triton==3.9.0"), ("-e", ".[test]")))
 # megatron-core 0.19 wants Python >= 3.12, but its megatron.core imports on 3.11 from the sdist
 # (it needs numpy and triton at import); the glue is tested against it too.
 MCORE19 = Leg(".venv-mcore19", (

@@ -145,8 +145,14 @@ def forward_steps(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel
         sl = run.rows(chunks, owned)
         merge_into(out[:, sl], lse[:, :, sl], part_out, part_lse)
 
+    fused = getattr(kernel, "forward_into", None) if acc == torch.float32 else None
+
     def compute(b: Block) -> None:
         (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
+        if b.q_owner == rank and fused is not None:  # the kernel merges into the accumulators itself
+            sl = run.rows(b.q_chunks, owned)
+            fused(q_, k_, v_, out[:, sl], lse[:, :, sl], causal=plan.causal, scale=scale, **_spans(run, b))
+            return
         o, l = kernel.forward(q_, k_, v_, causal=plan.causal, scale=scale, **_spans(run, b))
         if b.q_owner == rank:
             merge(b.q_chunks, o, l)

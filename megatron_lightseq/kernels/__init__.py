@@ -55,3 +55,10 @@ def resolve_kernel(name: str, q: torch.Tensor, k: torch.Tensor) -> BlockKernel:
 
 register_kernel("math", MathKernel, auto_rank=0)
 register_kernel("torch", TorchSdpaKernel, auto_rank=0)
+try:  # optional: pip install megatron-lightseq[triton]
+    from .triton_kernels import TritonKernel
+except ImportError:
+    pass
+else:
+    # Named only: `auto` takes it once the GPU benchmark shows it ahead of torch's ops for a shape.
+    register_kernel("triton", TritonKernel)

@@ -14,6 +14,8 @@ kernel when the cheap forms (no mask, top-left causal) are exact.
 ``backward(dout, q, k, v, out, lse, *, q_span, k_span, causal, scale) -> (dq, dk, dv)``:
     from the *merged* out and lse of the whole row, so the block's gradients are exact parts of
     the full gradients; grads in the inputs' dtypes, dk/dv with G heads.
+A kernel may also offer ``forward_into(q, k, v, out_acc, lse_acc, ...)``, merging the block into
+float32 running accumulators in place (a fused merge); the executor then uses it for local blocks.
 A kernel that cannot produce an LSE must not be registered: it never returns a made-up one.
 """
 from __future__ import annotations

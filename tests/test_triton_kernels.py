@@ -1,0 +1,67 @@
+"""The project's Triton kernels (Triton's interpreter on CPU) against the math kernel: forward,
+fused merge and backward per block, then through dist_attn on gloo ranks."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import megatron_lightseq as mls  # noqa: E402
+from harness import run_ranks  # noqa: E402
+from megatron_lightseq.kernels import get_kernel  # noqa: E402
+from megatron_lightseq.merge import merge_into  # noqa: E402
+from oracle import reference_with_grads  # noqa: E402
+from test_kernels import SPANS, _block_reference, _inputs  # noqa: E402
+
+FP32 = dict(rtol=2e-5, atol=2e-5)
+
+
+CASES = [(spans, (6, 2), 80) for spans in SPANS] + [("full", (4, 4), 64), ("zigzag diagonal", (4, 1), 96)]
+
+
+@pytest.mark.parametrize("spans,heads,headdim", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_triton_block_any_positions(spans, heads, headdim):
+    q_span, k_span = SPANS[spans]
+    sq, sk = (sum(b - a for a, b in sp) for sp in (q_span, k_span))
+    q, k, v, dout = _inputs(sq, sk, *heads, headdim)
+    ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.3)
+    kernel, q32 = get_kernel("triton"), [x.float() for x in (q, k, v, dout)]
+    out, lse = kernel.forward(*q32[:3], q_span=q_span, k_span=k_span, causal=True, scale=0.3)
+    torch.testing.assert_close(out.double(), ref[0], **FP32)
+    torch.testing.assert_close(lse.double(), ref[1], **FP32)
+    grads = kernel.backward(q32[3], *q32[:3], ref[0].float(), ref[1].float(), q_span=q_span, k_span=k_span,
+                            causal=True, scale=0.3)
+    for got, want in zip(grads, ref[2:]):
+        torch.testing.assert_close(got.double(), want, **FP32)
+
+
+def test_fused_merge_equals_merging_afterwards():
+    q, k, v, _ = (x.float() for x in _inputs(8, 16, 4, 2, 64))
+    kernel, spans = get_kernel("triton"), dict(q_span=((8, 16),), k_span=((0, 8),), causal=True, scale=0.125)
+    first = get_kernel("math").forward(q, k[:, 8:], v[:, 8:], q_span=((8, 16),), k_span=((8, 16),), causal=True,
+                                       scale=0.125)
+    fused_out, fused_lse = first[0].clone(), first[1].clone()
+    kernel.forward_into(q, k[:, :8], v[:, :8], fused_out, fused_lse, **spans)
+    out, lse = first[0].clone(), first[1].clone()
+    merge_into(out, lse, *kernel.forward(q, k[:, :8], v[:, :8], **spans))
+    torch.testing.assert_close(fused_out, out, **FP32)
+    torch.testing.assert_close(fused_lse, lse, **FP32)
+
+
+def _through_dist_attn(rank, world_size, layout, schedule):
+    g = torch.Generator().manual_seed(3)
+    n = 2 * world_size * 8
+    full = [torch.randn(1, n, h, 64, generator=g, dtype=torch.float64) for h in (6, 2, 2, 6)]
+    expected = reference_with_grads(*full, causal=True)
+    local = [mls.shard(x, layout=layout, rank=rank, world_size=world_size).float() for x in full]
+    q, k, v = (x.requires_grad_() for x in local[:3])
+    out, lse = mls.dist_attn(q, k, v, layout=layout, schedule=schedule, kernel="triton", return_lse=True)
+    got = (out, lse, *torch.autograd.grad(out, (q, k, v), local[3]))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        want = mls.shard(b, layout=layout, rank=rank, world_size=world_size, dim=2 if name == "lse" else 1)
+        torch.testing.assert_close(a.double(), want, **FP32, msg=lambda m: f"{name}: {m}")
+    return True
+
+
+@pytest.mark.parametrize("world_size,layout,schedule", [(2, "zigzag", "ring"), (3, "contiguous", "lightseq")])
+def test_triton_through_dist_attn(world_size, layout, schedule):
+    assert all(run_ranks(world_size, _through_dist_attn, layout, schedule))
