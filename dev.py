@@ -68,9 +68,10 @@ def main(argv: list[str]) -> int:
     if code or argv[1:]:
         return code
     print("\nThe Megatron tests again, with megatron-core 0.19.2:")
-    # The glue, its equivalence and remat tests (the TP-traffic counts check the planner, not the glue).
+    # The glue, two of the equivalence cases (odd CP with the contiguous layout; TP x CP) and remat;
+    # the TP-traffic counts check the planner, not the glue.
     return run(MCORE19, ["-m", "pytest", "-q", "tests/test_megatron_glue.py", "tests/test_megatron_gpt.py",
-                         "tests/test_megatron_remat.py"])
+                         "tests/test_megatron_remat.py", "-k", "not test_lightseq_matches_cp1 or cp3 or tp2"])
 
 
 if __name__ == "__main__":
