@@ -18,6 +18,31 @@ from .base import Span, positions
 
 
 @triton.jit
+def _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, D: tl.constexpr):
+    """k, v [BLOCK_N, BLOCK_D] of K/V head g, their positions, and which rows exist."""
+    n_ok = rn < Sk
+    off = b * skb + rn[:, None] * sks + g * skh + rd[None, :]
+    mask = n_ok[:, None] & (rd < D)[None, :]
+    k = tl.load(K + off, mask=mask, other=0.0)
+    v = tl.load(V + off, mask=mask, other=0.0)
+    return k, v, tl.load(KP + rn, mask=n_ok, other=0), n_ok
+
+
+@triton.jit
+def _load_q_rows(Q, DO, QP, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D: tl.constexpr):
+    """What the backward needs of query rows rm of head h: q, d_out, positions, lse, delta."""
+    m_ok = rm < Sq
+    off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
+    mask = m_ok[:, None] & (rd < D)[None, :]
+    q = tl.load(Q + off, mask=mask, other=0.0)
+    do = tl.load(DO + off, mask=mask, other=0.0)
+    qpos = tl.load(QP + rm, mask=m_ok, other=0)
+    lse = tl.load(Lse + b * slb + h * slh + rm, mask=m_ok, other=float("-inf"))
+    delta = tl.load(Delta + b * slb + h * slh + rm, mask=m_ok, other=0.0)
+    return q, do, qpos, lse, delta, m_ok
+
+
+@triton.jit
 def _fwd_merge(Q, K, V, QP, KP, Out, Lse, sm_scale, Sq, Sk, H, REP,
                sqb, sqs, sqh, skb, sks, skh, sob, sos, soh, slb, slh,
                CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -35,15 +60,10 @@ def _fwd_merge(Q, K, V, QP, KP, Out, Lse, sm_scale, Sq, Sk, H, REP,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, Sk, BLOCK_N):
-        rn = start + tl.arange(0, BLOCK_N)
-        n_ok = rn < Sk
-        kv_off = b * skb + rn[:, None] * sks + g * skh + rd[None, :]
-        k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
         seen = n_ok[None, :] & m_ok[:, None]
         if CAUSAL:
-            kpos = tl.load(KP + rn, mask=n_ok, other=0)
             seen = seen & (kpos[None, :] <= qpos[:, None])
         s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -90,30 +110,20 @@ def _bwd_dkdv(Q, K, V, DO, QP, KP, Lse, Delta, DK, DV, sm_scale, Sq, Sk, H, G, R
     b, g = bg // G, bg % G
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
-    n_ok, d_ok = rn < Sk, rd < D
-    kv_off = b * skb + rn[:, None] * sks + g * skh + rd[None, :]
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
-    kpos = tl.load(KP + rn, mask=n_ok, other=0)
+    k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for h in range(g * REP, g * REP + REP):
         for start in range(0, Sq, BLOCK_M):
-            rm = start + tl.arange(0, BLOCK_M)
-            m_ok = rm < Sq
-            q_off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
-            q_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-            do = tl.load(DO + q_off, mask=q_mask, other=0.0)
-            qpos = tl.load(QP + rm, mask=m_ok, other=0)
-            lse = tl.load(Lse + b * slb + h * slh + rm, mask=m_ok, other=float("-inf"))
-            delta = tl.load(Delta + b * slb + h * slh + rm, mask=m_ok, other=0.0)
+            q, do, qpos, lse, delta, m_ok = _load_q_rows(Q, DO, QP, Lse, Delta, b, h, start + tl.arange(0, BLOCK_M),
+                                                         rd, Sq, sqb, sqs, sqh, slb, slh, D)
             p = _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, CAUSAL)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee") * sm_scale
+    kv_off = b * skb + rn[:, None] * sks + g * skh + rd[None, :]
+    kv_mask = n_ok[:, None] & (rd < D)[None, :]
     tl.store(DK + kv_off, dk, mask=kv_mask)
     tl.store(DV + kv_off, dv, mask=kv_mask)
 
@@ -128,27 +138,16 @@ def _bwd_dq(Q, K, V, DO, QP, KP, Lse, Delta, DQ, sm_scale, Sq, Sk, H, REP,
     g = h // REP
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    m_ok, d_ok = rm < Sq, rd < D
-    q_off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
-    qpos = tl.load(QP + rm, mask=m_ok, other=0)
-    lse = tl.load(Lse + b * slb + h * slh + rm, mask=m_ok, other=float("-inf"))
-    delta = tl.load(Delta + b * slb + h * slh + rm, mask=m_ok, other=0.0)
+    q, do, qpos, lse, delta, m_ok = _load_q_rows(Q, DO, QP, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, Sk, BLOCK_N):
-        rn = start + tl.arange(0, BLOCK_N)
-        n_ok = rn < Sk
-        kv_off = b * skb + rn[:, None] * sks + g * skh + rd[None, :]
-        k = tl.load(K + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        kpos = tl.load(KP + rn, mask=n_ok, other=0)
+        k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
         p = _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, CAUSAL)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee") * sm_scale
-    tl.store(DQ + q_off, dq, mask=q_mask)
+    q_off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
+    tl.store(DQ + q_off, dq, mask=(rm < Sq)[:, None] & (rd < D)[None, :])
 
 
 def _blocks() -> tuple[int, int]:
