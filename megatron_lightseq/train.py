@@ -189,7 +189,7 @@ def _predicted(args, world: int) -> dict:
                       ffn=4 * args.hidden, vocab=args.vocab, dtype_bytes=4)
     schedule = args.lightseq.schedule
     if schedule == "auto":
-        from .executor import Shape
+        from .plan import Shape
         from .schedules import choose_schedule
 
         schedule = choose_schedule(args.lightseq.layout, world, True, Shape(
