@@ -6,6 +6,7 @@ Plans speak in group ranks; this is the one place they become global ranks, as
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -27,13 +28,18 @@ class Pending:
         self._keep = None
 
 
+@lru_cache(maxsize=64)
+def _global_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
+    """Global rank of each group rank; looked up once per group, not on every call."""
+    if group is None:  # single process, nothing to talk to
+        return (0,)
+    return tuple(dist.get_global_rank(group, r) for r in range(dist.get_world_size(group)))
+
+
 class Exchange:
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
-        if group is None:  # single process, nothing to talk to
-            self._global = [0]
-        else:
-            self._global = [dist.get_global_rank(group, r) for r in range(dist.get_world_size(group))]
+        self._global = _global_ranks(group)
 
     def post(self, sends: Sequence[tuple[int, Sequence[torch.Tensor]]],
              recvs: Sequence[tuple[int, Sequence[torch.Tensor]]]) -> Pending:
