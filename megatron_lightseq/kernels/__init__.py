@@ -1,18 +1,29 @@
-"""Block-kernel registry. ``kernel="auto"`` takes the first name in ``AUTO_ORDER`` whose kernel
-supports the inputs' device, dtype and head dim. New kernels (flash-attn, Triton) register a
-factory here; the executor never names a kernel."""
+"""Block-kernel registry. Names: "math" (plain torch, the oracle), "torch" (torch's flash ops,
+CPU and CUDA), "cudnn" (torch's cuDNN op, CUDA), "flash-attn" (when flash_attn imports), "triton"
+(the project's own kernels, when triton imports), and "auto".
+
+``kernel="auto"``: of the kernels in ``AUTO_ORDER`` that support the inputs' device, dtype and
+head dim, on CUDA the fastest for each kind of block, measured (auto.py); elsewhere the first
+(on CPU "torch": torch's CPU flash op never materialises the scores, the math kernel does). The
+math kernel joins a measurement only when nothing else can take the inputs. The executor never
+names a kernel.
+"""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 
+from .auto import AutoKernel
 from .base import BlockKernel
+from .cudnn import CudnnKernel
 from .math import MathKernel
 from .sdpa import TorchSdpaKernel
 
 _FACTORIES: dict[str, Callable[[], BlockKernel]] = {}
 _INSTANCES: dict[str, BlockKernel] = {}
+_AUTO: dict[tuple[str, ...], AutoKernel] = {}
 AUTO_ORDER: list[str] = []
 
 
@@ -20,6 +31,7 @@ def register_kernel(name: str, factory: Callable[[], BlockKernel], *, auto_rank:
     """Add a kernel; ``auto_rank`` places it in the ``auto`` preference order (0 = first)."""
     _FACTORIES[name] = factory
     _INSTANCES.pop(name, None)
+    _AUTO.clear()
     if name in AUTO_ORDER:
         AUTO_ORDER.remove(name)
     if auto_rank is not None:
@@ -41,11 +53,15 @@ def get_kernel(name: str) -> BlockKernel:
 def resolve_kernel(name: str, q: torch.Tensor, k: torch.Tensor) -> BlockKernel:
     """The kernel to run for these inputs; ValueError if the named one cannot take them."""
     if name == "auto":
-        for candidate in AUTO_ORDER:
-            kernel = get_kernel(candidate)
-            if kernel.supports(q, k):
-                return kernel
-        raise ValueError(f"no kernel among {AUTO_ORDER} supports {q.dtype} on {q.device}")
+        able = [n for n in AUTO_ORDER if get_kernel(n).supports(q, k)]
+        if not able:
+            raise ValueError(f"no kernel among {AUTO_ORDER} supports {q.dtype}, head dim {q.shape[-1]} on {q.device}")
+        measured = [n for n in able if n != "math"]
+        if q.device.type != "cuda" or len(measured) < 2:
+            return get_kernel(able[0])
+        if tuple(measured) not in _AUTO:
+            _AUTO[tuple(measured)] = AutoKernel([get_kernel(n) for n in measured])
+        return _AUTO[tuple(measured)]
     kernel = get_kernel(name)
     if not kernel.supports(q, k):
         raise ValueError(
@@ -55,10 +71,23 @@ def resolve_kernel(name: str, q: torch.Tensor, k: torch.Tensor) -> BlockKernel:
 
 register_kernel("math", MathKernel, auto_rank=0)
 register_kernel("torch", TorchSdpaKernel, auto_rank=0)
+register_kernel("cudnn", CudnnKernel, auto_rank=0)
 try:  # optional: pip install megatron-lightseq[triton]
     from .triton_kernels import TritonKernel
 except ImportError:
     pass
 else:
-    # Named only: `auto` takes it once the GPU benchmark shows it ahead of torch's ops for a shape.
-    register_kernel("triton", TritonKernel)
+    # On CPU it runs only under Triton's interpreter: last before math, so CPU `auto` stays on torch.
+    register_kernel("triton", TritonKernel, auto_rank=AUTO_ORDER.index("math"))
+try:  # optional: flash-attn 2.x, built for the user's CUDA and torch
+    import flash_attn.flash_attn_interface as _flash_attn_interface
+except ImportError:
+    pass
+else:
+    from .flash_attn_adapter import FlashAttnKernel, unknown_parameters
+
+    if unknown_parameters(_flash_attn_interface):
+        warnings.warn(f"flash-attn: _flash_attn_backward takes {sorted(unknown_parameters(_flash_attn_interface))}, "
+                      "which this adapter does not know; kernel 'flash-attn' is not registered")
+    else:
+        register_kernel("flash-attn", FlashAttnKernel, auto_rank=1)
