@@ -8,6 +8,7 @@ triton = pytest.importorskip("triton")
 import megatron_lightseq as mls  # noqa: E402
 from harness import run_ranks  # noqa: E402
 from megatron_lightseq.kernels import get_kernel  # noqa: E402
+from megatron_lightseq.kernels.triton_kernels import tile_tables  # noqa: E402
 from megatron_lightseq.merge import merge_into  # noqa: E402
 from oracle import reference_with_grads  # noqa: E402
 from test_kernels import SPANS, _block_reference, _inputs  # noqa: E402
@@ -65,3 +66,37 @@ def _through_dist_attn(rank, world_size, layout, schedule):
 @pytest.mark.parametrize("world_size,layout,schedule", [(2, "zigzag", "ring"), (3, "contiguous", "lightseq")])
 def test_triton_through_dist_attn(world_size, layout, schedule):
     assert all(run_ranks(world_size, _through_dist_attn, layout, schedule))
+
+
+LONG_SPANS = {  # several 16-token tiles per side under the interpreter, so tiles are skipped
+    "diagonal, partial last tile": (((0, 72),), ((0, 72),)),
+    "zigzag diagonal": (((8, 40), (120, 152)), ((8, 40), (120, 152))),
+    "past and diagonal": (((64, 136),), ((0, 136),)),
+    "rows with no key": (((0, 40), (100, 140)), ((30, 70),)),
+    "positions not increasing": (((40, 80), (0, 40)), ((40, 80), (0, 40))),
+}
+
+
+@pytest.mark.parametrize("spans", list(LONG_SPANS), ids=list(LONG_SPANS))
+def test_triton_skips_only_what_the_mask_hides(spans):
+    q_span, k_span = LONG_SPANS[spans]
+    sq, sk = (sum(b - a for a, b in sp) for sp in (q_span, k_span))
+    q, k, v, dout = _inputs(sq, sk, 2, 1, 32)
+    ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.2)
+    kernel, q32 = get_kernel("triton"), [x.float() for x in (q, k, v, dout)]
+    out, lse = kernel.forward(*q32[:3], q_span=q_span, k_span=k_span, causal=True, scale=0.2)
+    grads = kernel.backward(q32[3], *q32[:3], ref[0].float(), ref[1].float(), q_span=q_span, k_span=k_span,
+                            causal=True, scale=0.2)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref):
+        torch.testing.assert_close(got.double(), want, **FP32, msg=lambda m: f"{name}: {m}")
+
+
+def test_tile_tables_of_a_diagonal_block_skip_the_upper_triangle():
+    _, _, kv_end, kv_full, q_lo, q_full = tile_tables(((0, 72),), ((0, 72),), True, torch.device("cpu"))
+    assert kv_end.tolist() == [16, 32, 48, 64, 72]  # granule i's rows see keys < 16(i+1)
+    assert kv_full.tolist() == [1, 17, 33, 49, 65]  # and all of them see keys <= 16i
+    assert q_lo.tolist() == [0, 16, 32, 48, 64]  # key granule j: rows before 16j see none of it
+    assert q_full.tolist() == [15, 31, 47, 63, 71]  # rows from 16j+15 on see all of it
+    _, _, kv_end, kv_full, q_lo, q_full = tile_tables(((40, 80), (0, 40)), ((0, 80),), True, torch.device("cpu"))
+    assert set(kv_end.tolist()) == {80} and set(kv_full.tolist()) == {0}  # not increasing: skip nothing
+    assert set(q_lo.tolist()) == {0} and set(q_full.tolist()) == {80}

@@ -3,11 +3,20 @@ epilogue, and backward from the merged (out, lse). Arbitrary token positions (an
 layout: a position vector per side), causal or not, GQA/MQA by indexing the shared K/V head
 (nothing repeated), fp16/bf16/fp32 inputs with fp32 accumulation, head dims up to 256.
 
-On CPU they run under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests them;
-the block sizes below are for that and for a first GPU run, not tuned.
+Causal blocks skip what the mask hides. When both sides' positions increase (every block of the
+built-in layouts), a table per 16-token granule says how far each tile must go: for query rows,
+how many keys any of them sees (the loop's end) and how many all of them see (tiles below need no
+mask); for keys, the first query that sees any of them and the first that sees all. Tiles are
+multiples of granules, so one table serves every block size the autotuner tries. Positions that
+do not increase get tables that skip nothing and mask everything, which is always exact.
+
+On CUDA the block sizes, warps and pipeline depth are autotuned per shape (the forward's
+accumulators are restored between trials); on CPU the kernels run under Triton's interpreter
+(``TRITON_INTERPRET=1``) with small fixed blocks, which is how CI tests them.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,6 +24,9 @@ import triton
 import triton.language as tl
 
 from .base import Span, positions
+
+GRANULE = 16
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -43,11 +55,20 @@ def _load_q_rows(Q, DO, QP, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, sl
 
 
 @triton.jit
-def _fwd_merge(Q, K, V, QP, KP, Out, Lse, sm_scale, Sq, Sk, H, REP,
-               sqb, sqs, sqh, skb, sks, skh, sob, sos, soh, slb, slh,
-               CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One BLOCK_M x (all keys) tile for one (batch, head); merges into the running (Out, Lse)."""
+def _granules(pid, BLOCK: tl.constexpr, S):
+    """First and last 16-token granule of tile ``pid`` (the last clamped to the sequence)."""
+    first = pid * (BLOCK // 16)
+    return first, tl.minimum(first + BLOCK // 16 - 1, (S - 1) // 16)
+
+
+@triton.jit
+def _fwd(Q, K, V, QP, KP, KV_END, KV_FULL, Out, Lse, sm_scale, Sq, Sk, H, REP,
+         sqb, sqs, sqh, skb, sks, skh, sob, sos, soh, slb, slh,
+         CAUSAL: tl.constexpr, MERGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One BLOCK_M x (the keys it sees) tile for one (batch, head). With MERGE, merged into the
+    running fp32 (Out, Lse); else stored there. Scores are kept in base 2 (exp2 is the
+    hardware's exponential)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // REP  # the K/V head this query head shares
@@ -56,29 +77,37 @@ def _fwd_merge(Q, K, V, QP, KP, Out, Lse, sm_scale, Sq, Sk, H, REP,
     m_ok, d_ok = rm < Sq, rd < D
     q = tl.load(Q + b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     qpos = tl.load(QP + rm, mask=m_ok, other=0)
+    first_g, last_g = _granules(pid_m, BLOCK_M, Sq)
+    kv_end, kv_full = tl.load(KV_END + last_g), tl.load(KV_FULL + first_g)
+    qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, Sk, BLOCK_N):
+    for start in range(0, kv_end, BLOCK_N):
         k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-        seen = n_ok[None, :] & m_ok[:, None]
-        if CAUSAL:
-            seen = seen & (kpos[None, :] <= qpos[:, None])
-        s = tl.where(seen, s, float("-inf"))
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if start + BLOCK_N > kv_full:  # a tile some row must not see all of
+            seen = n_ok[None, :] & m_ok[:, None]
+            if CAUSAL:
+                seen = seen & (kpos[None, :] <= qpos[:, None])
+            s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     has = l_i > 0
-    blk_lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    blk_lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     blk_out = acc / tl.where(has, l_i, 1.0)[:, None]
-    # Fused merge with the running result (merge.py's rule, -inf-safe).
     lse_ptr = Lse + b * slb + h * slh + rm
     out_ptr = Out + b * sob + rm[:, None] * sos + h * soh + rd[None, :]
+    if not MERGE:
+        tl.store(lse_ptr, blk_lse, mask=m_ok)
+        tl.store(out_ptr, blk_out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        return
+    # Fused merge with the running result (merge.py's rule, -inf-safe).
     old_lse = tl.load(lse_ptr, mask=m_ok, other=float("-inf"))
     old_out = tl.load(out_ptr, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     hi = tl.maximum(old_lse, blk_lse)
@@ -92,44 +121,52 @@ def _fwd_merge(Q, K, V, QP, KP, Out, Lse, sm_scale, Sq, Sk, H, REP,
 
 
 @triton.jit
-def _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, CAUSAL: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-    seen = m_ok[:, None] & n_ok[None, :] & (lse[:, None] > float("-inf"))
-    if CAUSAL:
-        seen = seen & (kpos[None, :] <= qpos[:, None])
-    return tl.where(seen, tl.exp(s - tl.where(lse > float("-inf"), lse, 0.0)[:, None]), 0.0)
+def _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, MASKED, CAUSAL: tl.constexpr):
+    """p = exp(s - lse) for a tile; masked only where ``MASKED`` says some entry is hidden."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * (sm_scale * 1.4426950408889634)
+    seen_any = lse > float("-inf")
+    p = tl.exp2(s - tl.where(seen_any, lse * 1.4426950408889634, 0.0)[:, None])
+    if MASKED:
+        seen = m_ok[:, None] & n_ok[None, :] & seen_any[:, None]
+        if CAUSAL:
+            seen = seen & (kpos[None, :] <= qpos[:, None])
+        p = tl.where(seen, p, 0.0)
+    return p
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, QP, KP, Lse, Delta, DK, DV, sm_scale, Sq, Sk, H, G, REP,
-              sqb, sqs, sqh, skb, sks, skh, slb, slh,
+def _bwd_dkdv(Q, K, V, DO, QP, KP, Q_LO, Q_FULL, Lse, Delta, DK, DV, sm_scale, Sq, Sk, H, REP,
+              sqb, sqs, sqh, skb, sks, skh, slb, slh, sdb, sds, sdh,
               CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of BLOCK_N keys of one (batch, K/V head), summed over the heads sharing it."""
-    pid_n, bg = tl.program_id(0), tl.program_id(1)
-    b, g = bg // G, bg % G
+    """One query head's part of dK, dV for BLOCK_N keys (the caller sums heads sharing a K/V
+    head: one program per query head keeps MQA's grid as wide as MHA's)."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // REP
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
     k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, D)
+    first_g, last_g = _granules(pid_n, BLOCK_N, Sk)
+    q_lo, q_full = tl.load(Q_LO + first_g), tl.load(Q_FULL + last_g)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for h in range(g * REP, g * REP + REP):
-        for start in range(0, Sq, BLOCK_M):
-            q, do, qpos, lse, delta, m_ok = _load_q_rows(Q, DO, QP, Lse, Delta, b, h, start + tl.arange(0, BLOCK_M),
-                                                         rd, Sq, sqb, sqs, sqh, slb, slh, D)
-            p = _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, CAUSAL)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee") * sm_scale
-    kv_off = b * skb + rn[:, None] * sks + g * skh + rd[None, :]
-    kv_mask = n_ok[:, None] & (rd < D)[None, :]
-    tl.store(DK + kv_off, dk, mask=kv_mask)
-    tl.store(DV + kv_off, dv, mask=kv_mask)
+    for start in range((q_lo // BLOCK_M) * BLOCK_M, Sq, BLOCK_M):
+        q, do, qpos, lse, delta, m_ok = _load_q_rows(Q, DO, QP, Lse, Delta, b, h, start + tl.arange(0, BLOCK_M),
+                                                     rd, Sq, sqb, sqs, sqh, slb, slh, D)
+        p = _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, start < q_full, CAUSAL)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
+    off = b * sdb + rn[:, None] * sds + h * sdh + rd[None, :]
+    mask = n_ok[:, None] & (rd < D)[None, :]
+    tl.store(DK + off, dk * sm_scale, mask=mask)
+    tl.store(DV + off, dv, mask=mask)
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, QP, KP, Lse, Delta, DQ, sm_scale, Sq, Sk, H, REP,
+def _bwd_dq(Q, K, V, DO, QP, KP, KV_END, KV_FULL, Lse, Delta, DQ, sm_scale, Sq, Sk, H, REP,
             sqb, sqs, sqh, skb, sks, skh, slb, slh,
             CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -139,47 +176,118 @@ def _bwd_dq(Q, K, V, DO, QP, KP, Lse, Delta, DQ, sm_scale, Sq, Sk, H, REP,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     q, do, qpos, lse, delta, m_ok = _load_q_rows(Q, DO, QP, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D)
+    first_g, last_g = _granules(pid_m, BLOCK_M, Sq)
+    kv_end, kv_full = tl.load(KV_END + last_g), tl.load(KV_FULL + first_g)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, Sk, BLOCK_N):
+    for start in range(0, kv_end, BLOCK_N):
         k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
-        p = _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, CAUSAL)
+        p = _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, start + BLOCK_N > kv_full, CAUSAL)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee") * sm_scale
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
     q_off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
-    tl.store(DQ + q_off, dq, mask=(rm < Sq)[:, None] & (rd < D)[None, :])
+    tl.store(DQ + q_off, dq * sm_scale, mask=m_ok[:, None] & (rd < D)[None, :])
 
 
-def _blocks() -> tuple[int, int]:
-    return (16, 16) if os.environ.get("TRITON_INTERPRET") == "1" else (64, 64)
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Candidates for the autotuner on CUDA, (BLOCK_M, BLOCK_N, warps, stages), the first of each list
+# the default: for head dims up to 128 ("narrow") and above ("wide"). Each was built for sm_90 with
+# `python -m megatron_lightseq.kernels.triton_aot` and spills no registers at the head dims it is
+# for (64 and 128, or 256), except where noted; benchmarks/results/triton_build_sm90.json has the table.
+CONFIGS = {
+    "fwd": {"narrow": [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3)],
+            "wide": [_config(64, 64, 8, 2)]},
+    "dkdv": {"narrow": [_config(128, 64, 8, 2), _config(64, 64, 8, 2), _config(64, 128, 8, 2)],  # last: d 64 only
+             "wide": [_config(32, 32, 8, 2), _config(16, 32, 4, 2)]},
+    "dq": {"narrow": [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 128, 8, 2)],
+           "wide": [_config(64, 32, 4, 2), _config(128, 32, 8, 2), _config(64, 64, 8, 2)]},
+}
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+_TUNE_KEY = ["Sq", "Sk", "D", "CAUSAL"]
+KERNELS = {"fwd": _fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq}
+
+
+def head_dim_class(d: int) -> str:
+    return "narrow" if d <= 128 else "wide"
+
+
+@functools.cache
+def _tuned(name: str, width: str):
+    restore = ["Out", "Lse"] if name == "fwd" else None  # trials must not merge into the result
+    return triton.autotune(CONFIGS[name][width], key=_TUNE_KEY, restore_value=restore)(KERNELS[name])
+
+
+def _launch(name: str, rows: int, cols: int, *args, **meta) -> None:
+    """Run kernel ``name`` on a grid of (tiles over ``rows``, ``cols``): autotuned on CUDA, fixed
+    small blocks under the interpreter."""
+    tile = "BLOCK_N" if name == "dkdv" else "BLOCK_M"  # the block size the grid's first axis tiles
+    if _interpreted():
+        KERNELS[name][(triton.cdiv(rows, INTERPRETER_BLOCKS[tile]), cols)](*args, **meta, **INTERPRETER_BLOCKS)
+    else:
+        _tuned(name, head_dim_class(meta["D"]))[lambda m: (triton.cdiv(rows, m[tile]), cols)](*args, **meta)
+
+
+@functools.lru_cache(maxsize=256)
+def tile_tables(q_span: Span, k_span: Span, causal: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """int32 (q positions, k positions, kv_end, kv_full per query granule, q_lo, q_full per key
+    granule) on ``device``; see the module docstring. Built once per block geometry."""
+    qp, kp = positions(q_span, torch.device("cpu")), positions(k_span, torch.device("cpu"))
+    sq, sk = len(qp), len(kp)
+    last = lambda p: p[torch.clamp(torch.arange(0, len(p), GRANULE) + GRANULE - 1, max=len(p) - 1)]
+    increasing = bool((qp[1:] > qp[:-1]).all() and (kp[1:] > kp[:-1]).all())
+    nq, nk = len(qp[::GRANULE]), len(kp[::GRANULE])
+    if not causal:
+        kv_end = kv_full = torch.full((nq,), sk)
+        q_lo = q_full = torch.zeros(nk)
+    elif not increasing:
+        kv_end, kv_full = torch.full((nq,), sk), torch.zeros(nq)
+        q_lo, q_full = torch.zeros(nk), torch.full((nk,), sq)
+    else:
+        kv_end = torch.searchsorted(kp, last(qp), right=True)  # keys the row with the latest position sees
+        kv_full = torch.searchsorted(kp, qp[::GRANULE].contiguous(), right=True)  # keys the earliest row sees
+        q_lo = torch.searchsorted(qp, kp[::GRANULE].contiguous())  # rows before the first that sees the earliest key
+        q_full = torch.searchsorted(qp, last(kp))  # rows before the first that sees the latest key
+    return tuple(t.to(device=device, dtype=torch.int32) for t in (qp, kp, kv_end, kv_full, q_lo, q_full))
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
 
 
 class TritonKernel:
     name = "triton"
 
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool:
-        on_device = q.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        on_device = q.device.type == "cuda" or _interpreted()
         return on_device and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
 
-    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, causal: bool, scale: float):
-        """Merge this block into the running fp32 (out_acc [B,S,H,D], lse_acc [B,H,S]) in place."""
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, causal: bool, scale: float,
+                     merge: bool = True):
+        """Merge this block into the running fp32 (out_acc [B,S,H,D], lse_acc [B,H,S]) in place;
+        with ``merge=False`` overwrite them instead (out_acc may then have any float dtype)."""
         b, sq, h, d = q.shape
         q, k, v = (x.contiguous() for x in (q, k, v))
         assert out_acc.stride(-1) == 1 and lse_acc.stride(-1) == 1
-        bm, bn = _blocks()
-        _fwd_merge[(triton.cdiv(sq, bm), b * h)](
-            q, k, v, positions(q_span, q.device).int(), positions(k_span, q.device).int(), out_acc, lse_acc,
-            scale, sq, k.shape[1], h, h // k.shape[2],
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            out_acc.stride(0), out_acc.stride(1), out_acc.stride(2), lse_acc.stride(0), lse_acc.stride(1),
-            CAUSAL=causal, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=bm, BLOCK_N=bn)
+        qp, kp, kv_end, kv_full, _, _ = tile_tables(q_span, k_span, causal, q.device)
+        _launch("fwd", sq, b * h, q, k, v, qp, kp, kv_end, kv_full, out_acc, lse_acc,
+                scale, sq, k.shape[1], h, h // k.shape[2],
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                out_acc.stride(0), out_acc.stride(1), out_acc.stride(2), lse_acc.stride(0), lse_acc.stride(1),
+                CAUSAL=causal, MERGE=merge, D=d, BLOCK_D=_block_d(d))
 
     def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float):
         b, sq, h, _ = q.shape
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device)
-        self.forward_into(q, k, v, out, lse, q_span=q_span, k_span=k_span, causal=causal, scale=scale)
-        return out.to(q.dtype), lse
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+        self.forward_into(q, k, v, out, lse, q_span=q_span, k_span=k_span, causal=causal, scale=scale, merge=False)
+        return out, lse
 
     def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool, scale: float):
         b, sq, h, d = q.shape
@@ -187,16 +295,16 @@ class TritonKernel:
         q, k, v, dout = (x.contiguous() for x in (q, k, v, dout))
         lse = lse.float().contiguous()
         delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
-        qp, kp = positions(q_span, q.device).int(), positions(k_span, q.device).int()
+        qp, kp, kv_end, kv_full, q_lo, q_full = tile_tables(q_span, k_span, causal, q.device)
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
-        dv = torch.empty(k.shape, dtype=torch.float32, device=q.device)
-        bm, bn = _blocks()
-        common = dict(CAUSAL=causal, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=bm, BLOCK_N=bn)
+        dk_h = torch.empty((b, sk, h, d), dtype=torch.float32, device=q.device)  # per query head
+        dv_h = torch.empty_like(dk_h)
+        meta = dict(CAUSAL=causal, D=d, BLOCK_D=_block_d(d))
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    lse.stride(0), lse.stride(1))
-        _bwd_dkdv[(triton.cdiv(sk, bn), b * g)](q, k, v, dout, qp, kp, lse, delta, dk, dv, scale, sq, sk, h, g,
-                                               h // g, *strides, **common)
-        _bwd_dq[(triton.cdiv(sq, bm), b * h)](q, k, v, dout, qp, kp, lse, delta, dq, scale, sq, sk, h, h // g,
-                                             *strides, **common)
+        _launch("dkdv", sk, b * h, q, k, v, dout, qp, kp, q_lo, q_full, lse, delta, dk_h, dv_h, scale, sq, sk, h,
+                h // g, *strides, dk_h.stride(0), dk_h.stride(1), dk_h.stride(2), **meta)
+        _launch("dq", sq, b * h, q, k, v, dout, qp, kp, kv_end, kv_full, lse, delta, dq, scale, sq, sk, h, h // g,
+                *strides, **meta)
+        dk, dv = (x.view(b, sk, g, h // g, d).sum(3) for x in (dk_h, dv_h))  # heads sharing a K/V head
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

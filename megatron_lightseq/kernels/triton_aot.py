@@ -1,0 +1,93 @@
+"""Compile the Triton kernels for a GPU without one: what each autotuning config costs.
+
+    python -m megatron_lightseq.kernels.triton_aot [--arch 90] [--headdim 64 128] [--json PATH]
+
+Triton ships ptxas and cuobjdump, so a CPU machine can build every (kernel, config) for sm_90
+(H100/H200) and read off shared memory, registers, spilled bytes and whether the tensor cores'
+Hopper instruction (wgmma) is used. A config that spills or does not fit is one the autotuner
+should not be offered; CI checks the default configs this way.
+Run it without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiler).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .triton_kernels import CONFIGS, KERNELS, head_dim_class
+
+# Shared memory one block may use on Hopper (227 KiB), per CUDA's programming guide.
+HOPPER_SHARED_BYTES = 232448
+_POINTERS = ({n: "*{dtype}" for n in ("Q", "K", "V", "DO")}
+             | {n: "*i32" for n in ("QP", "KP", "KV_END", "KV_FULL", "Q_LO", "Q_FULL")}
+             | {n: "*fp32" for n in ("Out", "Lse", "Delta", "DK", "DV", "DQ")})
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+
+
+def compile_report(name: str, config: triton.Config, *, headdim: int = 128, dtype: str = "bf16",
+                   causal: bool = True, arch: int = 90) -> dict:
+    """Build kernel ``name`` ("fwd", "dkdv", "dq") with ``config`` for sm_<arch>; its costs."""
+    fn = KERNELS[name]
+    const = dict(CAUSAL=causal, D=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)), **config.kwargs)
+    if "MERGE" in fn.arg_names:
+        const["MERGE"] = True  # the executor's path: merged into the running result
+    signature = {n: "constexpr" if n in const else _POINTERS.get(n, "fp32" if n == "sm_scale" else "i32")
+                 for n in fn.arg_names}
+    signature = {n: t.format(dtype=dtype) for n, t in signature.items()}
+    # At launch Triton marks pointers and integers divisible by 16 as such (aligned, vectorisable
+    # accesses); with token counts and strides multiples of 16, as here, every argument is.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+               if n not in const and n != "sm_scale"}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()},
+                       attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    usage = _resource_usage(compiled.asm["cubin"])
+    return dict(kernel=name, block_m=config.kwargs["BLOCK_M"], block_n=config.kwargs["BLOCK_N"],
+                warps=config.num_warps, stages=config.num_stages, headdim=headdim, dtype=dtype, arch=arch,
+                shared_bytes=compiled.metadata.shared, registers=usage["REG"],
+                spilled_bytes=usage["STACK"] + usage["LOCAL"], wgmma="wgmma" in compiled.asm["ptx"],
+                fits=compiled.metadata.shared <= HOPPER_SHARED_BYTES)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--headdim", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    rows = []
+    print(f"{'kernel':6} {'d':>4} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'shared':>8} {'regs':>5} "
+          f"{'spilled':>7} {'wgmma':>5}")
+    for headdim in args.headdim:
+        for name, configs in CONFIGS.items():
+            for config in configs[head_dim_class(headdim)]:
+                r = compile_report(name, config, headdim=headdim, arch=args.arch)
+                rows.append(r)
+                print(f"{name:6} {headdim:4} {r['block_m']:4} {r['block_n']:4} {r['warps']:5} {r['stages']:6} "
+                      f"{r['shared_bytes']:8} {r['registers']:5} {r['spilled_bytes']:7} {str(r['wgmma']):>5}"
+                      + ("" if r["fits"] else "  does not fit"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, arch=args.arch, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The Triton kernels build for Hopper (sm_90) on this CPU machine, with the ptxas Triton ships:
+each kernel's default autotuning config fits shared memory, spills no registers and uses the
+Hopper tensor-core instruction (wgmma), at head dim 128. In a subprocess: under
+TRITON_INTERPRET=1 (which conftest sets without CUDA) there is no compiler to ask."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+BUILD_DEFAULTS = """
+import json
+from megatron_lightseq.kernels.triton_aot import compile_report
+from megatron_lightseq.kernels.triton_kernels import CONFIGS
+print(json.dumps([compile_report(name, configs["narrow"][0], headdim=128) for name, configs in CONFIGS.items()]))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="this triton build ships no NVIDIA tools")
+def test_default_configs_build_for_hopper_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", BUILD_DEFAULTS], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["kernel"] for r in rows] == ["fwd", "dkdv", "dq"]
+    for r in rows:
+        assert r["fits"] and r["spilled_bytes"] == 0 and r["wgmma"], r
