@@ -1,35 +1,65 @@
-"""CUDA block kernels against a float32 reference, with flash-attn's error rule: at most about
-twice the error of a plain bf16 PyTorch computation. Skipped without CUDA."""
+"""On a CUDA GPU: every CUDA block kernel against a float32 reference with flash-attn's error rule
+(at most twice the error of a plain bf16 PyTorch computation, plus a small floor), and emulated
+P = 2, 3, 8 ranks against one monolithic call the same way. Skipped without CUDA; run by
+scripts/gpu_check.sh."""
 import pytest
 import torch
 
-from megatron_lightseq.kernels import get_kernel
+from megatron_lightseq.emulate import emulate_dist_attn
+from megatron_lightseq.kernels import AUTO_ORDER, get_kernel, resolve_kernel
 from oracle import reference_with_grads
+from test_kernels import _block_reference
 
 pytestmark = pytest.mark.gpu
 
-# (q_span, k_span, causal mask in the oracle): a diagonal block and a block wholly in the past.
-BLOCKS = {"diag": (((0, 256),), ((0, 256),), True), "full": (((512, 768),), ((0, 256),), False)}
+# (q_span, k_span): a diagonal block, one wholly in the past, a zigzag diagonal (two ranges per
+# side) and a causal block no vendor op's mask fits (they hand it on).
+BLOCKS = {"diagonal": (((0, 256),), ((0, 256),)), "past": (((512, 768),), ((0, 256),)),
+          "zigzag diagonal": (((128, 256), (768, 896)), ((128, 256), (768, 896))),
+          "offset": (((256, 512),), ((128, 384),))}
+CUDA_KERNELS = [n for n in AUTO_ORDER if n != "math"] + ["auto"]
+NAMES = ("out", "lse", "dq", "dk", "dv")
 
 
+def _assert_within_twice_plain_bf16(got, plain, ref, floor=1e-5):
+    for name, g, p, r in zip(NAMES, got, plain, ref):
+        err = (g.float() - r.float()).abs().max().item()
+        base = (p.float() - r.float()).abs().max().item()
+        assert err <= 2 * base + floor, f"{name}: {err:.3g} vs plain bf16 {base:.3g}"
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
 @pytest.mark.parametrize("block", list(BLOCKS))
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2), (8, 1)])
 @pytest.mark.parametrize("headdim", [64, 128])
-def test_torch_cuda_kernel_error_within_twice_plain_bf16(block, heads, headdim):
-    q_span, k_span, oracle_causal = BLOCKS[block]
+def test_cuda_kernel_error_within_twice_plain_bf16(kernel, block, heads, headdim):
+    q_span, k_span = BLOCKS[block]
     h, g = heads
     gen = torch.Generator(device="cuda").manual_seed(0)
     make = lambda hh: torch.randn(2, 256, hh, headdim, device="cuda", generator=gen)
     full32 = [make(h), make(g), make(g), make(h)]
     bf = [x.bfloat16() for x in full32]
-    ref = reference_with_grads(*full32, causal=oracle_causal)
-    plain = reference_with_grads(*bf, causal=oracle_causal)
-    kernel = get_kernel("torch")
-    opts = dict(q_span=q_span, k_span=k_span, causal=True, scale=headdim ** -0.5)
-    out, lse = kernel.forward(*bf[:3], **opts)
-    grads = kernel.backward(bf[3], *bf[:3], out, lse, **opts)
-    assert lse.dtype == torch.float32
-    for name, got, p, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), plain, ref):
-        err = (got.float() - r).abs().max().item()
-        base = (p.float() - r).abs().max().item()
-        assert err <= 2 * base + 1e-5, f"{name}: {err:.3g} vs plain bf16 {base:.3g}"
+    scale = headdim ** -0.5
+    ref = _block_reference(*full32, q_span, k_span, True, scale)
+    plain = _block_reference(*bf, q_span, k_span, True, scale)
+    ker = resolve_kernel(kernel, bf[0], bf[1]) if kernel == "auto" else get_kernel(kernel)
+    opts = dict(q_span=q_span, k_span=k_span, causal=True, scale=scale)
+    out, lse = ker.forward(*bf[:3], **opts)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    grads = ker.backward(bf[3], *bf[:3], out, lse, **opts)
+    _assert_within_twice_plain_bf16((out, lse, *grads), plain, ref)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("kernel", ["auto", "cudnn", "triton"])
+def test_emulated_ranks_within_twice_plain_bf16(world_size, layout, kernel):
+    gen = torch.Generator(device="cuda").manual_seed(world_size)
+    n = 4608  # divisible by 2P for P = 2, 3, 8
+    make = lambda hh: torch.randn(1, n, hh, 128, device="cuda", generator=gen)
+    full32 = [make(8), make(2), make(2), make(8)]
+    bf = [x.bfloat16() for x in full32]
+    ref = reference_with_grads(*full32, causal=True)
+    plain = reference_with_grads(*bf, causal=True)
+    got = emulate_dist_attn(*bf, world_size=world_size, layout=layout, kernel=kernel)
+    _assert_within_twice_plain_bf16(got, plain, ref)

@@ -21,8 +21,8 @@ def _block_reference(q, k, v, dout, q_span, k_span, causal, scale):
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     rep = q.shape[2] // k.shape[2]
     s = torch.einsum("bqhd,bkhd->bhqk", leaves[0], leaves[1].repeat_interleave(rep, 2)) * scale
-    qp = torch.cat([torch.arange(a, b) for a, b in q_span])
-    kp = torch.cat([torch.arange(a, b) for a, b in k_span])
+    qp = torch.cat([torch.arange(a, b, device=q.device) for a, b in q_span])
+    kp = torch.cat([torch.arange(a, b, device=q.device) for a, b in k_span])
     if causal:
         s = s.masked_fill(kp[None, :] > qp[:, None], float("-inf"))
     lse = torch.logsumexp(s, -1)
