@@ -8,7 +8,7 @@ triton = pytest.importorskip("triton")
 import megatron_lightseq as mls  # noqa: E402
 from harness import run_ranks  # noqa: E402
 from megatron_lightseq.kernels import get_kernel  # noqa: E402
-from megatron_lightseq.kernels.triton_kernels import tile_tables  # noqa: E402
+from megatron_lightseq.kernels.triton_kernels import merge_into as triton_merge, tile_tables  # noqa: E402
 from megatron_lightseq.merge import merge_into  # noqa: E402
 from oracle import reference_with_grads  # noqa: E402
 from test_kernels import SPANS, _block_reference, _inputs  # noqa: E402
@@ -100,3 +100,18 @@ def test_tile_tables_of_a_diagonal_block_skip_the_upper_triangle():
     _, _, kv_end, kv_full, q_lo, q_full = tile_tables(((40, 80), (0, 40)), ((0, 80),), True, torch.device("cpu"))
     assert set(kv_end.tolist()) == {80} and set(kv_full.tolist()) == {0}  # not increasing: skip nothing
     assert set(q_lo.tolist()) == {0} and set(q_full.tolist()) == {80}
+
+
+def test_one_pass_triton_merge_equals_the_torch_merge():
+    g = torch.Generator().manual_seed(5)
+    out = torch.randn(2, 40, 3, 80, generator=g)
+    lse = torch.randn(2, 3, 40, generator=g)
+    lse[:, :, :5], out[:, :5] = float("-inf"), 0.0  # rows that have seen no key yet
+    part = torch.randn(2, 24, 3, 80, generator=g).bfloat16()
+    part_lse = torch.randn(2, 3, 24, generator=g)
+    part_lse[:, :, :2], part[:, :2] = float("-inf"), 0.0  # ... and some see none here either
+    want_out, want_lse = out.clone(), lse.clone()
+    merge_into(want_out[:, 3:27], want_lse[:, :, 3:27], part, part_lse)  # row-range views, as the executor does
+    triton_merge(out[:, 3:27], lse[:, :, 3:27], part, part_lse)
+    torch.testing.assert_close(out, want_out, **FP32)
+    torch.testing.assert_close(lse, want_lse, **FP32)

@@ -25,9 +25,9 @@ from .triton_kernels import CONFIGS, KERNELS, head_dim_class
 
 # Shared memory one block may use on Hopper (227 KiB), per CUDA's programming guide.
 HOPPER_SHARED_BYTES = 232448
-_POINTERS = ({n: "*{dtype}" for n in ("Q", "K", "V", "DO")}
+_POINTERS = ({n: "*{dtype}" for n in ("Q", "K", "V", "DO", "Part")}
              | {n: "*i32" for n in ("QP", "KP", "KV_END", "KV_FULL", "Q_LO", "Q_FULL")}
-             | {n: "*fp32" for n in ("Out", "Lse", "Delta", "DK", "DV", "DQ")})
+             | {n: "*fp32" for n in ("Out", "Lse", "Delta", "DK", "DV", "DQ", "PartLse")})
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -40,13 +40,9 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
 
 
-def compile_report(name: str, config: triton.Config, *, headdim: int = 128, dtype: str = "bf16",
-                   causal: bool = True, arch: int = 90) -> dict:
-    """Build kernel ``name`` ("fwd", "dkdv", "dq") with ``config`` for sm_<arch>; its costs."""
-    fn = KERNELS[name]
-    const = dict(CAUSAL=causal, D=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)), **config.kwargs)
-    if "MERGE" in fn.arg_names:
-        const["MERGE"] = True  # the executor's path: merged into the running result
+def build(fn, const: dict, *, warps: int = 4, stages: int = 2, dtype: str = "bf16", arch: int = 90) -> dict:
+    """Build jitted ``fn`` with constexprs ``const`` for sm_<arch>: shared bytes, registers,
+    spilled bytes, whether it uses wgmma, whether it fits Hopper's shared memory."""
     signature = {n: "constexpr" if n in const else _POINTERS.get(n, "fp32" if n == "sm_scale" else "i32")
                  for n in fn.arg_names}
     signature = {n: t.format(dtype=dtype) for n, t in signature.items()}
@@ -57,13 +53,24 @@ def compile_report(name: str, config: triton.Config, *, headdim: int = 128, dtyp
     source = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()},
                        attrs=aligned)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                              options=dict(num_warps=warps, num_stages=stages))
     usage = _resource_usage(compiled.asm["cubin"])
-    return dict(kernel=name, block_m=config.kwargs["BLOCK_M"], block_n=config.kwargs["BLOCK_N"],
-                warps=config.num_warps, stages=config.num_stages, headdim=headdim, dtype=dtype, arch=arch,
-                shared_bytes=compiled.metadata.shared, registers=usage["REG"],
+    return dict(shared_bytes=compiled.metadata.shared, registers=usage["REG"],
                 spilled_bytes=usage["STACK"] + usage["LOCAL"], wgmma="wgmma" in compiled.asm["ptx"],
                 fits=compiled.metadata.shared <= HOPPER_SHARED_BYTES)
+
+
+def compile_report(name: str, config: triton.Config, *, headdim: int = 128, dtype: str = "bf16",
+                   causal: bool = True, merge: bool = True, arch: int = 90) -> dict:
+    """Build kernel ``name`` ("fwd", "dkdv", "dq") with ``config`` for sm_<arch>; its costs.
+    ``merge``: the forward's variant (merged into the running result: the executor's path)."""
+    fn = KERNELS[name]
+    const = dict(CAUSAL=causal, D=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)), **config.kwargs)
+    if "MERGE" in fn.arg_names:
+        const["MERGE"] = merge
+    return dict(kernel=name, block_m=config.kwargs["BLOCK_M"], block_n=config.kwargs["BLOCK_N"],
+                warps=config.num_warps, stages=config.num_stages, headdim=headdim, dtype=dtype, arch=arch,
+                **build(fn, const, warps=config.num_warps, stages=config.num_stages, dtype=dtype, arch=arch))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -107,17 +107,40 @@ def _fwd(Q, K, V, QP, KP, KV_END, KV_FULL, Out, Lse, sm_scale, Sq, Sk, H, REP,
         tl.store(lse_ptr, blk_lse, mask=m_ok)
         tl.store(out_ptr, blk_out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
         return
-    # Fused merge with the running result (merge.py's rule, -inf-safe).
-    old_lse = tl.load(lse_ptr, mask=m_ok, other=float("-inf"))
-    old_out = tl.load(out_ptr, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    hi = tl.maximum(old_lse, blk_lse)
+    _merge_tile(out_ptr, lse_ptr, blk_out, blk_lse, m_ok[:, None] & d_ok[None, :], m_ok)  # the fused merge
+
+
+@triton.jit
+def _merge_tile(out_ptr, lse_ptr, part, part_lse, out_mask, row_mask):
+    """Merge a partial (out, lse) tile into the running fp32 one in place: merge.py's rule,
+    weights relative to the larger lse, a row that has seen no key on either side left at 0, -inf."""
+    old_lse = tl.load(lse_ptr, mask=row_mask, other=float("-inf"))
+    old_out = tl.load(out_ptr, mask=out_mask, other=0.0)
+    hi = tl.maximum(old_lse, part_lse)
     hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-    w_old, w_blk = tl.exp(old_lse - hi_safe), tl.exp(blk_lse - hi_safe)
-    total = w_old + w_blk
+    w_old, w_part = tl.exp(old_lse - hi_safe), tl.exp(part_lse - hi_safe)
+    total = w_old + w_part
     new_lse = tl.where(total > 0, hi_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-    new_out = (old_out * w_old[:, None] + blk_out * w_blk[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(lse_ptr, new_lse, mask=m_ok)
-    tl.store(out_ptr, new_out, mask=m_ok[:, None] & d_ok[None, :])
+    new_out = (old_out * w_old[:, None] + part * w_part[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(lse_ptr, new_lse, mask=row_mask)
+    tl.store(out_ptr, new_out, mask=out_mask)
+
+
+@triton.jit
+def _merge(Out, Lse, Part, PartLse, S, H, sob, sos, soh, slb, slh, spb, sps, sph, splb, splh,
+           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """A computed block's (Part, PartLse) merged into the running (Out, Lse), BLOCK_S rows of one
+    (batch, head) per program: one pass over the data, where the eager merge takes several."""
+    pid_s, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rd = tl.arange(0, BLOCK_D)
+    s_ok = rs < S
+    mask = s_ok[:, None] & (rd < D)[None, :]
+    part = tl.load(Part + b * spb + rs[:, None] * sps + h * sph + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+    part_lse = tl.load(PartLse + b * splb + h * splh + rs, mask=s_ok, other=float("-inf")).to(tl.float32)
+    _merge_tile(Out + b * sob + rs[:, None] * sos + h * soh + rd[None, :], Lse + b * slb + h * slh + rs,
+                part, part_lse, mask, s_ok)
 
 
 @triton.jit
@@ -259,6 +282,16 @@ def tile_tables(q_span: Span, k_span: Span, causal: bool, device: torch.device) 
 
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
+
+
+def merge_into(out_BSHD: torch.Tensor, lse_BHS: torch.Tensor, part_BSHD: torch.Tensor, part_lse_BHS: torch.Tensor):
+    """merge.merge_into as one Triton kernel (fp32 accumulators, last dims contiguous)."""
+    b, s, h, d = out_BSHD.shape
+    assert out_BSHD.dtype == lse_BHS.dtype == torch.float32 and out_BSHD.stride(-1) == part_BSHD.stride(-1) == 1
+    block_s = 16 if _interpreted() else max(16, 4096 // _block_d(d))  # about 4096 elements per program
+    _merge[(triton.cdiv(s, block_s), b * h)](
+        out_BSHD, lse_BHS, part_BSHD, part_lse_BHS, s, h, *out_BSHD.stride()[:3], *lse_BHS.stride()[:2],
+        *part_BSHD.stride()[:3], *part_lse_BHS.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
 
 
 class TritonKernel:
