@@ -2,21 +2,19 @@
 # The GPU check, on one H100 or H200, in under 6 minutes: the GPU tests (every CUDA kernel and
 # emulated P = 2, 3, 8 ranks against a float32 reference with flash-attn's error rule), then the
 # kernel benchmark (benchmarks/kernels.py: tables printed, JSON under benchmarks/results/).
-#   bash scripts/gpu_check.sh            from the repository root, with torch (CUDA) and triton
-# pytest comes from the environment or, on a machine without an index, from wheels in
-# .device-wheels/ (fill it beforehand: pip download pytest pluggy iniconfig packaging -d .device-wheels).
+#   bash scripts/gpu_check.sh        from anywhere; needs python3 with CUDA torch, triton, pytest
 # Variables: OUT (also copy the JSON there), CHECK_TIMEOUT (seconds per stage, default 170).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 limit=${CHECK_TIMEOUT:-170}
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device')"
-python -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .device-wheels pytest
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device')"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
 
 status=0
-timeout "$limit" python -m pytest -q -m gpu tests/test_gpu_kernels.py -x -p no:cacheprovider || status=$?
-timeout "$limit" python benchmarks/kernels.py || status=$?
+timeout "$limit" python3 -m pytest -q -m gpu tests/test_gpu_kernels.py -p no:cacheprovider || status=$?
+timeout "$limit" python3 benchmarks/kernels.py || status=$?
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/kernels_*.json "$OUT"/ 2>/dev/null || true; fi
 exit $status
