@@ -25,9 +25,9 @@ from .triton_kernels import CONFIGS, KERNELS, head_dim_class
 
 # Shared memory one block may use on Hopper (227 KiB), per CUDA's programming guide.
 HOPPER_SHARED_BYTES = 232448
-_POINTERS = ({n: "*{dtype}" for n in ("Q", "K", "V", "DO", "Part")}
+_POINTERS = ({n: "*{dtype}" for n in ("Q", "K", "V", "DO", "Part", "DQ")}
              | {n: "*i32" for n in ("QP", "KP", "KV_END", "KV_FULL", "Q_LO", "Q_FULL")}
-             | {n: "*fp32" for n in ("Out", "Lse", "Delta", "DK", "DV", "DQ", "PartLse")})
+             | {n: "*fp32" for n in ("Out", "Lse", "Delta", "DK", "DV", "PartLse")})
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:

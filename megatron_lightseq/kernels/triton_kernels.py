@@ -184,8 +184,8 @@ def _bwd_dkdv(Q, K, V, DO, QP, KP, Q_LO, Q_FULL, Lse, Delta, DK, DV, sm_scale, S
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
     off = b * sdb + rn[:, None] * sds + h * sdh + rd[None, :]
     mask = n_ok[:, None] & (rd < D)[None, :]
-    tl.store(DK + off, dk * sm_scale, mask=mask)
-    tl.store(DV + off, dv, mask=mask)
+    tl.store(DK + off, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -209,7 +209,21 @@ def _bwd_dq(Q, K, V, DO, QP, KP, KV_END, KV_FULL, Lse, Delta, DQ, sm_scale, Sq, 
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
     q_off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
-    tl.store(DQ + q_off, dq * sm_scale, mask=m_ok[:, None] & (rd < D)[None, :])
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (rd < D)[None, :])
+
+
+@triton.jit
+def _delta(Out, DO, Delta, S, H, sob, sos, soh, sdb, sds, sdh, slb, slh,
+           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """delta = rowsum(d_out * out) in fp32, the backward's softmax correction, in one pass."""
+    pid_s, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rd = tl.arange(0, BLOCK_D)
+    mask = (rs < S)[:, None] & (rd < D)[None, :]
+    o = tl.load(Out + b * sob + rs[:, None] * sos + h * soh + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + rs[:, None] * sds + h * sdh + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + b * slb + h * slh + rs, tl.sum(o * do, 1), mask=rs < S)
 
 
 def _interpreted() -> bool:
@@ -284,11 +298,16 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _rows_per_program(d: int) -> int:
+    """Rows per program of the one-pass kernels (merge, delta): about 4096 elements each."""
+    return 16 if _interpreted() else max(16, 4096 // _block_d(d))
+
+
 def merge_into(out_BSHD: torch.Tensor, lse_BHS: torch.Tensor, part_BSHD: torch.Tensor, part_lse_BHS: torch.Tensor):
     """merge.merge_into as one Triton kernel (fp32 accumulators, last dims contiguous)."""
     b, s, h, d = out_BSHD.shape
     assert out_BSHD.dtype == lse_BHS.dtype == torch.float32 and out_BSHD.stride(-1) == part_BSHD.stride(-1) == 1
-    block_s = 16 if _interpreted() else max(16, 4096 // _block_d(d))  # about 4096 elements per program
+    block_s = _rows_per_program(d)
     _merge[(triton.cdiv(s, block_s), b * h)](
         out_BSHD, lse_BHS, part_BSHD, part_lse_BHS, s, h, *out_BSHD.stride()[:3], *lse_BHS.stride()[:2],
         *part_BSHD.stride()[:3], *part_lse_BHS.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
@@ -325,12 +344,17 @@ class TritonKernel:
     def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool, scale: float):
         b, sq, h, d = q.shape
         sk, g = k.shape[1], k.shape[2]
-        q, k, v, dout = (x.contiguous() for x in (q, k, v, dout))
+        # q and dout share strides in the kernels; out is read row by row (its last dim must be dense).
+        q, k, v, dout, out = (x.contiguous() for x in (q, k, v, dout, out))
         lse = lse.float().contiguous()
-        delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
+        delta = torch.empty_like(lse)
+        block_s = _rows_per_program(d)
+        _delta[(triton.cdiv(sq, block_s), b * h)](out, dout, delta, sq, h, *out.stride()[:3], *dout.stride()[:3],
+                                                  *delta.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
         qp, kp, kv_end, kv_full, q_lo, q_full = tile_tables(q_span, k_span, causal, q.device)
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dk_h = torch.empty((b, sk, h, d), dtype=torch.float32, device=q.device)  # per query head
+        dq = torch.empty_like(q)  # the kernels store in the inputs' dtype
+        # dK/dV per query head: straight into the result for MHA, else fp32 to sum over shared heads.
+        dk_h = torch.empty_like(k) if h == g else torch.empty((b, sk, h, d), dtype=torch.float32, device=q.device)
         dv_h = torch.empty_like(dk_h)
         meta = dict(CAUSAL=causal, D=d, BLOCK_D=_block_d(d))
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -339,5 +363,7 @@ class TritonKernel:
                 h // g, *strides, dk_h.stride(0), dk_h.stride(1), dk_h.stride(2), **meta)
         _launch("dq", sq, b * h, q, k, v, dout, qp, kp, kv_end, kv_full, lse, delta, dq, scale, sq, sk, h, h // g,
                 *strides, **meta)
+        if h == g:
+            return dq, dk_h, dv_h
         dk, dv = (x.view(b, sk, g, h // g, d).sum(3) for x in (dk_h, dv_h))  # heads sharing a K/V head
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
