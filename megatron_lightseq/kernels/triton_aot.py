@@ -5,7 +5,7 @@
 Triton ships ptxas and cuobjdump, so a CPU machine can build every (kernel, config) for sm_90
 (H100/H200) and read off shared memory, registers, spilled bytes and whether the tensor cores'
 Hopper instruction (wgmma) is used. A config that spills or does not fit is one the autotuner
-should not be offered; CI checks the default configs this way.
+should not be offered; CI checks every offered config this way.
 Run it without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiler).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .triton_kernels import CONFIGS, KERNELS, head_dim_class
+from .triton_kernels import CONFIGS, KERNELS, head_dim_bound
 
 # Shared memory one block may use on Hopper (227 KiB), per CUDA's programming guide.
 HOPPER_SHARED_BYTES = 232448
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{'spilled':>7} {'wgmma':>5}")
     for headdim in args.headdim:
         for name, configs in CONFIGS.items():
-            for config in configs[head_dim_class(headdim)]:
+            for config in configs[head_dim_bound(headdim)]:
                 r = compile_report(name, config, headdim=headdim, arch=args.arch)
                 rows.append(r)
                 print(f"{name:6} {headdim:4} {r['block_m']:4} {r['block_n']:4} {r['warps']:5} {r['stages']:6} "

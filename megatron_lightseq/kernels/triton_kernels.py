@@ -234,31 +234,34 @@ def _config(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Candidates for the autotuner on CUDA, (BLOCK_M, BLOCK_N, warps, stages), the first of each list
-# the default: for head dims up to 128 ("narrow") and above ("wide"). Each was built for sm_90 with
-# `python -m megatron_lightseq.kernels.triton_aot` and spills no registers at the head dims it is
-# for (64 and 128, or 256), except where noted; benchmarks/results/triton_build_sm90.json has the table.
+# Candidates for the autotuner on CUDA, (BLOCK_M, BLOCK_N, warps, stages), per head-dim bound (a
+# head dim d uses the list of the smallest bound >= d); the first of each list is the default.
+# Every one builds for sm_90 with `python -m megatron_lightseq.kernels.triton_aot` within shared
+# memory and without spilling registers at its bound (CI checks them all);
+# benchmarks/results/triton_build_sm90.json has the table.
+_FWD = [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3)]
+_DKDV = [_config(128, 64, 8, 2), _config(64, 64, 8, 2)]
+_DQ = [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 128, 8, 2)]
 CONFIGS = {
-    "fwd": {"narrow": [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3)],
-            "wide": [_config(64, 64, 8, 2)]},
-    "dkdv": {"narrow": [_config(128, 64, 8, 2), _config(64, 64, 8, 2), _config(64, 128, 8, 2)],  # last: d 64 only
-             "wide": [_config(32, 32, 8, 2), _config(16, 32, 4, 2)]},
-    "dq": {"narrow": [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 128, 8, 2)],
-           "wide": [_config(64, 32, 4, 2), _config(128, 32, 8, 2), _config(64, 64, 8, 2)]},
+    "fwd": {64: _FWD, 128: _FWD, 256: [_config(64, 64, 8, 2)]},
+    "dkdv": {64: _DKDV + [_config(64, 128, 8, 2)], 128: _DKDV,  # 64x128 spills at d 128
+             256: [_config(32, 32, 8, 2), _config(16, 32, 4, 2)]},
+    "dq": {64: _DQ, 128: _DQ, 256: [_config(64, 32, 4, 2), _config(128, 32, 8, 2), _config(64, 64, 8, 2)]},
 }
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 _TUNE_KEY = ["Sq", "Sk", "D", "CAUSAL"]
 KERNELS = {"fwd": _fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq}
 
 
-def head_dim_class(d: int) -> str:
-    return "narrow" if d <= 128 else "wide"
+def head_dim_bound(d: int) -> int:
+    """The key of ``CONFIGS`` lists for head dim ``d`` (at most 256)."""
+    return next(bound for bound in (64, 128, 256) if d <= bound)
 
 
 @functools.cache
-def _tuned(name: str, width: str):
+def _tuned(name: str, bound: int):
     restore = ["Out", "Lse"] if name == "fwd" else None  # trials must not merge into the result
-    return triton.autotune(CONFIGS[name][width], key=_TUNE_KEY, restore_value=restore)(KERNELS[name])
+    return triton.autotune(CONFIGS[name][bound], key=_TUNE_KEY, restore_value=restore)(KERNELS[name])
 
 
 def _launch(name: str, rows: int, cols: int, *args, **meta) -> None:
@@ -268,7 +271,7 @@ def _launch(name: str, rows: int, cols: int, *args, **meta) -> None:
     if _interpreted():
         KERNELS[name][(triton.cdiv(rows, INTERPRETER_BLOCKS[tile]), cols)](*args, **meta, **INTERPRETER_BLOCKS)
     else:
-        _tuned(name, head_dim_class(meta["D"]))[lambda m: (triton.cdiv(rows, m[tile]), cols)](*args, **meta)
+        _tuned(name, head_dim_bound(meta["D"]))[lambda m: (triton.cdiv(rows, m[tile]), cols)](*args, **meta)
 
 
 @functools.lru_cache(maxsize=256)
