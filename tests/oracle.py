@@ -25,3 +25,13 @@ def reference_with_grads(q, k, v, dout, *, causal: bool):
     out, lse = reference_attention(*leaves, causal=causal)
     grads = torch.autograd.grad(out, leaves, dout)
     return (out.detach(), lse.detach(), *grads)
+
+
+def assert_within_twice_plain(got, plain, ref, *, label: str, floor: float = 1e-5):
+    """flash-attn's error rule for low-precision results: each of (out, lse, dq, dk, dv) ``got``
+    is at most twice as far from ``ref`` as a plain computation in that precision (``plain``,
+    named ``label`` in messages) is, plus a small floor."""
+    for name, g, p, r in zip(("out", "lse", "dq", "dk", "dv"), got, plain, ref):
+        err = (g.double() - r.double()).abs().max().item()
+        base = (p.double() - r.double()).abs().max().item()
+        assert err <= 2 * base + floor, f"{name}: {err:.3g} vs plain {label} {base:.3g}"
