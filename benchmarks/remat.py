@@ -32,10 +32,9 @@ def _measure(rank, world_size, layers):
     for name, case in {"full recompute + remat": base,
                        "full recompute, --lightseq-no-remat": dataclasses.replace(base, remat=False),
                        "no recompute": dataclasses.replace(base, recompute=None)}.items():
-        mlm.configure(mlm.LightSeqConfig(remat=case.remat))
         init_parallel(case, case.cp)
         model = build_model(case, cp=case.cp, backend=mlm.lightseq_backend())
-        batch = mlm.get_batch_on_this_cp_rank(full_batch())
+        batch = mlm.get_batch_on_this_cp_rank(full_batch(), layout=case.layout)
         with mls.trace() as t:
             loss = total_loss(model, batch)
             stashes = [layer.self_attention.core_attention.stash for layer in model.decoder.layers]

@@ -6,12 +6,13 @@ import torch
 
 from megatron_lightseq.kernels import get_kernel, resolve_kernel
 from megatron_lightseq.kernels.auto import AutoKernel
-from megatron_lightseq.merge import merge_into
+from megatron_lightseq.kernels.base import BlockKernel
+from megatron_lightseq.kernels.merge import merge_into
 from test_kernels import _inputs
 
 
-class _Slow:
-    """A kernel that sleeps before each call, counting its calls."""
+class _Slow(BlockKernel):
+    """A kernel that sleeps before each call, counting its calls (its merge is the unfused default)."""
 
     def __init__(self, kernel, name: str) -> None:
         self.kernel, self.name, self.calls = kernel, name, 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Span, mask_kind
+from .base import BlockKernel, Span, mask_kind
 
 
 def bhsd(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def _any_mask_kernel(q: torch.Tensor, k: torch.Tensor):
     return get_kernel("math")
 
 
-class FixedMaskKernel:
+class FixedMaskKernel(BlockKernel):
     """Base of adapters: subclasses define ``_forward(q, k, v, causal, scale) -> (out, lse_BHS)``
     and ``_backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)`` for full or top-left
     causal blocks, tensors [B, S, H, D] (K/V with G heads)."""
