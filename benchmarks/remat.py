@@ -4,7 +4,7 @@ per layer for one training step under Megatron's full recompute, with and withou
     python benchmarks/remat.py [--cp 2] [--layers 4] [--out benchmarks/results/remat_cpu.json]
 
 On CPU it runs a tiny GPTModel on local gloo ranks (with the CPU stand-ins of
-megatron_lightseq/cpu_shims.py); the per-layer memory table for Llama-7B shapes follows from the
+megatron_lightseq/jobs/cpu_shims.py); the per-layer memory table for Llama-7B shapes follows from the
 same formulas the measurement checks.
 """
 from __future__ import annotations
