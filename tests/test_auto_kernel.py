@@ -8,6 +8,7 @@ from megatron_lightseq.kernels import get_kernel, resolve_kernel
 from megatron_lightseq.kernels.auto import AutoKernel
 from megatron_lightseq.kernels.base import BlockKernel
 from megatron_lightseq.kernels.merge import merge_into
+from harness import run_ranks
 from test_kernels import _inputs
 
 
@@ -47,8 +48,8 @@ def test_auto_takes_the_measured_fastest_per_block_kind_and_measures_once():
             torch.testing.assert_close(grads, get_kernel("math").backward(dout, q, k, v, out, lse, **block),
                                        rtol=0, atol=0)
     assert set(auto.choices().values()) == {"math"}
-    assert {key[0] for key in auto.choices()} == {"forward", "backward"}
-    assert {key[-1] for key in auto.choices()} == {"causal", "full"}
+    assert {kind.split("|")[0] for kind in auto.choices()} == {"forward", "backward"}
+    assert {kind.split("|")[-1] for kind in auto.choices()} == {"causal", "full"}
     # measured once per (call, block kind): a warm-up and 3 timed runs; backward inputs made by
     # the first candidate's forward
     assert slow.calls == 2 * 2 * 4 + 2
@@ -70,3 +71,39 @@ def test_auto_forward_into_merges_like_forward_then_merge():
 def test_auto_on_cpu_is_torchs_flash_op_without_measuring():
     q, k, _, _ = _inputs(8, 8, 4, 2, 64)
     assert resolve_kernel("auto", q, k) is get_kernel("torch")
+
+
+def _agreed_choice(rank, world_size):
+    import megatron_lightseq as mls
+    import megatron_lightseq.distattn.call as call_module
+
+    auto = AutoKernel([get_kernel("torch"), get_kernel("math")])
+    measured = []
+
+    def timer(fn, device):  # rank 0 finds torch fastest, the others math: the sum picks math
+        name = fn.__defaults__[0].name
+        measured.append(name)
+        return {"torch": 1.0 if rank == 0 else 5.0}[name] if name == "torch" else 2.0
+
+    auto._timer = timer
+    call_module.resolve_kernel = lambda name, q, k: auto if name == "auto" else get_kernel(name)
+    rng = torch.get_rng_state()
+    q, k, v = (x.float().requires_grad_() for x in _inputs(4, 4, 4, 2, 16, seed=rank)[:3])
+    with mls.trace() as first:
+        mls.dist_attn(q, k, v, kernel="auto").sum().backward()
+    with mls.trace() as second:
+        mls.dist_attn(q, k, v, kernel="auto").sum().backward()
+    assert torch.equal(torch.get_rng_state(), rng), "measuring drew from the global generator"
+    assert (first.collectives, second.collectives) == (2, 0)  # the inputs' agreement, then the choices'
+    again = AutoKernel([get_kernel("torch"), get_kernel("math")], timer=lambda fn, device: 1 / 0)
+    again.adopt(auto.choices())  # a recorded choice, reused without measuring
+    block = dict(q_span=((4, 8),), k_span=((0, 4),), causal=True, scale=0.25)  # rank 1's Q1K0: all keys seen
+    out, lse = torch.zeros(2, 4, 4, 16), torch.full((2, 4, 4), float("-inf"))
+    again.forward_into(q.detach(), k.detach(), v.detach(), out, lse, **block)
+    return auto.choices(), len(measured)
+
+
+def test_auto_choice_is_agreed_by_the_group_and_can_be_reused():
+    results = run_ranks(2, _agreed_choice)
+    assert results[0][0] == results[1][0] and set(results[0][0].values()) == {"math"}
+    assert results[0][1] > 0

@@ -24,9 +24,10 @@ Tensors = tuple[torch.Tensor, ...]
 class _RankRun:
     """State of one rank while it walks the steps of one phase."""
 
-    def __init__(self, plan: Plan, steps: Steps, exchange: Exchange, shape: Shape, local: dict[str, Tensors],
+    def __init__(self, plan: Plan, phase: str, exchange: Exchange, shape: Shape, local: dict[str, Tensors],
                  q_kind: str) -> None:
-        self.plan, self.steps, self.exchange, self.shape = plan, steps, exchange, shape
+        self.plan, self.phase, self.exchange, self.shape = plan, phase, exchange, shape
+        self.steps: Steps = getattr(plan, phase)
         self.rank = exchange.rank
         self.q_kind = q_kind  # how queries travel in this phase: "q" forward, "qg" backward
         self.chunk_len = shape.seqlen_local // len(plan.owned(self.rank))
@@ -90,24 +91,31 @@ class _RankRun:
     def run(self, compute: Callable[[Block], None], absorb: Callable[[Payload, Tensors], None]):
         """The loop of plan.py: wait for step t, post step t+1, compute step t. A generator that
         yields before each wait, when this rank has posted everything the wait needs from others:
-        real ranks run it straight through (:func:`drive`); emulated ranks run in lockstep."""
-        pending, arriving = self.post(0)
-        for t in range(len(self.steps)):
+        real ranks run it straight through (:func:`drive`); emulated ranks run in lockstep.
+        Whatever fails on the way (a wait, a kernel) goes through the exchange's failure
+        protocol, named by phase and step."""
+        t = 0
+        try:
+            pending, arriving = self.post(0)
+            for t in range(len(self.steps)):
+                yield
+                pending.wait()
+                for payload, tensors in arriving:
+                    if payload.kind in INPUT_KINDS:
+                        self.held[payload.kind, payload.owner] = (payload, tensors)
+                    else:
+                        absorb(payload, tensors)
+                pending, arriving = self.post(t + 1)
+                for block in self.steps[t][self.rank].blocks:
+                    compute(block)
+                    count(blocks=1)
+                for key in [k for k in self.held if self.last_use.get(k, -1) <= t]:
+                    del self.held[key]
+            t = len(self.steps)
             yield
             pending.wait()
-            for payload, tensors in arriving:
-                if payload.kind in INPUT_KINDS:
-                    self.held[payload.kind, payload.owner] = (payload, tensors)
-                else:
-                    absorb(payload, tensors)
-            pending, arriving = self.post(t + 1)
-            for block in self.steps[t][self.rank].blocks:
-                compute(block)
-                count(blocks=1)
-            for key in [k for k in self.held if self.last_use.get(k, -1) <= t]:
-                del self.held[key]
-        yield
-        pending.wait()
+        except Exception as e:  # noqa: BLE001 - re-raised, named
+            raise self.exchange.fail(f"{self.phase} step {t}", e) from e
 
 
 def drive(steps):
@@ -123,6 +131,25 @@ def _spans(run: _RankRun, b: Block):
     return dict(q_span=span_of(b.q_chunks, run.chunk_len), k_span=span_of(b.kv_chunks, run.chunk_len))
 
 
+def kernel_calls(call: Call, shape: Shape, device: torch.device, backward: bool) -> list[tuple]:
+    """Every kernel call the plan makes on any rank, as (call, q shape, k shape, dtype, device,
+    block): what kernel="auto" settles before the first transfer."""
+    plan = call.plan
+    chunk_len = shape.seqlen_local // len(plan.owned(0))
+    found = []
+    for phase in ("forward", "backward") if backward else ("forward",):
+        for step in getattr(plan, phase):
+            for rank, rs in enumerate(step):
+                for b in rs.blocks:
+                    q_shape = (shape.batch, len(b.q_chunks) * chunk_len, shape.nheads, shape.headdim)
+                    k_shape = (shape.batch, len(b.kv_chunks) * chunk_len, shape.nheads_kv, shape.headdim)
+                    kind = "backward" if phase == "backward" else "forward_into" if b.q_owner == rank else "forward"
+                    block = dict(q_span=span_of(b.q_chunks, chunk_len), k_span=span_of(b.kv_chunks, chunk_len),
+                                 causal=plan.causal, scale=call.scale)
+                    found.append((kind, q_shape, k_shape, shape.dtype, device, block))
+    return found
+
+
 def run_forward(call: Call, exchange: Exchange, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (out_BSHD, lse_BHS) of attention over the whole sequence."""
     return drive(forward_steps(call, exchange, q, k, v))
@@ -135,7 +162,7 @@ def forward_steps(call: Call, exchange: Exchange, q, k, v):
     acc = accum_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((shape.batch, shape.nheads, shape.seqlen_local), float("-inf"), dtype=acc, device=q.device)
-    run = _RankRun(plan, plan.forward, exchange, shape, {"q": (q,), "kv": (k, v)}, "q")
+    run = _RankRun(plan, "forward", exchange, shape, {"q": (q,), "kv": (k, v)}, "q")
     owned = plan.owned(rank)
 
     def compute(b: Block) -> None:
@@ -168,7 +195,7 @@ def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     local = {"qg": (q, out, lse, dout), "kv": (k, v)}
-    run = _RankRun(plan, plan.backward, exchange, Shape.of(q, k), local, "qg")
+    run = _RankRun(plan, "backward", exchange, Shape.of(q, k), local, "qg")
     owned = plan.owned(rank)
 
     def add_dq(chunks, part):
