@@ -1,19 +1,19 @@
-"""kernel="auto": the measured choice per kind of block (a candidate made 60 ms slower per call
-loses on any machine), and the static choice on CPU."""
-import time
-
+"""kernel="auto": the measured choice per kind of block (a candidate charged a second per run
+loses, however loaded the machine), the group's agreed choice, and the static choice on CPU."""
 import torch
 
 from megatron_lightseq.kernels import get_kernel, resolve_kernel
-from megatron_lightseq.kernels.auto import AutoKernel
+from megatron_lightseq.kernels.auto import AutoKernel, device_time
 from megatron_lightseq.kernels.base import BlockKernel
 from megatron_lightseq.kernels.merge import merge_into
+from oracle import CAUSAL
 from harness import run_ranks
 from test_kernels import _inputs
 
 
 class _Slow(BlockKernel):
-    """A kernel that sleeps before each call, counting its calls (its merge is the unfused default)."""
+    """A kernel whose runs :meth:`timer` charges a second each, counting its calls (its merge is
+    the unfused default)."""
 
     def __init__(self, kernel, name: str) -> None:
         self.kernel, self.name, self.calls = kernel, name, 0
@@ -21,9 +21,13 @@ class _Slow(BlockKernel):
     def supports(self, q, k):
         return True
 
+    def timer(self, fn, device):
+        """device_time, plus a second per run of this kernel inside ``fn``."""
+        before = self.calls
+        return device_time(fn, device) + (self.calls - before)
+
     def _slow(self, fn, *args, **kwargs):
         self.calls += 1
-        time.sleep(0.06)  # well above scheduling noise on a loaded 2-core machine
         return fn(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -35,10 +39,10 @@ class _Slow(BlockKernel):
 
 def test_auto_takes_the_measured_fastest_per_block_kind_and_measures_once():
     slow = _Slow(get_kernel("torch"), "slow-torch")
-    auto = AutoKernel([slow, get_kernel("math")])
+    auto = AutoKernel([slow, get_kernel("math")], timer=slow.timer)
     q, k, v, dout = (x.float() for x in _inputs(8, 8, 4, 2, 64))
-    blocks = [dict(q_span=((8, 16),), k_span=((8, 16),), causal=True, scale=0.125),
-              dict(q_span=((8, 16),), k_span=((0, 8),), causal=True, scale=0.125)]
+    blocks = [dict(q_span=((8, 16),), k_span=((8, 16),), mask=CAUSAL, scale=0.125),
+              dict(q_span=((8, 16),), k_span=((0, 8),), mask=CAUSAL, scale=0.125)]
     for _ in range(2):  # the second round looks up what the first measured
         for block in blocks:
             out, lse = auto.forward(q, k, v, **block)
@@ -56,10 +60,11 @@ def test_auto_takes_the_measured_fastest_per_block_kind_and_measures_once():
 
 
 def test_auto_forward_into_merges_like_forward_then_merge():
-    auto = AutoKernel([_Slow(get_kernel("math"), "slow-math"), get_kernel("torch")])
+    slow = _Slow(get_kernel("math"), "slow-math")
+    auto = AutoKernel([slow, get_kernel("torch")], timer=slow.timer)
     q, k, v, _ = (x.float() for x in _inputs(8, 8, 4, 2, 64))
-    block = dict(q_span=((8, 16),), k_span=((0, 8),), causal=True, scale=0.125)
-    first = get_kernel("math").forward(q, k, v, q_span=((8, 16),), k_span=((8, 16),), causal=True, scale=0.125)
+    block = dict(q_span=((8, 16),), k_span=((0, 8),), mask=CAUSAL, scale=0.125)
+    first = get_kernel("math").forward(q, k, v, q_span=((8, 16),), k_span=((8, 16),), mask=CAUSAL, scale=0.125)
     out, lse = first[0].clone(), first[1].clone()
     auto.forward_into(q, k, v, out, lse, **block)  # measuring must leave these accumulators alone
     want_out, want_lse = first[0].clone(), first[1].clone()
@@ -97,7 +102,7 @@ def _agreed_choice(rank, world_size):
     assert (first.collectives, second.collectives) == (2, 0)  # the inputs' agreement, then the choices'
     again = AutoKernel([get_kernel("torch"), get_kernel("math")], timer=lambda fn, device: 1 / 0)
     again.adopt(auto.choices())  # a recorded choice, reused without measuring
-    block = dict(q_span=((4, 8),), k_span=((0, 4),), causal=True, scale=0.25)  # rank 1's Q1K0: all keys seen
+    block = dict(q_span=((4, 8),), k_span=((0, 4),), mask=CAUSAL, scale=0.25)  # rank 1's Q1K0: all keys seen
     out, lse = torch.zeros(2, 4, 4, 16), torch.full((2, 4, 4), float("-inf"))
     again.forward_into(q.detach(), k.detach(), v.detach(), out, lse, **block)
     return auto.choices(), len(measured)

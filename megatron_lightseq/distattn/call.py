@@ -9,6 +9,7 @@ import torch
 
 from ..kernels import resolve_kernel
 from ..kernels.base import BlockKernel
+from ..kernels.mask import Mask
 from .plan import Plan, Shape
 from .schedules import build_plan, choose_schedule
 
@@ -18,6 +19,10 @@ class Call:
     plan: Plan
     kernel: BlockKernel
     scale: float
+
+    @property
+    def mask(self) -> Mask:
+        return Mask(causal=self.plan.causal)
 
 
 def resolve_plan(shape: Shape, *, world_size: int, layout: str, schedule: str, causal: bool) -> Plan:

@@ -145,7 +145,7 @@ def kernel_calls(call: Call, shape: Shape, device: torch.device, backward: bool)
                     k_shape = (shape.batch, len(b.kv_chunks) * chunk_len, shape.nheads_kv, shape.headdim)
                     kind = "backward" if phase == "backward" else "forward_into" if b.q_owner == rank else "forward"
                     block = dict(q_span=span_of(b.q_chunks, chunk_len), k_span=span_of(b.kv_chunks, chunk_len),
-                                 causal=plan.causal, scale=call.scale)
+                                 mask=call.mask, scale=call.scale)
                     found.append((kind, q_shape, k_shape, shape.dtype, device, block))
     return found
 
@@ -167,7 +167,7 @@ def forward_steps(call: Call, exchange: Exchange, q, k, v):
 
     def compute(b: Block) -> None:
         (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
-        block = dict(causal=plan.causal, scale=call.scale, **_spans(run, b))
+        block = dict(mask=call.mask, scale=call.scale, **_spans(run, b))
         if b.q_owner == rank:
             sl = run.rows(b.q_chunks, owned)
             kernel.forward_into(q_, k_, v_, out[:, sl], lse[:, :, sl], **block)
@@ -209,7 +209,7 @@ def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)
         k_, v_ = run.take("kv", b.kv_owner, b.kv_chunks)
-        dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, causal=plan.causal, scale=call.scale, **_spans(run, b))
+        dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, mask=call.mask, scale=call.scale, **_spans(run, b))
         if b.q_owner == rank:
             add_dq(b.q_chunks, dq_)
         else:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .base import BlockKernel, Span, mask_kind
+from .mask import Mask
 
 Timer = Callable[[Callable[[], object], torch.device], float]
 
@@ -58,7 +59,7 @@ class AutoKernel(BlockKernel):
     @staticmethod
     def kind(call: str, q_shape, k_shape, dtype: torch.dtype, device: torch.device, block: dict) -> str:
         """The kind of a block a choice holds for: call, shapes, dtype, device type, mask kind."""
-        mask = mask_kind(block["q_span"], block["k_span"], block["causal"])
+        mask = mask_kind(block["q_span"], block["k_span"], block["mask"])
         return "|".join((call, "x".join(map(str, q_shape)), "x".join(map(str, k_shape)), str(dtype),
                          torch.device(device).type, mask))
 
@@ -120,14 +121,14 @@ class AutoKernel(BlockKernel):
             self.settle([(call, tuple(q.shape), tuple(k.shape), q.dtype, q.device, block)], lambda t: [t])
         return self._chosen[kind]
 
-    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, causal: bool, scale: float):
-        block = dict(q_span=q_span, k_span=k_span, causal=causal, scale=scale)
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+        block = dict(q_span=q_span, k_span=k_span, mask=mask, scale=scale)
         self._pick("forward_into", q, k, block).forward_into(q, k, v, out_acc, lse_acc, **block)
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float):
-        block = dict(q_span=q_span, k_span=k_span, causal=causal, scale=scale)
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+        block = dict(q_span=q_span, k_span=k_span, mask=mask, scale=scale)
         return self._pick("forward", q, k, block).forward(q, k, v, **block)
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool, scale: float):
-        block = dict(q_span=q_span, k_span=k_span, causal=causal, scale=scale)
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+        block = dict(q_span=q_span, k_span=k_span, mask=mask, scale=scale)
         return self._pick("backward", q, k, block).backward(dout, q, k, v, out, lse, **block)
