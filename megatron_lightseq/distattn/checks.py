@@ -1,8 +1,9 @@
 """Input checks for dist_attn, all before any transfer, and the agreement of the ranks.
 
 Each rank checks its own inputs, resolves the call (call.py) and computes a signature of
-everything that shapes the exchange: sizes, dtype, layout, the resolved schedule, causal, the
-effective softmax scale, the resolved kernel, and whether a backward will run. The ranks agree
+everything that shapes the exchange: sizes, dtype, layout, the resolved schedule, the mask
+(causal, documents, window), the effective softmax scale, the resolved kernel, and whether a
+backward will run. The ranks agree
 on it with one small all_gather, then raise together: a rank whose inputs are bad, or ranks that
 disagree, never leave the others waiting in a transfer that will not come.
 
@@ -18,23 +19,26 @@ import zlib
 import torch
 
 from ..kernels import kernel_names
+from ..kernels.mask import Mask, make_mask
 from .call import Call, resolve_call
 from .exchange import Exchange
 from .executor import kernel_calls
 from .failures import DistAttnError, TransferError
-from .layout import LAYOUTS, chunks_per_rank
+from .layout import LAYOUTS
 from .plan import Shape
 from .schedules import SCHEDULE_CHOICES
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-# field -> names it can take (None: a number); names travel as a CRC32, which every rank computes alike
+# field -> names it can take (None: a number, or this rank's own value); names travel as a CRC32,
+# which every rank computes alike
 _FIELDS = {"batch": None, "seqlen_local": None, "nheads": None, "nheads_kv": None, "headdim": None,
            "dtype": [str(d) for d in _DTYPES], "layout": LAYOUTS, "schedule": SCHEDULE_CHOICES,
-           "causal": None, "softmax_scale": None, "kernel": None, "backward": None}
+           "causal": None, "cu_seqlens": None, "window_size": None, "softmax_scale": None, "kernel": None,
+           "backward": None}
 _FAILED = (1.0,) + (0.0,) * len(_FIELDS)
 
 
-def local_problem(q, k, v, *, layout, schedule, causal, softmax_scale, kernel, timeout=1.0) -> str | None:
+def local_problem(q, k, v, *, layout, schedule, mask: Mask, softmax_scale, kernel, timeout=1.0) -> str | None:
     """What is wrong with this rank's own inputs, as a message, or None."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -63,14 +67,14 @@ def local_problem(q, k, v, *, layout, schedule, causal, softmax_scale, kernel, t
         return f"schedule must be one of {SCHEDULE_CHOICES}, got {schedule!r}"
     if kernel not in kernel_names():
         return f"kernel must be one of {kernel_names()}, got {kernel!r}"
-    if not isinstance(causal, bool):
-        return f"causal must be a bool, got {causal!r}"
+    if mask.problem():
+        return mask.problem()
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
                                           and softmax_scale > 0):
         return f"softmax_scale must be None or a positive finite number, got {softmax_scale!r}"
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         return f"timeout must be a positive number of seconds, got {timeout!r}"
-    per_rank = chunks_per_rank(layout)
+    per_rank = 2 if layout == "zigzag" and mask.plain else 1  # other cuts are checked against the mask's length
     if s == 0 or s % per_rank:
         return (f"the {layout} layout holds {per_rank} equal chunk(s) per rank, so seqlen_local must be a "
                 f"positive multiple of {per_rank}, got {s}")
@@ -84,13 +88,17 @@ def _crc(name: str) -> float:
 def _signature(q, k, call: Call, backward: bool) -> tuple[float, ...]:
     """[0 (this rank's checks passed), then one number per _FIELDS entry]."""
     b, s, h, d = q.shape
-    plan = call.plan
-    return (0.0, b, s, h, k.shape[2], d, _crc(str(q.dtype)), _crc(plan.layout), _crc(plan.schedule),
-            float(plan.causal), call.scale, _crc(call.kernel.name), float(backward))
+    plan, mask = call.plan, call.mask
+    return (0.0, b, s, h, k.shape[2], d, _crc(str(q.dtype)), _crc(plan.layout.name), _crc(plan.schedule),
+            float(mask.causal), _crc(str(mask.cu_seqlens)), _crc(str(mask.window)), call.scale,
+            _crc(call.kernel.name), float(backward))
 
 
 def _show(field: str, value: float, call: Call) -> str:
-    names = {"kernel": (*kernel_names(), call.kernel.name)}.get(field, _FIELDS[field])
+    mine = {"kernel": call.kernel.name, "cu_seqlens": str(call.mask.cu_seqlens), "window_size": str(call.mask.window)}
+    names = {"kernel": (*kernel_names(), mine["kernel"])}.get(field, _FIELDS[field])
+    if field in ("cu_seqlens", "window_size"):
+        return mine[field] if _crc(mine[field]) == value else "<another>"
     if names is not None:
         return next((str(n) for n in names if _crc(str(n)) == value), f"<unknown name #{value:.0f}>")
     if field in ("causal", "backward"):
@@ -98,17 +106,24 @@ def _show(field: str, value: float, call: Call) -> str:
     return f"{value:g}" if field != "softmax_scale" else repr(value)
 
 
-def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, softmax_scale, kernel) -> Call:
+def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_seqlens=None, window_size=(-1, -1),
+                 softmax_scale, kernel) -> Call:
     """The resolved call, once every rank of the exchange's group has passed its checks and all
     agree on the signature; else ValueError on every rank together."""
-    problem = local_problem(q, k, v, layout=layout, schedule=schedule, causal=causal,
-                            softmax_scale=softmax_scale, kernel=kernel, timeout=exchange.timeout)
-    call = None
+    call, problem = None, None
+    try:
+        mask = make_mask(causal, cu_seqlens, window_size)
+    except (TypeError, ValueError) as e:
+        problem = f"cu_seqlens must be a sequence of ints and window_size a pair of ints, got {cu_seqlens!r} and " \
+                  f"{window_size!r} ({e})"
+    if problem is None:
+        problem = local_problem(q, k, v, layout=layout, schedule=schedule, mask=mask, softmax_scale=softmax_scale,
+                                kernel=kernel, timeout=exchange.timeout)
     if problem is None:
         try:
-            call = resolve_call(q, k, world_size=exchange.world_size, layout=layout, schedule=schedule,
-                                causal=causal, softmax_scale=softmax_scale, kernel=kernel)
-        except ValueError as e:  # the named kernel cannot take these inputs
+            call = resolve_call(q, k, world_size=exchange.world_size, layout=layout, schedule=schedule, mask=mask,
+                                softmax_scale=softmax_scale, kernel=kernel)
+        except ValueError as e:  # the named kernel cannot take these inputs, the length does not fit the mask
             problem = str(e)
     if exchange.world_size == 1:
         if problem:

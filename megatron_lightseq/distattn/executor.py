@@ -52,19 +52,29 @@ class _RankRun:
     def _input_keys(self, b: Block) -> list[tuple[str, int]]:
         return [(self.q_kind, b.q_owner), ("kv", b.kv_owner)]
 
-    def rows(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> slice:
-        first = within.index(chunks[0])
-        return slice(first * self.chunk_len, (first + len(chunks)) * self.chunk_len)
+    def runs(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> list[tuple[slice, slice]]:
+        """Where ``chunks`` sit in a tensor of ``within``'s chunks, as (rows of a tensor of
+        ``chunks``, rows of a tensor of ``within``), one pair per run of neighbouring chunks."""
+        found, n = [], self.chunk_len
+        for i, c in enumerate(chunks):
+            at = within.index(c)
+            if found and found[-1][1] == at:
+                found[-1][1] = at + 1
+            else:
+                found.append([i, at + 1, at])
+        return [(slice(i * n, (i + stop - start) * n), slice(start * n, stop * n)) for i, stop, start in found]
 
     def take(self, kind: str, owner: int, chunks: tuple[int, ...]) -> Tensors:
-        """Views of ``chunks`` of owner's ``kind`` tensors: local ones, or a received payload."""
+        """``chunks`` of owner's ``kind`` tensors, local ones or a received payload: views when the
+        chunks are neighbours there (always, with the plain layouts), else a copy."""
         if owner == self.rank:
             tensors, within = self.local[kind], self.plan.owned(owner)
         else:
             payload, tensors = self.held[kind, owner]
             within = payload.chunks
-        sl = self.rows(chunks, within)
-        return tuple(t[:, :, sl] if t.dim() == 3 else t[:, sl] for t in tensors)  # lse is [B, H, S]
+        rows = [there for _, there in self.runs(chunks, within)]
+        return tuple(_rows(t, rows[0]) if len(rows) == 1 else torch.cat([_rows(t, r) for r in rows], _seq_dim(t))
+                     for t in tensors)
 
     def post(self, t: int) -> tuple[Pending, list[tuple[Payload, Tensors]]]:
         if t >= len(self.steps):
@@ -127,6 +137,14 @@ def drive(steps):
             return done.value
 
 
+def _seq_dim(t: torch.Tensor) -> int:
+    return 2 if t.dim() == 3 else 1  # lse is [B, H, S], the rest [B, S, ...]
+
+
+def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
+    return t[:, :, rows] if t.dim() == 3 else t[:, rows]
+
+
 def _spans(run: _RankRun, b: Block):
     return dict(q_span=span_of(b.q_chunks, run.chunk_len), k_span=span_of(b.kv_chunks, run.chunk_len))
 
@@ -165,19 +183,24 @@ def forward_steps(call: Call, exchange: Exchange, q, k, v):
     run = _RankRun(plan, "forward", exchange, shape, {"q": (q,), "kv": (k, v)}, "q")
     owned = plan.owned(rank)
 
+    def merge(chunks, part_out, part_lse) -> None:
+        for here, there in run.runs(chunks, owned):
+            merge_into(out[:, there], lse[:, :, there], part_out[:, here], part_lse[:, :, here])
+
     def compute(b: Block) -> None:
         (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
         block = dict(mask=call.mask, scale=call.scale, **_spans(run, b))
-        if b.q_owner == rank:
-            sl = run.rows(b.q_chunks, owned)
-            kernel.forward_into(q_, k_, v_, out[:, sl], lse[:, :, sl], **block)
+        rows = run.runs(b.q_chunks, owned) if b.q_owner == rank else None
+        if rows is not None and len(rows) == 1:  # our own queries, one run of rows: merged in place
+            kernel.forward_into(q_, k_, v_, out[:, rows[0][1]], lse[:, :, rows[0][1]], **block)
+        elif rows is not None:
+            merge(b.q_chunks, *kernel.forward(q_, k_, v_, **block))
         else:
             o, l = kernel.forward(q_, k_, v_, **block)
             run.results[Payload("o", b.q_owner, b.q_chunks)] = (o, l.to(acc))
 
     def absorb(p: Payload, tensors: Tensors) -> None:  # a helper's partial result for our queries
-        sl = run.rows(p.chunks, owned)
-        merge_into(out[:, sl], lse[:, :, sl], *tensors)
+        merge(p.chunks, *tensors)
 
     yield from run.run(compute, absorb)
     count(forward_calls=1)
@@ -199,12 +222,13 @@ def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
     owned = plan.owned(rank)
 
     def add_dq(chunks, part):
-        dq[:, run.rows(chunks, owned)] += part
+        for here, there in run.runs(chunks, owned):
+            dq[:, there] += part[:, here]
 
     def add_dkv(chunks, part_k, part_v):
-        sl = run.rows(chunks, owned)
-        dk[:, sl] += part_k
-        dv[:, sl] += part_v
+        for here, there in run.runs(chunks, owned):
+            dk[:, there] += part_k[:, here]
+            dv[:, there] += part_v[:, here]
 
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)
