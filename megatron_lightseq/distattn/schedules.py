@@ -25,19 +25,10 @@ Task = tuple[int, int, Block]  # (step, executing rank, block)
 
 
 def pair_block(layout: Layout, work: PairWork, q_owner: int, kv_owner: int) -> Block | None:
-    """The one block holding all the work between q_owner's queries and kv_owner's keys (only
-    the chunks with work on either side), or None when the mask leaves none.
-
-    With the plain layouts every such block is full or a causal diagonal aligned at its top-left,
-    so a single kernel call does it without wasted work.
-    """
-    qs, ks = layout.owners[q_owner], layout.owners[kv_owner]
-    need = [(qc, kc) for qc in qs for kc in ks if work(qc, kc)]
-    if not need:
-        return None
-    q_chunks = tuple(c for c in qs if any(qc == c for qc, _ in need))
-    kv_chunks = tuple(c for c in ks if any(kc == c for _, kc in need))
-    return Block(q_owner, q_chunks, kv_owner, kv_chunks)
+    """The one block holding all the work between q_owner's queries and kv_owner's keys, or None
+    (PairWork.blocks). With the plain layouts every such block is full or a causal diagonal
+    aligned at its top-left, so a single kernel call does it without wasted work."""
+    return work.blocks.get((q_owner, kv_owner))
 
 
 def _ring_tasks(layout: Layout, work: PairWork) -> list[Task]:
@@ -73,13 +64,9 @@ def _masked_tasks(layout: Layout, work: PairWork, helpers: bool) -> list[Task]:
     lightseq schedule) the most loaded ranks hand blocks to the K/V's owner, who receives the
     queries and returns (out, lse), as long as that lowers the larger of the two loads."""
     p = layout.world_size
-    blocks = {}
-    for x in range(p):
-        for d in range(p):
-            block = pair_block(layout, work, x, (x - d) % p)
-            if block is not None:
-                blocks[x, (x - d) % p] = block
-    sizes = {key: sum(work(qc, kc) for qc in b.q_chunks for kc in b.kv_chunks) for key, b in blocks.items()}
+    blocks = work.blocks
+    area = work.area  # numpy, in full chunk pairs
+    sizes = {key: float(area[list(b.q_chunks)][:, list(b.kv_chunks)].sum()) for key, b in blocks.items()}
     executor = {key: key[0] for key in blocks}
     if helpers:
         _hand_over(executor, sizes, p)

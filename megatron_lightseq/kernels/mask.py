@@ -13,6 +13,7 @@ and both ends only grow with i, which is what lets kernels and plans skip whole 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -31,27 +32,32 @@ class Mask:
         """No documents and no window: causal or nothing."""
         return self.cu_seqlens is None and self.window == (-1, -1)
 
-    def bounds(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lo, hi) int64, per query position: the first and last key position it may see."""
-        p = positions.to(torch.int64)
-        lo = torch.zeros_like(p)
-        hi = torch.full_like(p, UNBOUNDED)
+    def bounds(self, positions):
+        """(lo, hi) per query position: the first and last key position it may see. Works alike on
+        an int64 torch tensor (any device) and an int64 numpy array (the plans use numpy: their
+        arrays are small enough that torch's threads cost more than they bring)."""
+        p = positions
+        lib = torch if isinstance(p, torch.Tensor) else sys.modules.get("numpy") or __import__("numpy")
+        lo = lib.zeros_like(p)
+        hi = lib.full_like(p, UNBOUNDED)
         if self.causal:
-            hi = torch.minimum(hi, p)
+            hi = lib.minimum(hi, p)
         left, right = self.window
         if left >= 0:
-            lo = torch.maximum(lo, p - left)
+            lo = lib.maximum(lo, p - left)
         if right >= 0:
-            hi = torch.minimum(hi, p + right)
+            hi = lib.minimum(hi, p + right)
         if self.cu_seqlens is not None:
-            cu = torch.tensor(self.cu_seqlens, dtype=torch.int64, device=p.device)
-            doc = torch.searchsorted(cu, p, right=True) - 1
+            if lib is torch:
+                cu = torch.tensor(self.cu_seqlens, dtype=torch.int64, device=p.device)
+                doc = torch.searchsorted(cu, p, right=True) - 1
+            else:
+                cu = lib.asarray(self.cu_seqlens, dtype=lib.int64)
+                doc = lib.searchsorted(cu, p, side="right") - 1
             padding = p >= cu[-1]
-            doc = doc.clamp(max=len(cu) - 2)
-            lo = torch.maximum(lo, cu[doc])
-            hi = torch.minimum(hi, cu[doc + 1] - 1)
-            lo = torch.where(padding, p + 1, lo)
-            hi = torch.where(padding, p, hi)
+            doc = doc.clip(max=len(cu) - 2)
+            lo = lib.where(padding, p + 1, lib.maximum(lo, cu[doc]))
+            hi = lib.where(padding, p, lib.minimum(hi, cu[doc + 1] - 1))
         return lo, hi
 
     def problem(self) -> str | None:
