@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 
@@ -37,22 +38,21 @@ RESULT_KINDS = ("o", "dq", "dkv")
 PHASES = ("forward", "backward", "both")
 
 
-@dataclass(frozen=True, order=True)
-class Payload:
+# The plan's parts are named tuples: a P = 64 plan for documents has ten thousand of them, built
+# per batch, and tuples hash, compare and construct in C.
+class Payload(NamedTuple):
     kind: str
     owner: int
     chunks: tuple[int, ...]
 
 
-@dataclass(frozen=True, order=True)
-class Transfer:
+class Transfer(NamedTuple):
     src: int
     dst: int
     payload: Payload
 
 
-@dataclass(frozen=True)
-class Block:
+class Block(NamedTuple):
     """One kernel call: queries of ``q_chunks`` (owned by q_owner) against keys of ``kv_chunks``."""
 
     q_owner: int
@@ -61,8 +61,7 @@ class Block:
     kv_chunks: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class RankStep:
+class RankStep(NamedTuple):
     blocks: tuple[Block, ...] = ()
     sends: tuple[Transfer, ...] = ()
     recvs: tuple[Transfer, ...] = ()

@@ -118,11 +118,14 @@ def _route(tasks: list[Task], layout: Layout, ring: bool, backward: bool) -> Ste
     blocks, sends, recvs = defaultdict(list), defaultdict(list), defaultdict(list)
     for t, x, blk in tasks:
         blocks[t, x].append(blk)
-    for s, tr in sorted(transfers):  # sorted: both sides list a pair's transfers in one order
+    # Sorted, so that both sides list a pair's transfers in one order (by plain tuples: fast).
+    order = lambda e: (e[0], e[1].src, e[1].dst, e[1].payload.kind, e[1].payload.owner, e[1].payload.chunks)
+    for s, tr in sorted(transfers, key=order):
         sends[s, tr.src].append(tr)
         recvs[s, tr.dst].append(tr)
-    return tuple(tuple(RankStep(tuple(blocks[s, r]), tuple(sends[s, r]), tuple(recvs[s, r])) for r in range(p))
-                 for s in range(n_steps))
+    none = ()
+    return tuple(tuple(RankStep(tuple(blocks.get((s, r), none)), tuple(sends.get((s, r), none)),
+                                tuple(recvs.get((s, r), none))) for r in range(p)) for s in range(n_steps))
 
 
 def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = True, cu_seqlens=None,

@@ -10,7 +10,6 @@ of the interval lengths and of lo make each (query chunk, boundary) sum O(1): th
 """
 from __future__ import annotations
 
-import heapq
 from functools import lru_cache
 
 import numpy as np
@@ -38,40 +37,25 @@ def chunk_pair_area(mask: Mask, tokens: int, chunk_count: int) -> np.ndarray:
 
 
 def deal_chunks(mask: Mask, tokens: int, world_size: int, per_rank: int) -> tuple[tuple[int, ...], ...]:
-    """The balanced layout: chunks dealt out, the most work first, each to the least loaded rank
-    that has room (ties to the lower rank), then swaps between the busiest rank and another while
-    they lower the busier of the two; each rank's chunks in sequence order."""
-    work = chunk_pair_area(mask, tokens, world_size * per_rank).sum(1).tolist()
-    order = sorted(range(len(work)), key=lambda c: (-work[c], c))
-    ranks = [(0, r) for r in range(world_size)]  # (load, rank), a heap of ranks with room
-    owned: list[list[int]] = [[] for _ in range(world_size)]
-    for c in order:
-        load, r = heapq.heappop(ranks)
-        owned[r].append(c)
-        if len(owned[r]) < per_rank:
-            heapq.heappush(ranks, (load + work[c], r))
-    _swap_down(owned, work)
-    return tuple(tuple(sorted(o)) for o in owned)
-
-
-def _swap_down(owned: list[list[int]], work: list[int], rounds: int = 1000) -> None:
-    """Swap a chunk of the busiest rank for a lighter one of another rank, the swap that leaves the
-    busier of the two least loaded, until no swap lowers it."""
-    load = [sum(work[c] for c in o) for o in owned]
-    for _ in range(rounds):
-        x = max(range(len(owned)), key=lambda r: (load[r], -r))
-        best = (load[x], None)
-        for y in range(len(owned)):
-            if y == x:
-                continue
-            for i, a in enumerate(owned[x]):
-                for j, b in enumerate(owned[y]):
-                    moved = work[a] - work[b]
-                    if moved > 0 and max(load[x] - moved, load[y] + moved) < best[0]:
-                        best = (max(load[x] - moved, load[y] + moved), (y, i, j, moved))
-        if best[1] is None:
-            return
-        y, i, j, moved = best[1]
-        owned[x][i], owned[y][j] = owned[y][j], owned[x][i]
-        load[x] -= moved
-        load[y] += moved
+    """The balanced layout: start from the contiguous one (neighbouring chunks, mostly of the same
+    documents, on one rank: what they exchange stays local) and swap a chunk of the busiest rank
+    for a lighter one of another rank, the swap that leaves the busier of the two least loaded,
+    until no swap lowers the busiest rank's load; each rank's chunks in sequence order."""
+    work = chunk_pair_area(mask, tokens, world_size * per_rank).sum(1).astype(np.float64)
+    owner = np.repeat(np.arange(world_size), per_rank)  # chunk -> rank
+    load = np.bincount(owner, weights=work, minlength=world_size)
+    for _ in range(4 * len(work) if world_size > 1 else 0):
+        x = int(np.argmax(load))
+        mine, others = np.nonzero(owner == x)[0], np.nonzero(owner != x)[0]
+        moved = work[mine][:, None] - work[others][None, :]  # [m, chunks elsewhere]
+        after = np.maximum(load[x] - moved, load[owner[others]][None, :] + moved)
+        after[moved <= 0] = np.inf
+        i, j = np.unravel_index(int(np.argmin(after)), after.shape)
+        if after[i, j] >= load[x]:
+            break
+        a, b = mine[i], others[j]
+        y = owner[b]
+        owner[a], owner[b] = y, x
+        load[x] -= moved[i, j]
+        load[y] += moved[i, j]
+    return tuple(tuple(int(c) for c in np.nonzero(owner == r)[0]) for r in range(world_size))
