@@ -28,8 +28,19 @@ def documents(kind: str, tokens: int, seed: int = 0) -> tuple[int, ...]:
 DOCUMENTS = ("one", "short", "long-tailed", "odd")
 
 
-def dense_allowed(tokens: int, *, causal: bool, cu_seqlens=None, window_size=(-1, -1)) -> torch.Tensor:
-    """Bool [tokens, tokens]: query i may see key j."""
+def padded(cu_seqlens: tuple[int, ...], world_size: int) -> tuple[int, ...]:
+    """TransformerEngine's convention: every document padded to a multiple of 2 x world_size."""
+    out = [0]
+    for a, b in zip(cu_seqlens, cu_seqlens[1:]):
+        out.append(out[-1] + -(-(b - a) // (2 * world_size)) * 2 * world_size)
+    return tuple(out)
+
+
+def dense_allowed(tokens: int, *, causal: bool, cu_seqlens=None, window_size=(-1, -1),
+                  cu_seqlens_padded=None) -> torch.Tensor:
+    """Bool [tokens, tokens]: query i may see key j. With ``cu_seqlens_padded``, document d starts
+    at cu_seqlens_padded[d] and its tokens past its real length are padding (see nothing, seen by
+    nothing)."""
     i, j = torch.arange(tokens)[:, None], torch.arange(tokens)[None, :]
     allowed = torch.ones(tokens, tokens, dtype=torch.bool)
     if causal:
@@ -40,10 +51,11 @@ def dense_allowed(tokens: int, *, causal: bool, cu_seqlens=None, window_size=(-1
     if right >= 0:
         allowed &= j - i <= right
     if cu_seqlens is not None:
-        doc = torch.zeros(tokens, dtype=torch.long)
-        for d, (a, b) in enumerate(zip(cu_seqlens, cu_seqlens[1:])):
-            doc[a:b] = d
-        allowed &= doc[:, None] == doc[None, :]
+        starts = cu_seqlens_padded or cu_seqlens
+        doc = torch.full((tokens,), -1, dtype=torch.long)  # -1: padding
+        for d in range(len(cu_seqlens) - 1):
+            doc[starts[d]:starts[d] + cu_seqlens[d + 1] - cu_seqlens[d]] = d
+        allowed &= (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0)
     return allowed
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import megatron_lightseq as mls
-from mask_cases import DOCUMENTS, dense_allowed, documents, masked_reference
+from mask_cases import DOCUMENTS, dense_allowed, documents, masked_reference, padded
 from megatron_lightseq.distattn.emulate import emulate_dist_attn
 from megatron_lightseq.distattn.plan_check import check_plan
 
@@ -41,7 +41,8 @@ def _cases(world_size: int):
     short, long = 3 * p + 1, 16 * p + 3  # with small_chunks: 1 and 8 chunks a rank, padded
     masks = [(docs, (-1, -1), tokens) for docs in DOCUMENTS for tokens in (short, long)]
     masks += [(None, (3, 0), 16 * p), (None, (9, 0), 16 * p), (None, (10 * long, 0), 16 * p),
-              ("odd", (long // p * 2 + 1, 0), long), ("long-tailed", (5, 0), short)]
+              ("odd", (long // p * 2 + 1, 0), long), ("long-tailed", (5, 0), short),
+              ("padded", (-1, -1), long), ("padded", (7, 0), short)]  # TransformerEngine's per-document padding
     cases = []
     for i, (layout, (docs, window, tokens)) in enumerate(itertools.product(("contiguous", "zigzag", "balanced"),
                                                                             masks)):
@@ -58,17 +59,27 @@ def _cases(world_size: int):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 8])
 def test_masks_match_the_dense_oracle_on_emulated_ranks(world_size, small_chunks):
     for n, (layout, causal, docs, window, tokens, (h, hkv), kernel, schedule) in enumerate(_cases(world_size)):
-        cu = documents(docs, tokens, seed=n) if docs else None
+        mask = dict(causal=causal, window_size=window, **_documents(docs, tokens, world_size, seed=n))
+        tokens = mask["cu_seqlens_padded"][-1] if mask.get("cu_seqlens_padded") else tokens
         label = f"P={world_size} {layout} causal={causal} docs={docs} window={window} tokens={tokens} {kernel} {schedule}"
         g = torch.Generator().manual_seed(n)
         q, dout = (torch.randn(1, tokens, h, 16, generator=g, dtype=torch.float64) for _ in range(2))
         k, v = (torch.randn(1, tokens, hkv, 16, generator=g, dtype=torch.float64) for _ in range(2))
-        mask = dict(causal=causal, cu_seqlens=cu, window_size=window)
         got = emulate_dist_attn(q, k, v, dout, world_size=world_size, layout=layout, schedule=schedule, kernel=kernel,
                                 **mask)
         want = masked_reference(q, k, v, dout, dense_allowed(tokens, **mask))
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
             torch.testing.assert_close(a, b, **EXACT, msg=lambda m: f"{label}: {name}: {m}")
+
+
+def _documents(kind, tokens: int, world_size: int, seed: int = 0) -> dict:
+    """cu_seqlens (and cu_seqlens_padded, for "padded": long-tailed documents padded as TE does)."""
+    if kind is None:
+        return {}
+    if kind == "padded":
+        cu = documents("long-tailed", tokens, seed)
+        return dict(cu_seqlens=cu, cu_seqlens_padded=padded(cu, world_size))
+    return dict(cu_seqlens=documents(kind, tokens, seed))
 
 
 def _needed(plan, block, kv_chunks) -> bool:
@@ -78,10 +89,11 @@ def _needed(plan, block, kv_chunks) -> bool:
 @pytest.mark.parametrize("world_size", [2, 3, 5, 8])
 def test_masked_plans_are_valid_and_send_only_what_has_work(world_size, small_chunks):
     for layout, causal, docs, window, tokens, *_ in _cases(world_size):
-        cu = documents(docs, tokens) if docs else None
+        mask = _documents(docs, tokens, world_size)
+        tokens = mask["cu_seqlens_padded"][-1] if mask.get("cu_seqlens_padded") else tokens
         for schedule in ("ring", "lightseq"):
-            plan = mls.build_plan(schedule, layout=layout, world_size=world_size, causal=causal, cu_seqlens=cu,
-                                  window_size=window, tokens=tokens)
+            plan = mls.build_plan(schedule, layout=layout, world_size=world_size, causal=causal, window_size=window,
+                                  tokens=tokens, **mask)
             check_plan(plan)  # every pair with work computed exactly once, every input there in time
             for steps in (plan.forward, plan.backward):
                 for step in steps:
@@ -135,3 +147,27 @@ def test_shard_unshard_and_positions_for_every_layout():
             pos = mls.positions(layout=layout, rank=r, world_size=p, cu_seqlens=cu)
             real = pos < tokens
             assert torch.equal(part[0][real], pos[real])  # each token's own position; padding past the end
+
+
+def test_chunk_pair_areas_are_exact():
+    """work.py's prefix-sum count against the dense mask, over random masks of every kind."""
+    import random
+
+    from megatron_lightseq.distattn.work import chunk_pair_area
+    from megatron_lightseq.kernels.mask import make_mask
+
+    rng = random.Random(0)
+    for _ in range(200):
+        real = rng.randint(1, 40)
+        kind = rng.choice(DOCUMENTS + ("padded", None))
+        mask = _documents(kind, real, rng.randint(1, 3), seed=rng.randint(0, 99))
+        length = mask["cu_seqlens_padded"][-1] if mask.get("cu_seqlens_padded") else real
+        tokens = length + rng.randint(0, 5) * (kind is not None)  # padding past the documents too
+        chunks = rng.choice([c for c in range(1, tokens + 1) if tokens % c == 0])
+        causal = rng.random() < 0.6
+        window = (rng.choice((-1, 0, 1, 3, 50)), rng.choice((-1, 0)) if causal else rng.choice((-1, 0, 2, 50)))
+        want = dense_allowed(tokens, causal=causal, window_size=window, **mask)
+        want = want.view(chunks, tokens // chunks, chunks, tokens // chunks).sum((1, 3))
+        got = chunk_pair_area(make_mask(causal, mask.get("cu_seqlens"), window, mask.get("cu_seqlens_padded")),
+                              tokens, chunks)
+        assert (torch.from_numpy(got) == want).all(), (kind, mask, causal, window, tokens, chunks)

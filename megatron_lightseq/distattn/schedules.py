@@ -129,12 +129,12 @@ def _route(tasks: list[Task], layout: Layout, ring: bool, backward: bool) -> Ste
 
 
 def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = True, cu_seqlens=None,
-               window_size=(-1, -1), tokens: int | None = None) -> Plan:
+               window_size=(-1, -1), cu_seqlens_padded=None, tokens: int | None = None) -> Plan:
     """The plan of ``schedule`` ("ring" or "lightseq") for this layout, world size and mask:
     ``cu_seqlens`` document boundaries over the whole sequence and ``window_size`` (left, right)
     as in flash-attn; ``tokens``, the sequence's length, is needed for a window without
     documents and for the balanced layout without documents."""
-    mask = make_mask(causal, cu_seqlens, window_size)
+    mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
     problem = mask.problem()
     if problem:
         raise ValueError(problem)
@@ -161,10 +161,10 @@ def plan_for(schedule: str, layout: Layout, mask: Mask) -> Plan:
 
 
 def choose_schedule(layout: str, world_size: int, causal: bool, shape: Shape, cu_seqlens=None,
-                    window_size=(-1, -1)) -> str:
+                    window_size=(-1, -1), cu_seqlens_padded=None) -> str:
     """The ``auto`` rule (:func:`auto_schedule`) for this layout, world size and mask."""
-    mask = make_mask(causal, cu_seqlens, window_size)
-    tokens = mask.cu_seqlens[-1] if mask.cu_seqlens else shape.seqlen_local * world_size
+    mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
+    tokens = mask.length or shape.seqlen_local * world_size
     return auto_schedule(layout_of(layout, world_size, mask, tokens), mask, shape)
 
 
