@@ -79,7 +79,7 @@ def test_runner_sets_up_and_runs_the_script_as_main():
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["argv"] == ["--num-layers", "2", "--attention-backend", "lightseq"]
     assert "lightseq" in report["backends"] and report["main"] == "__main__"
-    assert report["batch_split_wired"] and "contiguous" in str(report["config"])
+    assert report["batch_split_wired"] and report["thd_split_wired"] and "contiguous" in str(report["config"])
 
 
 def test_runner_rejects_a_bad_flag():
@@ -124,7 +124,7 @@ def _spec_cases(rank, world_size):
     # models with different settings side by side: each core attention has its own model's
     contiguous = build_model(Case(cp=1, layout="contiguous", schedule="ring"), cp=1, backend=AttnBackend["lightseq"])
     used = lambda m: {layer.self_attention.core_attention.settings for layer in m.decoder.layers}
-    assert used(ours) == {mlm.LightSeqConfig()}
+    assert used(ours) == {mlm.LightSeqConfig(layout="zigzag")}
     assert used(contiguous) == {mlm.LightSeqConfig(layout="contiguous", schedule="ring")}
     return True
 
@@ -143,7 +143,9 @@ def _refusals(rank, world_size):
     q = torch.randn(6, 2, 4, 8)
     k = torch.randn(6, 2, 2, 8)
     seen = []
-    for kwargs in (dict(attention_bias=torch.zeros(1)), dict(packed_seq_params=object()),
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    for kwargs in (dict(attention_bias=torch.zeros(1)), dict(packed_seq_params=PackedSeqParams(qkv_format="thd")),
                    dict(attn_mask_type=AttnMaskType.padding)):
         with pytest.raises(NotImplementedError) as e:
             attn(q, k, k, None, **kwargs)

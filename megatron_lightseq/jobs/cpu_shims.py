@@ -5,7 +5,8 @@ The plugin itself (backend, core attention, runner) never installs these; a CPU 
 :func:`install` before it builds a model.
 - ``torch.cuda.current_device``: Megatron passes it as ``device=`` (rotary inv_freq, buffers);
   here it returns "cpu".
-- ``get_default_causal_mask``: builds its mask with ``device="cuda"``.
+- ``get_default_causal_mask``, ``get_sliding_window_causal_mask``: build their masks with
+  ``device="cuda"``.
 - ``CudaRNGStatesTracker.fork``: swaps CUDA RNG states around dropout; a no-op here (tests
   run without dropout).
 - ``_get_all_rng_states`` / ``_set_all_rng_states`` (used by ``tensor_parallel.checkpoint``):
@@ -22,6 +23,12 @@ import torch
 
 def _causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    """Megatron's mask (True = hidden) for a (left, right) window, on the CPU."""
+    allowed = torch.ones(sq, skv, dtype=torch.bool).triu(skv - sq - window_size[0]).tril(skv - sq + window_size[1])
+    return ~allowed
 
 
 def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
@@ -47,6 +54,8 @@ def install() -> None:
     torch.cuda.current_device = lambda: "cpu"
     transformer_utils.get_default_causal_mask = _causal_mask
     fused_softmax.get_default_causal_mask = _causal_mask
+    transformer_utils.get_sliding_window_causal_mask = _sliding_window_mask
+    fused_softmax.get_sliding_window_causal_mask = _sliding_window_mask
     tp_random.CudaRNGStatesTracker.fork = _no_fork
     tp_random._get_all_rng_states = lambda: (torch.get_rng_state(), None, None)
     tp_random._set_all_rng_states = lambda cpu_state, cuda_state, tracker_states: torch.set_rng_state(cpu_state)

@@ -23,9 +23,10 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .config import LightSeqConfig, settings_of
+from .config import LightSeqConfig, layout_for, settings_of
 from .core_attention import LightSeqAttention
-from .positions import follow_layout
+from .packed import for_megatron, packing_of
+from .positions import LayoutRotaryEmbedding, follow_layout
 
 NAME = "lightseq"
 # A string, not the next integer: it can never collide with a backend Megatron adds later.
@@ -91,10 +92,39 @@ def _wrap_gpt_init(init):
                     bound.arguments[name] = with_lightseq_attention(bound.arguments[name], settings)
         init(*bound.args, **bound.kwargs)
         if active:
-            follow_layout(self, settings.layout)
+            self.lightseq_packs = follow_layout(self, layout_for(settings, packed=False), layout_for(settings, packed=True))
 
     __init__.lightseq_defaults = LightSeqConfig()
     return __init__
+
+
+def _wrap_gpt_forward(forward):
+    """For packed documents: the rotary positions of this rank's tokens for the batch, and the
+    packed_seq_params Megatron's own layers should see (packed.for_megatron)."""
+    signature = inspect.signature(forward)
+
+    @functools.wraps(forward)
+    def forward_(self, *args, **kwargs):
+        if not hasattr(self, "lightseq_packs"):  # not a lightseq model
+            return forward(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        packing = packing_of(bound.arguments.get("packed_seq_params"))
+        if packing is None:
+            return forward(*bound.args, **bound.kwargs)
+        if not self.lightseq_packs:
+            raise NotImplementedError(f"the lightseq backend takes packed documents with plain RoPE, this model has "
+                                      f"{type(self.rotary_pos_emb).__name__}")
+        bound.arguments["packed_seq_params"] = for_megatron(bound.arguments["packed_seq_params"], packing)
+        rope = getattr(self, "rotary_pos_emb", None)
+        if isinstance(rope, LayoutRotaryEmbedding):
+            rope.lightseq_packing = packing
+        try:
+            return forward(*bound.args, **bound.kwargs)
+        finally:
+            if isinstance(rope, LayoutRotaryEmbedding):
+                rope.lightseq_packing = None
+
+    return forward_
 
 
 def register(defaults: LightSeqConfig | None = None) -> None:
@@ -104,6 +134,7 @@ def register(defaults: LightSeqConfig | None = None) -> None:
     _extend_enum(AttnBackend, NAME, VALUE)
     if not hasattr(GPTModel.__init__, "lightseq_defaults"):
         GPTModel.__init__ = _wrap_gpt_init(GPTModel.__init__)
+        GPTModel.forward = _wrap_gpt_forward(GPTModel.forward)
     if defaults is not None:
         if not isinstance(defaults, LightSeqConfig):
             raise ValueError(f"register: defaults must be a LightSeqConfig, got {type(defaults).__name__}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from ..distattn.api import DEFAULT_TIMEOUT
 from ..distattn.layout import LAYOUTS
+
+LAYOUT_CHOICES = LAYOUTS + ("auto",)
 from ..distattn.schedules import SCHEDULE_CHOICES
 from ..kernels import kernel_names
 
@@ -21,9 +23,10 @@ from ..kernels import kernel_names
 class LightSeqConfig:
     schedule: str = "auto"
     """DistAttn schedule: ring, lightseq or auto (docs/schedules.md)."""
-    layout: str = "zigzag"
-    """Token layout over the CP group. zigzag is Megatron-Core's own CP split (its batch split and
-    rotary positions are used as they are); contiguous swaps both for the plugin's."""
+    layout: str = "auto"
+    """Token layout over the CP group: auto (zigzag for plain sequences, balanced for packed
+    documents), zigzag (Megatron-Core's own CP split: its batch split and rotary positions are
+    used as they are for plain sequences), contiguous, balanced (docs/masks.md)."""
     kernel: str = "auto"
     """Block kernel name (megatron_lightseq.kernels)."""
     remat: bool = True
@@ -34,7 +37,7 @@ class LightSeqConfig:
     (docs/reliability.md); well below Megatron's process-group timeout."""
 
     def __post_init__(self) -> None:
-        choices = {"schedule": SCHEDULE_CHOICES, "layout": LAYOUTS, "kernel": kernel_names()}
+        choices = {"schedule": SCHEDULE_CHOICES, "layout": LAYOUT_CHOICES, "kernel": kernel_names()}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--lightseq-{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -53,8 +56,9 @@ def add_lightseq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     defaults = LightSeqConfig()
     group.add_argument("--lightseq-schedule", choices=SCHEDULE_CHOICES, default=defaults.schedule,
                        help="DistAttn schedule (default: auto, the cheapest plan for the layout)")
-    group.add_argument("--lightseq-layout", choices=LAYOUTS, default=defaults.layout,
-                       help="token layout over the context-parallel group (default: zigzag, Megatron's own)")
+    group.add_argument("--lightseq-layout", choices=LAYOUT_CHOICES, default=defaults.layout,
+                       help="token layout over the context-parallel group (default: auto, Megatron's own zigzag "
+                            "for plain sequences, balanced for packed documents)")
     group.add_argument("--lightseq-kernel", choices=kernel_names(), default=defaults.kernel,
                        help="block attention kernel (default: auto)")
     group.add_argument("--lightseq-no-remat", dest="lightseq_remat", action="store_false",
@@ -80,6 +84,13 @@ def parse_lightseq_args(argv: list[str]) -> tuple[LightSeqConfig, list[str]]:
         known = [flag for action in parser._actions for flag in action.option_strings]
         raise ValueError(f"megatron-lightseq flags: unknown {unknown}; known: {', '.join(known)}")
     return config_from_namespace(ns), rest
+
+
+def layout_for(settings: LightSeqConfig, packed: bool) -> str:
+    """The layout a model's settings give for plain or packed data (auto resolved)."""
+    if settings.layout != "auto":
+        return settings.layout
+    return "balanced" if packed else "zigzag"
 
 
 def settings_of(transformer_config) -> LightSeqConfig | None:

@@ -1,9 +1,11 @@
 """The core attention Megatron builds into every self-attention layer when the backend is lightseq.
 
 Megatron's contract: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` (RoPE already
-applied, np/ng the heads on this tensor-parallel rank) -> ``[sq, b, np * hn]``. The sequence is
-this rank's share of the context-parallel group's sequence, in the layout of its settings (which
-the spec rewrite passes as ModuleSpec params).
+applied, np/ng the heads on this tensor-parallel rank) -> ``[sq, b, np * hn]``; in the packed
+"thd" format ``[t, np, hn]`` -> ``[t, np * hn]``. The sequence is this rank's share of the
+context-parallel group's sequence, in the layout of its settings (which the spec rewrite passes
+as ModuleSpec params). Packed documents come in ``packed_seq_params`` (packed.py), a sliding
+window in ``config.window_size``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from ..distattn import dist_attn, dist_attn_from_saved
-from .config import LightSeqConfig
+from .config import LightSeqConfig, layout_for
+from .packed import packing_of, window_of
 from .remat import AttentionStash
 from .versions import cp_group_from, is_checkpointing
 
@@ -44,15 +47,22 @@ class LightSeqAttention(MegatronModule):
             raise NotImplementedError(f"the lightseq backend supports causal and no_mask attention, got {mask_type}")
         if attention_bias is not None:
             raise NotImplementedError("the lightseq backend does not take an attention_bias")
-        if packed_seq_params is not None:
-            raise NotImplementedError("the lightseq backend does not take packed sequences (packed_seq_params)")
+        packing = packing_of(packed_seq_params)
+        if packed_seq_params is not None and packing is None:
+            raise NotImplementedError("the lightseq backend takes packed_seq_params with cu_seqlens_q, got none")
         # attention_mask is ignored as by Megatron's TE backends: with mask type causal it is the
         # causal mask, which the kernels apply from token positions; with no_mask there is none.
         s = self.settings
-        q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, s, heads, hn] views
-        options = dict(group=self.cp_group, layout=s.layout, schedule=s.schedule,
-                       causal=mask_type == AttnMaskType.causal, softmax_scale=self.softmax_scale, kernel=s.kernel,
-                       timeout=s.timeout, label=f"layer {self.layer_number}")
+        thd = query.dim() == 3  # packed "thd" tensors straight from Megatron's attention: one sequence
+        if thd and self.cp_group.size() > 1:
+            raise NotImplementedError(
+                "the lightseq backend takes packed thd data through GPTModel, whose forward gives the rotary "
+                "positions of the plugin's layout; Megatron's own thd RoPE assumes TransformerEngine's CP split")
+        q, k, v = (x.unsqueeze(0) if thd else x.transpose(0, 1) for x in (query, key, value))  # [b, s, heads, hn]
+        options = dict(group=self.cp_group, layout=layout_for(s, packed=packing is not None), schedule=s.schedule,
+                       causal=mask_type == AttnMaskType.causal, window_size=window_of(self.config, self.layer_number),
+                       softmax_scale=self.softmax_scale, kernel=s.kernel, timeout=s.timeout,
+                       label=f"layer {self.layer_number}", **(packing.mask if packing else {}))
         if s.remat and is_checkpointing() and not torch.is_grad_enabled():  # first pass of a checkpoint
             out_BSHD, lse = dist_attn(q, k, v, return_lse=True, **options)
             self.stash.push(q, k, v, out_BSHD, lse)
@@ -60,5 +70,7 @@ class LightSeqAttention(MegatronModule):
             out_BSHD = dist_attn_from_saved(q, k, v, *self.stash.pop(q, k, v), **options)
         else:
             out_BSHD = dist_attn(q, k, v, **options)
+        if thd:
+            return out_BSHD[0].reshape(query.shape[0], -1)
         sq, b, np_, hn = query.shape
         return out_BSHD.transpose(0, 1).reshape(sq, b, np_ * hn)

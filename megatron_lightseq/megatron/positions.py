@@ -1,33 +1,45 @@
-"""Rotary positions that follow the token layout: zigzag is Megatron's own CP split (its rotary
-positions are right as they are); the contiguous layout needs rank r's positions [r*S/P, (r+1)*S/P)."""
+"""Rotary positions that follow the plugin's layout. For plain sequences in the zigzag layout,
+Megatron's own (its CP split is the same); otherwise each local token gets the rotary embedding
+of its own position (packed.rotary_positions): in the sequence, or in its document for packed
+"thd" data, as Megatron's per-document RoPE gives them."""
 from __future__ import annotations
-
-from functools import lru_cache
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-from ..distattn.layout import shard
+from .packed import rotary_positions
 
 
-class ContiguousRotaryEmbedding(RotaryEmbedding):
-    """Rotary positions for the contiguous layout: rank r gets positions [r*S/P, (r+1)*S/P)."""
+class LayoutRotaryEmbedding(RotaryEmbedding):
+    """RotaryEmbedding whose ``forward`` gives this CP rank's tokens their own positions. The
+    model's forward sets ``lightseq_packing`` for the batch (backend.py)."""
 
-    @lru_cache(maxsize=32)
+    lightseq_layout = "zigzag"  # the layout for plain sequences
+    lightseq_packed_layout = "balanced"  # for packed documents
+    lightseq_packing = None
+
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
-        emb = self.get_emb(max_seq_len, offset)  # [s, 1, 1, dim]
         group = self.cp_group if cp_group is None else cp_group
-        if group is not None and group.size() > 1 and not packed_seq:
-            emb = shard(emb, layout="contiguous", rank=group.rank(), world_size=group.size(), dim=0)
-        return emb
+        size, rank = (group.size(), group.rank()) if group is not None else (1, 0)
+        packing = self.lightseq_packing
+        layout = self.lightseq_packed_layout if packing else self.lightseq_layout
+        if packing is None and (layout == "zigzag" or size == 1):
+            return super().forward(max_seq_len, offset, packed_seq, cp_group)  # Megatron's own split
+        emb = self.get_emb(max_seq_len, offset)  # [whole sequence, 1, 1, dim]
+        return emb[rotary_positions(layout, rank, size, max_seq_len, packing, emb.device)]
 
 
-def follow_layout(model, layout: str) -> None:
-    """Make a built GPTModel's rotary positions follow ``layout`` (zigzag needs nothing)."""
+def follow_layout(model, layout: str, packed_layout: str) -> bool:
+    """Make a built GPTModel's rotary positions follow the plugin's layouts; False where they cannot
+    (a RoPE variant other than plain RoPE: then only plain sequences in the zigzag layout work)."""
     rope = getattr(model, "rotary_pos_emb", None)
-    if layout == "zigzag" or rope is None:
-        return
+    if rope is None:
+        return True
     if type(rope) is not RotaryEmbedding:
-        raise NotImplementedError(
-            f"--lightseq-layout contiguous supports plain RoPE, got {type(rope).__name__}; use the zigzag layout")
-    rope.__class__ = ContiguousRotaryEmbedding
+        if layout != "zigzag":
+            raise NotImplementedError(
+                f"the {layout} layout supports plain RoPE, got {type(rope).__name__}; use --lightseq-layout zigzag")
+        return False
+    rope.__class__ = LayoutRotaryEmbedding
+    rope.lightseq_layout, rope.lightseq_packed_layout = layout, packed_layout
+    return True

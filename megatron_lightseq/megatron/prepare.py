@@ -7,8 +7,8 @@ import importlib
 from megatron.core.transformer.enums import AttnBackend
 
 from .backend import NAME, register
-from .batch import wired_batch_split
-from .config import parse_lightseq_args
+from .batch import wired_batch_split, wired_thd_batch_split
+from .config import LightSeqConfig, layout_for, parse_lightseq_args
 from .versions import BATCH_SPLIT_MODULES, training_args
 
 
@@ -18,18 +18,20 @@ def lightseq_active() -> bool:
     return args is None or getattr(args, "attention_backend", None) == AttnBackend[NAME]
 
 
-def wire_batch_split(layout: str) -> None:
-    """Route Megatron's get_batch_on_this_cp_rank through the plugin's ``layout``. Needed only for
-    the contiguous layout (zigzag is Megatron's own split), harmless otherwise. Must run before the
-    training script imports the function."""
+def wire_batch_split(settings: LightSeqConfig) -> None:
+    """Route Megatron's get_batch_on_this_cp_rank (and get_thd_batch_on_this_cp_rank, for packed
+    batches) through the plugin's layouts. Must run before the training script imports them."""
+    layout = lambda packed: layout_for(settings, packed)  # noqa: E731
+    wrappers = {"get_batch_on_this_cp_rank": wired_batch_split, "get_thd_batch_on_this_cp_rank": wired_thd_batch_split}
     for name in BATCH_SPLIT_MODULES:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        current = getattr(module, "get_batch_on_this_cp_rank", None)
-        if current is not None and not hasattr(current, "lightseq_original"):
-            module.get_batch_on_this_cp_rank = wired_batch_split(current, layout, lightseq_active)
+        for function, wrap in wrappers.items():
+            current = getattr(module, function, None)
+            if current is not None and not hasattr(current, "lightseq_original"):
+                setattr(module, function, wrap(current, layout, lightseq_active))
 
 
 def setup(argv: list[str]) -> None:
@@ -38,4 +40,4 @@ def setup(argv: list[str]) -> None:
     config, rest = parse_lightseq_args(argv[1:])
     argv[1:] = rest
     register(config)
-    wire_batch_split(config.layout)
+    wire_batch_split(config)

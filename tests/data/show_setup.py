@@ -12,5 +12,7 @@ print(json.dumps({
     "backends": [b.name for b in AttnBackend],
     "config": str(GPTModel.__init__.lightseq_defaults),  # the settings of models built from now on
     "batch_split_wired": hasattr(core_utils.get_batch_on_this_cp_rank, "lightseq_original"),
+    "thd_split_wired": hasattr(getattr(core_utils, "get_thd_batch_on_this_cp_rank", None) or (lambda: 0),
+                               "lightseq_original") or not hasattr(core_utils, "get_thd_batch_on_this_cp_rank"),
     "main": __name__,
 }))
