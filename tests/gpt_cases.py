@@ -26,6 +26,7 @@ class Case:
     recompute_layers: int = 1
     remat: bool = True
     sequence_parallel: bool = False
+    window: tuple[int, int] | None = None  # TransformerConfig.window_size
 
 
 def _config(case: Case, *, cp: int, backend):
@@ -41,7 +42,8 @@ def _config(case: Case, *, cp: int, backend):
         num_layers=case.layers, hidden_size=32, num_attention_heads=case.heads, num_query_groups=case.groups,
         ffn_hidden_size=64, use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=case.tp, context_parallel_size=cp, attention_backend=backend,
-        params_dtype=case.dtype, bf16=case.dtype == torch.bfloat16, sequence_parallel=case.sequence_parallel, **extra)
+        params_dtype=case.dtype, bf16=case.dtype == torch.bfloat16, sequence_parallel=case.sequence_parallel,
+        window_size=case.window, **extra)
     config.lightseq = settings(case)  # read only when the backend is lightseq
     return config
 

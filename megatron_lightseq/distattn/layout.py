@@ -69,6 +69,8 @@ def chunks_per_rank(name: str, world_size: int, mask: Mask, tokens: int | None) 
     check_layout(name)
     if mask.plain and name != "balanced":
         return 1 if name == "contiguous" else 2
+    if world_size == 1:
+        return 1  # one rank: nothing to balance or send, the sequence as it comes, unpadded
     smallest = 2 if name == "zigzag" else 1
     for m in (8, 4, 2, 1):
         enough = tokens >= MIN_CHUNK_TOKENS * world_size * m
@@ -101,7 +103,9 @@ def layout_of(name: str, world_size: int, mask: Mask = Mask(), tokens: int | Non
         raise ValueError(f"the {name} layout over {world_size} ranks cuts the sequence into {count} equal chunks, "
                          f"so its length must be a multiple of {count} (or give cu_seqlens to pad it); got {tokens}")
     padded = -(-tokens // count) * count
-    if name == "balanced":
+    if world_size == 1:
+        owners = ((0,),)
+    elif name == "balanced":
         from .work import deal_chunks  # work.py builds on Layout
 
         owners = deal_chunks(mask, padded, world_size, m)

@@ -56,7 +56,9 @@ def for_megatron(packed_seq_params, packing: Packing):
     """The packed_seq_params Megatron's own layers should see: "sbhd", so that they neither squeeze
     the batch dim nor split RoPE per document the TransformerEngine way (which assumes its own CP
     split); the plugin's rotary positions and core attention handle documents."""
-    plain = dataclasses.replace(packed_seq_params, qkv_format="sbhd")
+    length = (packing.cu_seqlens_padded or packing.cu_seqlens)[-1]
+    # max_seqlen: Megatron sizes its rotary table from it; the plugin's positions stay below the length
+    plain = dataclasses.replace(packed_seq_params, qkv_format="sbhd", max_seqlen_q=length, max_seqlen_kv=length)
     plain.lightseq_packing = packing
     return plain
 
@@ -77,13 +79,13 @@ def window_of(config, layer_number: int) -> tuple[int, int]:
 
 @lru_cache(maxsize=64)
 def rotary_positions(layout: str, rank: int, world_size: int, tokens: int, packing: Packing | None,
-                     device: torch.device) -> torch.Tensor:
+                     device: torch.device) -> tuple[torch.Tensor, int]:
     """Each local token's rotary position: its position in the sequence, or in its document when
-    positions restart per document. ``tokens``: the whole (padded) sequence's length."""
+    positions restart per document; and a bound on them. ``tokens``: the plain sequence's length."""
     mask = packing.mask if packing else {}
     global_ = positions(layout=layout, rank=rank, world_size=world_size, tokens=None if packing else tokens, **mask)
-    if packing is None or not packing.per_document:
-        return global_.to(device)
-    starts = torch.tensor(packing.cu_seqlens_padded or packing.cu_seqlens)
-    doc = (torch.searchsorted(starts, global_, right=True) - 1).clamp(max=len(starts) - 2)
-    return (global_ - starts[doc]).to(device)
+    if packing is not None and packing.per_document:
+        starts = torch.tensor(packing.cu_seqlens_padded or packing.cu_seqlens)
+        doc = (torch.searchsorted(starts, global_, right=True) - 1).clamp(max=len(starts) - 2)
+        global_ = global_ - starts[doc]
+    return global_.to(device), int(global_.max()) + 1

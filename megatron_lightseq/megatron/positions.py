@@ -25,8 +25,8 @@ class LayoutRotaryEmbedding(RotaryEmbedding):
         layout = self.lightseq_packed_layout if packing else self.lightseq_layout
         if packing is None and (layout == "zigzag" or size == 1):
             return super().forward(max_seq_len, offset, packed_seq, cp_group)  # Megatron's own split
-        emb = self.get_emb(max_seq_len, offset)  # [whole sequence, 1, 1, dim]
-        return emb[rotary_positions(layout, rank, size, max_seq_len, packing, emb.device)]
+        local, bound = rotary_positions(layout, rank, size, max_seq_len, packing, self.inv_freq.device)
+        return self.get_emb(max(max_seq_len, bound), offset)[local]  # [local tokens, 1, 1, dim]
 
 
 def follow_layout(model, layout: str, packed_layout: str) -> bool:
