@@ -7,10 +7,12 @@ fp16/bf16/fp32 inputs with fp32 accumulation, head dims up to 256.
 Tiles the mask hides are skipped, and only tiles some row sees in part are masked: tiles.py's
 tables say, per 16-token granule, which range of the other side's tiles to loop over and which
 of them every row sees whole. Tiles are multiples of granules, so one table serves every block
-size the autotuner tries. Two constexprs say which end of the interval can hide a key of the
-block at all (``CUT_HI``: causal, a right window, documents; ``CUT_LO``: a left window,
-documents), so a plain causal block compiles to the causal kernel and a block with no mask to
-the unmasked one. A row that sees no key gives out 0 and lse -inf, and gradient 0.
+size the autotuner tries. Two constexprs say which ends of the interval are compared: none (no
+key of the block hidden), ``CUT_HI`` (keys hidden past a row's hi only: causal) or both
+(``CUT_LO`` too: windows, documents), so a plain causal block compiles to the causal kernel and
+a block with no mask to the unmasked one. (Keys hidden only before lo, as in a sliding window's
+past blocks, take the both-ends kernel: the lo-only one spills at head dim 128, and the extra
+compare costs only masked tiles.) A row that sees no key gives out 0, lse -inf, gradients 0.
 
 On CUDA the block sizes, warps and pipeline depth are autotuned per shape (the forward's
 accumulators are restored between trials); on CPU the kernels run under Triton's interpreter
@@ -27,7 +29,7 @@ import triton.language as tl
 
 from .base import BlockKernel, Span
 from .mask import Mask
-from .tiles import tile_tables
+from .tiles import Tiles, tile_tables
 
 
 @triton.jit
@@ -42,18 +44,17 @@ def _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, D: tl.constexpr):
 
 
 @triton.jit
-def _load_q_rows(Q, DO, QLO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D: tl.constexpr,
-                 CUT_LO: tl.constexpr):
-    """What the backward needs of query rows rm of head h: q, d_out, (lo, hi), lse, delta."""
+def _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D: tl.constexpr):
+    """What the backward needs of query rows rm of head h: q, d_out, hi, lse, delta."""
     m_ok = rm < Sq
     off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
     mask = m_ok[:, None] & (rd < D)[None, :]
     q = tl.load(Q + off, mask=mask, other=0.0)
     do = tl.load(DO + off, mask=mask, other=0.0)
-    lo, hi = _bounds(QLO, QHI, rm, m_ok, CUT_LO)
+    hi = tl.load(QHI + rm, mask=m_ok, other=0)
     lse = tl.load(Lse + b * slb + h * slh + rm, mask=m_ok, other=float("-inf"))
     delta = tl.load(Delta + b * slb + h * slh + rm, mask=m_ok, other=0.0)
-    return q, do, lo, hi, lse, delta, m_ok
+    return q, do, hi, lse, delta, m_ok
 
 
 @triton.jit
@@ -67,24 +68,27 @@ def _tile_range(T, pid, BLOCK: tl.constexpr, S):
 
 
 @triton.jit
-def _seen(seen, kpos, lo, hi, CUT_HI: tl.constexpr, CUT_LO: tl.constexpr):
-    """``seen`` where each row's interval [lo, hi] holds the key's position, comparing only the
-    ends that hide some key of the block."""
-    if CUT_HI:
-        seen = seen & (kpos[None, :] <= hi[:, None])
+def _loop_start(any_lo, BLOCK: tl.constexpr, CUT_LO: tl.constexpr):
+    """The first key tile a query tile loops over. Without CUT_LO the first key any row sees is
+    key 0 (tiles.py), and a literal 0 compiles to the same code as before masks had a lower end
+    (a loaded bound costs the dK/dV kernel's largest tile a spill at head dim 128); the key-tile
+    loop's end, Sq, is the same case."""
     if CUT_LO:
-        seen = seen & (kpos[None, :] >= lo[:, None])
-    return seen
+        return (any_lo // BLOCK) * BLOCK
+    return 0
 
 
 @triton.jit
-def _bounds(QLO, QHI, rm, m_ok, CUT_LO: tl.constexpr):
-    """Rows rm's (lo, hi); lo is read only where it hides a key."""
-    hi = tl.load(QHI + rm, mask=m_ok, other=0)
-    lo = hi  # unread without CUT_LO
+def _seen(seen, kpos, hi, QLO, rm, m_ok, CUT_HI: tl.constexpr, CUT_LO: tl.constexpr):
+    """``seen`` where rows rm's interval [lo, hi] holds the key's position, comparing only the
+    ends that hide some key of the block. lo is read here, in the masked branch: read with the
+    rows it would stay live across the pipelined loop (a spill in the dK/dV kernel's largest
+    tile at head dim 128)."""
+    if CUT_HI:
+        seen = seen & (kpos[None, :] <= hi[:, None])
     if CUT_LO:
-        lo = tl.load(QLO + rm, mask=m_ok, other=0)
-    return lo, hi
+        seen = seen & (kpos[None, :] >= tl.load(QLO + rm, mask=m_ok, other=0)[:, None])
+    return seen
 
 
 @triton.jit
@@ -102,20 +106,21 @@ def _fwd(Q, K, V, QLO, QHI, KP, KV_TILES, Out, Lse, sm_scale, Sq, Sk, H, REP,
     rd = tl.arange(0, BLOCK_D)
     m_ok, d_ok = rm < Sq, rd < D
     q = tl.load(Q + b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    lo, hi = _bounds(QLO, QHI, rm, m_ok, CUT_LO)
+    hi = tl.load(QHI + rm, mask=m_ok, other=0)
     kv_lo, kv_hi, full_lo, full_hi = _tile_range(KV_TILES, pid_m, BLOCK_M, Sq)
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
+    for start in range(_loop_start(kv_lo, BLOCK_N, CUT_LO), kv_hi, BLOCK_N):
         k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         edge = start + BLOCK_N > full_hi  # a tile some row must not see all of (or past the keys' end)
         if CUT_LO:
             edge = edge | (start < full_lo)
         if edge:
-            s = tl.where(_seen(n_ok[None, :] & m_ok[:, None], kpos, lo, hi, CUT_HI, CUT_LO), s, float("-inf"))
+            seen = _seen(n_ok[None, :] & m_ok[:, None], kpos, hi, QLO, rm, m_ok, CUT_HI, CUT_LO)
+            s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
         p = tl.exp2(s - m_safe[:, None])
@@ -169,14 +174,15 @@ def _merge(Out, Lse, Part, PartLse, S, H, sob, sos, soh, slb, slh, spb, sps, sph
 
 
 @triton.jit
-def _probs(q, k, lo, hi, kpos, lse, m_ok, n_ok, sm_scale, edge, CUT_HI: tl.constexpr, CUT_LO: tl.constexpr):
+def _probs(q, k, kpos, hi, QLO, rm, lse, m_ok, n_ok, sm_scale, edge, CUT_HI: tl.constexpr, CUT_LO: tl.constexpr):
     """p = exp(s - lse) for a tile; masked only where ``edge`` says some entry is hidden. A row
     that sees no key (lse -inf) gets p 0."""
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * (sm_scale * 1.4426950408889634)
     seen_any = lse > float("-inf")
     p = tl.exp2(s - tl.where(seen_any, lse * 1.4426950408889634, 0.0)[:, None])
     if edge:
-        p = tl.where(_seen(m_ok[:, None] & n_ok[None, :] & seen_any[:, None], kpos, lo, hi, CUT_HI, CUT_LO), p, 0.0)
+        seen = _seen(m_ok[:, None] & n_ok[None, :] & seen_any[:, None], kpos, hi, QLO, rm, m_ok, CUT_HI, CUT_LO)
+        p = tl.where(seen, p, 0.0)
     return p
 
 
@@ -196,15 +202,15 @@ def _bwd_dkdv(Q, K, V, DO, QLO, QHI, KP, Q_TILES, Lse, Delta, DK, DV, sm_scale, 
     q_lo, q_hi, full_lo, full_hi = _tile_range(Q_TILES, pid_n, BLOCK_N, Sk)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range((q_lo // BLOCK_M) * BLOCK_M, q_hi, BLOCK_M):
-        q, do, lo, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QLO, QHI, Lse, Delta, b, h, start + tl.arange(0, BLOCK_M),
-                                                       rd, Sq, sqb, sqs, sqh, slb, slh, D, CUT_LO)
+    for start in range((q_lo // BLOCK_M) * BLOCK_M, q_hi if CUT_LO else Sq, BLOCK_M):  # see _loop_start
+        rm = start + tl.arange(0, BLOCK_M)
+        q, do, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D)
         # Rows before full_lo are cut by their hi; rows past full_hi by their lo (rows past Sq
         # need no mask: their d_out and delta are 0, so they add nothing).
         edge = start < full_lo
         if CUT_LO:
             edge = edge | (start + BLOCK_M > full_hi)
-        p = _probs(q, k, lo, hi, kpos, lse, m_ok, n_ok, sm_scale, edge, CUT_HI, CUT_LO)
+        p = _probs(q, k, kpos, hi, QLO, rm, lse, m_ok, n_ok, sm_scale, edge, CUT_HI, CUT_LO)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
@@ -225,16 +231,15 @@ def _bwd_dq(Q, K, V, DO, QLO, QHI, KP, KV_TILES, Lse, Delta, DQ, sm_scale, Sq, S
     g = h // REP
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    q, do, lo, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QLO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh,
-                                                   slb, slh, D, CUT_LO)
+    q, do, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D)
     kv_lo, kv_hi, full_lo, full_hi = _tile_range(KV_TILES, pid_m, BLOCK_M, Sq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
+    for start in range(_loop_start(kv_lo, BLOCK_N, CUT_LO), kv_hi, BLOCK_N):
         k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
         edge = start + BLOCK_N > full_hi
         if CUT_LO:
             edge = edge | (start < full_lo)
-        p = _probs(q, k, lo, hi, kpos, lse, m_ok, n_ok, sm_scale, edge, CUT_HI, CUT_LO)
+        p = _probs(q, k, kpos, hi, QLO, rm, lse, m_ok, n_ok, sm_scale, edge, CUT_HI, CUT_LO)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
@@ -323,6 +328,11 @@ def merge_into(out_BSHD: torch.Tensor, lse_BHS: torch.Tensor, part_BSHD: torch.T
         *part_BSHD.stride()[:3], *part_lse_BHS.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
 
 
+def _mask_variant(t: Tiles) -> dict[str, bool]:
+    """The kernels' mask constexprs for a block: CUT_LO compiled only with CUT_HI (docstring)."""
+    return dict(CUT_HI=t.cut_hi or t.cut_lo, CUT_LO=t.cut_lo)
+
+
 class TritonKernel(BlockKernel):
     name = "triton"
 
@@ -342,7 +352,7 @@ class TritonKernel(BlockKernel):
                 scale, sq, k.shape[1], h, h // k.shape[2],
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 out_acc.stride(0), out_acc.stride(1), out_acc.stride(2), lse_acc.stride(0), lse_acc.stride(1),
-                CUT_HI=t.cut_hi, CUT_LO=t.cut_lo, MERGE=merge, D=d, BLOCK_D=_block_d(d))
+                **_mask_variant(t), MERGE=merge, D=d, BLOCK_D=_block_d(d))
 
     def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
         b, sq, h, _ = q.shape
@@ -366,7 +376,7 @@ class TritonKernel(BlockKernel):
         # dK/dV per query head: straight into the result for MHA, else fp32 to sum over shared heads.
         dk_h = torch.empty_like(k) if h == g else torch.empty((b, sk, h, d), dtype=torch.float32, device=q.device)
         dv_h = torch.empty_like(dk_h)
-        meta = dict(CUT_HI=t.cut_hi, CUT_LO=t.cut_lo, D=d, BLOCK_D=_block_d(d))
+        meta = dict(**_mask_variant(t), D=d, BLOCK_D=_block_d(d))
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    lse.stride(0), lse.stride(1))
         rows = (t.q_lo, t.q_hi, t.k_pos)
