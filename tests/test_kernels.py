@@ -11,10 +11,10 @@ from oracle import CAUSAL, FULL, allowed_by_hand, block_reference, reference_att
 CPU_KERNELS = ["math", "torch"]
 
 
-def _inputs(sq, sk, h, g, d, dtype=torch.float64, seed=0):
+def _inputs(sq, sk, h, g, d, dtype=torch.float64, seed=0, batch=2):
     gen = torch.Generator().manual_seed(seed)
     make = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)
-    return make(2, sq, h, d), make(2, sk, g, d), make(2, sk, g, d), make(2, sq, h, d)
+    return make(batch, sq, h, d), make(batch, sk, g, d), make(batch, sk, g, d), make(batch, sq, h, d)
 
 
 SPANS = {
@@ -66,11 +66,11 @@ MASKED = {
 }
 
 
-def masked_case(name, heads, headdim, dtype=torch.float64, seed=1):
+def masked_case(name, heads, headdim, dtype=torch.float64, batch=2):
     """(q, k, v, dout, kernel block arguments, oracle) of case ``name`` of MASKED, scale 0.3."""
     q_span, k_span, args = MASKED[name]
     sq, sk = (sum(b - a for a, b in sp) for sp in (q_span, k_span))
-    q, k, v, dout = _inputs(sq, sk, *heads, headdim, dtype, seed)
+    q, k, v, dout = _inputs(sq, sk, *heads, headdim, dtype, 1, batch)
     block = dict(q_span=q_span, k_span=k_span, mask=Mask(**args), scale=0.3)
     wide = [x.double() for x in (q, k, v, dout)]
     return q, k, v, dout, block, block_reference(*wide, allowed_by_hand(q_span, k_span, **args), 0.3)
