@@ -12,7 +12,8 @@ from megatron_lightseq.kernels.mask import Mask  # noqa: E402
 from megatron_lightseq.kernels.tiles import tile_tables  # noqa: E402
 from megatron_lightseq.kernels.triton_kernels import merge_into as triton_merge  # noqa: E402
 from megatron_lightseq.kernels.merge import merge_into  # noqa: E402
-from oracle import CAUSAL, allowed_by_hand, assert_within_twice_plain, block_reference, reference_with_grads  # noqa: E402
+from oracle import (CAUSAL, allowed_by_hand, assert_within_twice_plain, block_reference,  # noqa: E402
+                    reference_with_grads)
 from test_kernels import MASKED, SPANS, _inputs, assert_matches, masked_case  # noqa: E402
 
 FP32 = dict(rtol=2e-5, atol=2e-5)
@@ -194,8 +195,9 @@ def test_tile_tables_skip_and_leave_unmasked_only_what_they_may():
                 for j in range(-(-sk // bn)):
                     tile = allowed[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
                     for loops, name in ((fwd, "forward"), (dkdv, "dK/dV")):
-                        assert (i, j) in loops or not tile.any(), (name, "skips a seen tile", bm, bn, i, j, case)
-                        assert loops.get((i, j), True) or tile.all(), (name, "leaves a hidden entry", bm, bn, i, j, case)
+                        where = (name, bm, bn, i, j, case)
+                        assert (i, j) in loops or not tile.any(), ("skips a seen tile", where)
+                        assert loops.get((i, j), True) or tile.all(), ("leaves a hidden entry unmasked", where)
                     assert fwd.get((i, j), True) or (j + 1) * bn <= sk, ("unmasked keys past the end", case)
         qp, kp = (torch.tensor([p for a, b in sp for p in range(a, b)]) for sp in (q_span, k_span))
         if not ((qp[1:] > qp[:-1]).all() and (kp[1:] > kp[:-1]).all()):

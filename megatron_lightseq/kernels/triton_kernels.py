@@ -69,10 +69,11 @@ def _tile_range(T, pid, BLOCK: tl.constexpr, S):
 
 @triton.jit
 def _loop_start(any_lo, BLOCK: tl.constexpr, CUT_LO: tl.constexpr):
-    """The first key tile a query tile loops over. Without CUT_LO the first key any row sees is
-    key 0 (tiles.py), and a literal 0 compiles to the same code as before masks had a lower end
-    (a loaded bound costs the dK/dV kernel's largest tile a spill at head dim 128); the key-tile
-    loop's end, Sq, is the same case."""
+    """The first key tile a query tile's loop visits. Without CUT_LO every row's keys start at
+    index 0 (tiles.py), so the loop starts at a literal 0 as it did before masks had a lower end:
+    the causal kernels compile to the same code, registers and all. The dK/dV loop's end (Sq
+    without CUT_LO) is the same case; there a loaded end costs the 128x64 tile a spill at head
+    dim 128."""
     if CUT_LO:
         return (any_lo // BLOCK) * BLOCK
     return 0
