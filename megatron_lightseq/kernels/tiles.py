@@ -52,7 +52,7 @@ def _sorted(x: torch.Tensor) -> bool:
     return bool((x[1:] >= x[:-1]).all())
 
 
-def granule_table(first: torch.Tensor, stop: torch.Tensor, n_other: int) -> torch.Tensor:
+def _granule_table(first: torch.Tensor, stop: torch.Tensor, n_other: int) -> torch.Tensor:
     """int64 [ceil(n/16), 4] (any_lo, any_hi, all_lo, all_hi) from each item's run [first, stop)
     of the other side's indices (both ends non-decreasing over items; first >= stop: sees none)."""
     n = len(first)
@@ -86,8 +86,8 @@ def tile_tables(q_span: Span, k_span: Span, mask: Mask, device: torch.device) ->
         kv, q = _everything(sq, sk, False), _everything(sk, sq, False)
     elif _increasing(qp) and _increasing(kp) and _sorted(lo) and _sorted(hi):
         # Row r sees key indices [first, stop); key j is seen by rows [after hi, up to lo).
-        kv = granule_table(torch.searchsorted(kp, lo), torch.searchsorted(kp, hi, right=True), sk)
-        q = granule_table(torch.searchsorted(hi, kp), torch.searchsorted(lo, kp, right=True), sq)
+        kv = _granule_table(torch.searchsorted(kp, lo), torch.searchsorted(kp, hi, right=True), sk)
+        q = _granule_table(torch.searchsorted(hi, kp), torch.searchsorted(lo, kp, right=True), sq)
     else:
         kv, q = _everything(sq, sk, True), _everything(sk, sq, True)
     i32 = lambda t: t.clamp(max=2**31 - 1).to(device=device, dtype=torch.int32)
