@@ -7,8 +7,8 @@ import torch
 
 from megatron_lightseq.distattn.emulate import emulate_dist_attn
 from megatron_lightseq.kernels import AUTO_ORDER, get_kernel, resolve_kernel
-from oracle import CAUSAL, assert_within_twice_plain, reference_with_grads
-from test_kernels import _block_reference
+from megatron_lightseq.kernels.mask import Mask
+from oracle import CAUSAL, allowed_by_hand, assert_within_twice_plain, block_reference, reference_with_grads
 
 pytestmark = pytest.mark.gpu
 
@@ -32,13 +32,44 @@ def test_cuda_kernel_error_within_twice_plain_bf16(kernel, block, heads, headdim
     full32 = [make(h), make(g), make(g), make(h)]
     bf = [x.bfloat16() for x in full32]
     scale = headdim ** -0.5
-    ref = _block_reference(*full32, q_span, k_span, True, scale)
-    plain = _block_reference(*bf, q_span, k_span, True, scale)
+    allowed = allowed_by_hand(q_span, k_span)
+    ref = block_reference(*full32, allowed, scale)
+    plain = block_reference(*bf, allowed, scale)
     ker = resolve_kernel(kernel, bf[0], bf[1]) if kernel == "auto" else get_kernel(kernel)
     opts = dict(q_span=q_span, k_span=k_span, mask=CAUSAL, scale=scale)
     out, lse = ker.forward(*bf[:3], **opts)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     grads = ker.backward(bf[3], *bf[:3], out, lse, **opts)
+    assert_within_twice_plain((out, lse, *grads), plain, ref, label="bf16")
+
+
+# Packed documents (shorter and longer than the block) with a sliding window, on a diagonal block
+# and on a block of past keys whose queries run into padding (positions from 700): the vendor
+# kernels hand these to Triton, which skips and masks tiles by the rows' key intervals.
+MASKED_BLOCKS = {
+    "documents, window, diagonal": (((256, 512),), ((256, 512),),
+                                    dict(cu_seqlens=(0, 100, 300, 333, 600, 900), window=(128, 0))),
+    "documents, window, past, padding": (((512, 768),), ((256, 512),),
+                                         dict(cu_seqlens=(0, 100, 300, 333, 600, 700), window=(200, 0))),
+}
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("block", list(MASKED_BLOCKS))
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
+def test_cuda_kernel_masked_block_within_twice_plain_bf16(kernel, block, heads):
+    q_span, k_span, args = MASKED_BLOCKS[block]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    make = lambda hh: torch.randn(2, 256, hh, 128, device="cuda", generator=gen)
+    full32 = [make(heads[0]), make(heads[1]), make(heads[1]), make(heads[0])]
+    bf = [x.bfloat16() for x in full32]
+    allowed = allowed_by_hand(q_span, k_span, **args)
+    ref, plain = block_reference(*full32, allowed, 0.125), block_reference(*bf, allowed, 0.125)
+    ker = resolve_kernel(kernel, bf[0], bf[1]) if kernel == "auto" else get_kernel(kernel)
+    opts = dict(q_span=q_span, k_span=k_span, mask=Mask(**args), scale=0.125)
+    out, lse = ker.forward(*bf[:3], **opts)
+    grads = ker.backward(bf[3], *bf[:3], out, lse, **opts)
+    assert torch.isneginf(lse).any() == (block == "documents, window, past, padding")  # rows with no key
     assert_within_twice_plain((out, lse, *grads), plain, ref, label="bf16")
 
 

@@ -4,31 +4,17 @@ import torch
 
 from megatron_lightseq.kernels import get_kernel, kernel_names, resolve_kernel
 from megatron_lightseq.kernels.base import mask_kind, span_of
+from megatron_lightseq.kernels.mask import Mask
 from megatron_lightseq.kernels.merge import merge_into
-from oracle import CAUSAL, FULL, reference_attention
+from oracle import CAUSAL, FULL, allowed_by_hand, block_reference, reference_attention
 
 CPU_KERNELS = ["math", "torch"]
 
 
-def _inputs(sq, sk, h, g, d, dtype=torch.float64, seed=0):
+def _inputs(sq, sk, h, g, d, dtype=torch.float64, seed=0, batch=2):
     gen = torch.Generator().manual_seed(seed)
     make = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)
-    return make(2, sq, h, d), make(2, sk, g, d), make(2, sk, g, d), make(2, sq, h, d)
-
-
-def _block_reference(q, k, v, dout, q_span, k_span, causal, scale):
-    """Oracle for a block: the positions' mask applied by hand, grads by autograd."""
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    rep = q.shape[2] // k.shape[2]
-    s = torch.einsum("bqhd,bkhd->bhqk", leaves[0], leaves[1].repeat_interleave(rep, 2)) * scale
-    qp = torch.cat([torch.arange(a, b, device=q.device) for a, b in q_span])
-    kp = torch.cat([torch.arange(a, b, device=q.device) for a, b in k_span])
-    if causal:
-        s = s.masked_fill(kp[None, :] > qp[:, None], float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.nan_to_num(torch.softmax(s, -1))  # rows with no key: all zero
-    out = torch.einsum("bhqk,bkhd->bqhd", p, leaves[2].repeat_interleave(rep, 2))
-    return (out, lse, *torch.autograd.grad(out, leaves, dout))
+    return make(batch, sq, h, d), make(batch, sk, g, d), make(batch, sk, g, d), make(batch, sq, h, d)
 
 
 SPANS = {
@@ -49,13 +35,88 @@ def test_block_kernel_any_positions(kernel, spans, heads):
     q, k, v, dout = _inputs(sq, sk, *heads, 80)
     ker, scale = get_kernel(kernel), 0.3
     out, lse = ker.forward(q, k, v, q_span=q_span, k_span=k_span, mask=CAUSAL, scale=scale)
-    ref_out, ref_lse, dq_ref, dk_ref, dv_ref = _block_reference(q, k, v, dout, q_span, k_span, True, scale)
+    ref_out, ref_lse, dq_ref, dk_ref, dv_ref = block_reference(q, k, v, dout, allowed_by_hand(q_span, k_span), scale)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
     grads = ker.backward(dout, q, k, v, out, lse, q_span=q_span, k_span=k_span, mask=CAUSAL, scale=scale)
     for got, want in zip(grads, (dq_ref, dk_ref, dv_ref)):
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+DOCS = (0, 13, 50, 77, 96)
+# Masked blocks of a 96-token sequence: (q_span, k_span, Mask arguments). Spans of 16 to 37
+# tokens, most not multiples of 16, so 16-token tiles end inside them.
+MASKED = {
+    "one document": (((32, 64),), ((32, 64),), dict(cu_seqlens=(0, 96))),
+    "many short documents": (((16, 53),), ((16, 53),), dict(cu_seqlens=(0, 5, 9, 16, 22, 30, 31, 40, 47, 61, 96))),
+    "long-tailed mix, past keys": (((40, 75),), ((5, 40),), dict(cu_seqlens=(0, 1, 3, 41, 42, 70, 89, 96))),
+    "documents without causal": (((0, 32),), ((30, 64),), dict(causal=False, cu_seqlens=DOCS)),
+    "window inside a tile": (((16, 48),), ((16, 48),), dict(window=(5, 0))),
+    "window over several tiles": (((64, 96),), ((0, 33),), dict(window=(40, 0))),
+    "window past the sequence": (((32, 64),), ((0, 32),), dict(window=(200, 0))),
+    "window hides the whole block": (((64, 80),), ((0, 16),), dict(window=(3, 0))),
+    "left and right without causal": (((20, 52),), ((10, 42),), dict(causal=False, window=(7, 3))),
+    "right only": (((20, 52),), ((30, 62),), dict(causal=False, window=(-1, 4))),
+    "left only": (((40, 72),), ((8, 40),), dict(causal=False, window=(6, -1))),
+    "documents, window, causal": (((40, 75),), ((40, 75),), dict(cu_seqlens=DOCS, window=(9, 0))),
+    "padding rows": (((40, 75),), ((30, 64),), dict(cu_seqlens=(0, 30, 55))),
+    "zigzag spans": (((8, 16), (80, 88)), ((0, 8), (88, 96)), dict(cu_seqlens=DOCS, window=(20, 0))),
+    "positions not increasing": (((40, 60), (0, 20)), ((40, 60), (0, 20)), dict(cu_seqlens=DOCS, window=(12, 0))),
+}
+
+
+def masked_case(name, heads, headdim, dtype=torch.float64, batch=2):
+    """(q, k, v, dout, kernel block arguments, oracle) of case ``name`` of MASKED, scale 0.3."""
+    q_span, k_span, args = MASKED[name]
+    sq, sk = (sum(b - a for a, b in sp) for sp in (q_span, k_span))
+    q, k, v, dout = _inputs(sq, sk, *heads, headdim, dtype, 1, batch)
+    block = dict(q_span=q_span, k_span=k_span, mask=Mask(**args), scale=0.3)
+    wide = [x.double() for x in (q, k, v, dout)]
+    return q, k, v, dout, block, block_reference(*wide, allowed_by_hand(q_span, k_span, **args), 0.3)
+
+
+def assert_matches(got, want, *, case, **tol):
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert not g.isnan().any(), f"{case}: {name} has NaN"
+        torch.testing.assert_close(g.double(), w, **tol, msg=lambda m: f"{case}: {name}: {m}")
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_block_kernel_masks(kernel):
+    """Documents, windows, padding, arbitrary spans, against the dense oracle; rows that see no
+    key give out 0, lse -inf and gradients 0. Head ratios and head dims cycle over the cases."""
+    ker = get_kernel(kernel)
+    for i, name in enumerate(MASKED):
+        q, k, v, dout, block, ref = masked_case(name, [(4, 4), (6, 2), (4, 1)][i % 3], [64, 80][i % 2])
+        out, lse = ker.forward(q, k, v, **block)
+        grads = ker.backward(dout, q, k, v, out, lse, **block)
+        assert_matches((out, lse, *grads), ref, case=name, rtol=1e-10, atol=1e-10)
+
+
+def test_masked_cases_cover_what_they_claim():
+    """The oracle's masks are what the cases are named for (so a case cannot silently test less)."""
+    allowed = {name: allowed_by_hand(q_span, k_span, **args) for name, (q_span, k_span, args) in MASKED.items()}
+    blind = {name: int((~a.any(1)).sum()) for name, a in allowed.items()}
+    assert blind["padding rows"] == 20 and blind["window hides the whole block"] == 16
+    assert allowed["window past the sequence"].all() and not allowed["window hides the whole block"].any()
+    for name, a in allowed.items():  # the others hide some entries, not all
+        assert name in ("window past the sequence", "window hides the whole block") or 0 < a.sum() < a.numel(), name
+
+
+def test_mask_kind_agrees_with_the_oracle():
+    """"full": every key seen; "causal": the top-left triangle; else "general"."""
+    cases = {name: (q, k, Mask(**args), allowed_by_hand(q, k, **args)) for name, (q, k, args) in MASKED.items()}
+    cases |= {name: (q, k, CAUSAL, allowed_by_hand(q, k)) for name, (q, k) in SPANS.items()}
+    swapped = ((4, 8), (0, 4))  # equal spans, positions not increasing: not the triangle
+    cases["plain, not increasing"] = (swapped, swapped, CAUSAL, allowed_by_hand(swapped, swapped))
+    kinds = {}
+    for name, (q_span, k_span, mask, allowed) in cases.items():
+        kinds[name] = mask_kind(q_span, k_span, mask)
+        triangle = allowed.shape[0] == allowed.shape[1] and torch.equal(allowed, torch.ones_like(allowed).tril())
+        expected = "full" if allowed.all() else "causal" if triangle else "general"
+        assert kinds[name] == expected, name
+    assert kinds["one document"] == "causal" and kinds["window past the sequence"] == "full"
 
 
 def test_mask_kind():

@@ -8,10 +8,13 @@ triton = pytest.importorskip("triton")
 import megatron_lightseq as mls  # noqa: E402
 from harness import run_ranks  # noqa: E402
 from megatron_lightseq.kernels import get_kernel  # noqa: E402
-from megatron_lightseq.kernels.triton_kernels import merge_into as triton_merge, tile_tables  # noqa: E402
+from megatron_lightseq.kernels.mask import Mask  # noqa: E402
+from megatron_lightseq.kernels.tiles import tile_tables  # noqa: E402
+from megatron_lightseq.kernels.triton_kernels import merge_into as triton_merge  # noqa: E402
 from megatron_lightseq.kernels.merge import merge_into  # noqa: E402
-from oracle import CAUSAL, assert_within_twice_plain, reference_with_grads  # noqa: E402
-from test_kernels import SPANS, _block_reference, _inputs  # noqa: E402
+from oracle import (CAUSAL, allowed_by_hand, assert_within_twice_plain, block_reference,  # noqa: E402
+                    reference_with_grads)
+from test_kernels import MASKED, SPANS, _inputs, assert_matches, masked_case  # noqa: E402
 
 FP32 = dict(rtol=2e-5, atol=2e-5)
 
@@ -24,7 +27,7 @@ def test_triton_block_any_positions(spans, heads, headdim):
     q_span, k_span = SPANS[spans]
     sq, sk = (sum(b - a for a, b in sp) for sp in (q_span, k_span))
     q, k, v, dout = _inputs(sq, sk, *heads, headdim)
-    ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.3)
+    ref = block_reference(q, k, v, dout, allowed_by_hand(q_span, k_span), 0.3)
     kernel, q32 = get_kernel("triton"), [x.float() for x in (q, k, v, dout)]
     out, lse = kernel.forward(*q32[:3], q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.3)
     torch.testing.assert_close(out.double(), ref[0], **FP32)
@@ -82,7 +85,7 @@ def test_triton_skips_only_what_the_mask_hides(spans):
     q_span, k_span = LONG_SPANS[spans]
     sq, sk = (sum(b - a for a, b in sp) for sp in (q_span, k_span))
     q, k, v, dout = _inputs(sq, sk, 2, 1, 32)
-    ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.2)
+    ref = block_reference(q, k, v, dout, allowed_by_hand(q_span, k_span), 0.2)
     kernel, q32 = get_kernel("triton"), [x.float() for x in (q, k, v, dout)]
     out, lse = kernel.forward(*q32[:3], q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.2)
     grads = kernel.backward(q32[3], *q32[:3], ref[0].float(), ref[1].float(), q_span=q_span, k_span=k_span,
@@ -91,15 +94,142 @@ def test_triton_skips_only_what_the_mask_hides(spans):
         torch.testing.assert_close(got.double(), want, **FP32, msg=lambda m: f"{name}: {m}")
 
 
-def test_tile_tables_of_a_diagonal_block_skip_the_upper_triangle():
-    _, _, kv_end, kv_full, q_lo, q_full = tile_tables(((0, 72),), ((0, 72),), True, torch.device("cpu"))
-    assert kv_end.tolist() == [16, 32, 48, 64, 72]  # granule i's rows see keys < 16(i+1)
-    assert kv_full.tolist() == [1, 17, 33, 49, 65]  # and all of them see keys <= 16i
-    assert q_lo.tolist() == [0, 16, 32, 48, 64]  # key granule j: rows before 16j see none of it
-    assert q_full.tolist() == [15, 31, 47, 63, 71]  # rows from 16j+15 on see all of it
-    _, _, kv_end, kv_full, q_lo, q_full = tile_tables(((40, 80), (0, 40)), ((0, 80),), True, torch.device("cpu"))
-    assert set(kv_end.tolist()) == {80} and set(kv_full.tolist()) == {0}  # not increasing: skip nothing
-    assert set(q_lo.tolist()) == {0} and set(q_full.tolist()) == {80}
+def test_triton_masks():
+    """Every MASKED block (documents, windows, padding, zigzag and non-increasing spans; 16x16
+    tiles under the interpreter, so tiles are skipped, masked and left whole), fp32 against the
+    float64 oracle; rows that see no key give out 0, lse -inf, gradients 0."""
+    kernel = get_kernel("triton")
+    for i, name in enumerate(MASKED):
+        q, k, v, dout, block, ref = masked_case(name, [(2, 1), (2, 2)][i % 2], [32, 24][i % 2], torch.float32, batch=1)
+        out, lse = kernel.forward(q, k, v, **block)
+        grads = kernel.backward(dout, q, k, v, ref[0].float(), ref[1].float(), **block)
+        assert_matches((out, lse, *grads), ref, case=name, **FP32)
+
+
+def test_triton_fused_merge_of_masked_blocks():
+    """Two masked blocks merged into one accumulator (the executor's path) equal the whole row,
+    including rows that see no key in the first block, or in either."""
+    q_span, k_span, args = ((40, 75),), ((0, 75),), dict(cu_seqlens=(0, 30, 47, 60), window=(9, 0))
+    q, k, v, _ = (x.float() for x in _inputs(35, 75, 4, 2, 32))
+    whole = block_reference(*(x.double() for x in (q, k, v, q)), allowed_by_hand(q_span, k_span, **args), 0.3)
+    out, lse = torch.zeros(2, 35, 4, 32), torch.full((2, 4, 35), float("-inf"))
+    kernel = get_kernel("triton")
+    for keys in (slice(40, 75), slice(0, 40)):
+        kernel.forward_into(q, k[:, keys], v[:, keys], out, lse, q_span=q_span, k_span=((keys.start, keys.stop),),
+                            mask=Mask(**args), scale=0.3)
+    torch.testing.assert_close(out.double(), whole[0], **FP32)
+    torch.testing.assert_close(lse.double(), whole[1], **FP32)
+
+
+def test_triton_fp16_masked_within_twice_plain_fp16():
+    q, k, v, dout, block, ref = masked_case("documents, window, causal", (4, 2), 64, torch.float16, batch=1)
+    q_span, k_span, args = MASKED["documents, window, causal"]
+    plain = block_reference(q, k, v, dout, allowed_by_hand(q_span, k_span, **args), 0.3)
+    kernel = get_kernel("triton")
+    out, lse = kernel.forward(q, k, v, **block)
+    grads = kernel.backward(dout, q, k, v, out, lse, **block)
+    assert all(x.dtype == torch.float16 for x in (out, *grads)) and not any(x.isnan().any() for x in grads)
+    assert_within_twice_plain((out, lse, *grads), plain, ref, label="fp16")
+
+
+def _kernel_tiles(t, sq: int, sk: int, bm: int, bn: int):
+    """What the kernels do with tables ``t`` at block sizes (bm, bn), computed as they compute it:
+    {(query tile, key tile): masked?} of the tiles the forward/dQ loops visit, and the same for
+    the dK/dV loops (keyed (query tile, key tile) too). Tiles not in a dict are skipped."""
+    def tile_range(table, pid, block, n):
+        first = pid * (block // 16)
+        last = min(first + block // 16 - 1, (n - 1) // 16)
+        return table[first][0], table[last][1], table[last][2], table[first][3]
+
+    kv, qt = t.kv.tolist(), t.q.tolist()
+    fwd, dkdv = {}, {}
+    for i in range(-(-sq // bm)):
+        any_lo, any_hi, all_lo, all_hi = tile_range(kv, i, bm, sq)
+        for start in range((any_lo // bn) * bn if t.cut_lo else 0, any_hi, bn):
+            fwd[i, start // bn] = start + bn > all_hi or (t.cut_lo and start < all_lo)
+    for j in range(-(-sk // bn)):
+        any_lo, any_hi, all_lo, all_hi = tile_range(qt, j, bn, sk)
+        for start in range((any_lo // bm) * bm, any_hi if t.cut_lo else sq, bm):
+            dkdv[start // bm, j] = start < all_lo or (t.cut_lo and start + bm > all_hi)
+    return fwd, dkdv
+
+
+def _random_masked_blocks(n: int):
+    """n (q_span, k_span, Mask arguments) of 20 to 400 tokens: documents (with padding), windows,
+    causal or not, spans of one or two increasing ranges at any offsets."""
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (), generator=gen))
+    for _ in range(n):
+        seq = rand(60, 400)
+        end = seq - rand(0, 2) * rand(1, 20)  # sometimes padding at the end
+        cuts = sorted({rand(1, end) for _ in range(rand(0, 12))})
+        args = dict(causal=bool(rand(0, 2)))
+        if rand(0, 3):
+            args["cu_seqlens"] = (0, *cuts, end)
+        if rand(0, 3):
+            args["window"] = (rand(-1, 60), 0 if args["causal"] else rand(-1, 60))
+        spans = []
+        for _ in range(2):
+            a = rand(0, seq - 40)
+            b = rand(a + 20, seq + 1)
+            cut = rand(a, b)
+            spans.append(((a, b),) if rand(0, 2) or cut in (a, b - 1) else ((a, cut), (cut + rand(1, 10), b + 10)))
+        yield spans[0], spans[1], args
+
+
+def test_tile_tables_skip_and_leave_unmasked_only_what_they_may():
+    """For random and MASKED blocks and every tile shape the kernels may use: no tile with an
+    entry some row sees is skipped, no tile with a hidden entry goes unmasked; with 16x16 tiles
+    and increasing positions, the loops start and end at the first and last tile with a seen
+    entry, and every whole tile that is all seen goes unmasked."""
+    blocks = [MASKED[name] for name in MASKED] + list(_random_masked_blocks(40))
+    shapes = [(16, 16), (32, 16), (16, 64), (64, 32), (128, 64), (64, 128)]
+    for q_span, k_span, args in blocks:
+        allowed = allowed_by_hand(q_span, k_span, **args)
+        sq, sk = allowed.shape
+        t = tile_tables(q_span, k_span, Mask(**args), torch.device("cpu"))
+        case = (q_span, k_span, args)
+        for bm, bn in shapes:
+            fwd, dkdv = _kernel_tiles(t, sq, sk, bm, bn)
+            for i in range(-(-sq // bm)):
+                for j in range(-(-sk // bn)):
+                    tile = allowed[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+                    for loops, name in ((fwd, "forward"), (dkdv, "dK/dV")):
+                        where = (name, bm, bn, i, j, case)
+                        assert (i, j) in loops or not tile.any(), ("skips a seen tile", where)
+                        assert loops.get((i, j), True) or tile.all(), ("leaves a hidden entry unmasked", where)
+                    assert fwd.get((i, j), True) or (j + 1) * bn <= sk, ("unmasked keys past the end", case)
+        qp, kp = (torch.tensor([p for a, b in sp for p in range(a, b)]) for sp in (q_span, k_span))
+        if not ((qp[1:] > qp[:-1]).all() and (kp[1:] > kp[:-1]).all()):
+            continue
+        fwd, dkdv = _kernel_tiles(t, sq, sk, 16, 16)
+        for i in range(-(-sq // 16)):
+            seen = [j for j in range(-(-sk // 16)) if allowed[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16].any()]
+            looped = sorted(j for (ii, j) in fwd if ii == i)
+            if seen:
+                assert looped[-1] == seen[-1] and (looped[0] == seen[0] or not t.cut_lo), case
+            for j in looped:
+                whole = allowed[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16]
+                assert fwd[i, j] == (not whole.all() or whole.shape[1] < 16), case
+        for j in range(-(-sk // 16)):
+            seen = [i for i in range(-(-sq // 16)) if allowed[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16].any()]
+            looped = sorted(i for (i, jj) in dkdv if jj == j)
+            if seen:
+                assert looped[0] == seen[0] and (looped[-1] == seen[-1] or not t.cut_lo), case
+            for i in looped:
+                whole = allowed[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16]
+                assert dkdv[i, j] == (not whole.all() or (t.cut_lo and whole.shape[0] < 16)), case
+
+
+def test_tile_tables_of_a_causal_diagonal_block_skip_the_upper_triangle():
+    t = tile_tables(((0, 72),), ((0, 72),), CAUSAL, torch.device("cpu"))
+    assert (t.cut_hi, t.cut_lo) == (True, False)
+    assert t.kv[:, 1].tolist() == [16, 32, 48, 64, 72]  # query granule i's rows see keys < 16(i+1)
+    assert t.kv[:, 3].tolist() == [1, 17, 33, 49, 65]  # and all of them see keys <= 16i
+    assert t.q[:, 0].tolist() == [0, 16, 32, 48, 64]  # key granule j: rows before 16j see none of it
+    assert t.q[:, 2].tolist() == [15, 31, 47, 63, 71]  # rows from 16j+15 on see all of it
+    t = tile_tables(((40, 80), (0, 40)), ((0, 80),), CAUSAL, torch.device("cpu"))
+    assert t.kv.tolist() == [[0, 80, 80, 0]] * 5 and t.q.tolist() == [[0, 80, 80, 0]] * 5  # not increasing
 
 
 def test_one_pass_triton_merge_equals_the_torch_merge():
@@ -123,9 +253,9 @@ def test_triton_fp16_within_twice_plain_fp16(heads):
     bf16 is left to the GPU tests): error at most twice a plain fp16 computation's."""
     q_span = k_span = ((0, 48),)
     q, k, v, dout = _inputs(48, 48, *heads, 64)
-    ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.125)
+    ref = block_reference(q, k, v, dout, allowed_by_hand(q_span, k_span), 0.125)
     half = [x.half() for x in (q, k, v, dout)]
-    plain = _block_reference(*half, q_span, k_span, True, 0.125)
+    plain = block_reference(*half, allowed_by_hand(q_span, k_span), 0.125)
     kernel, block = get_kernel("triton"), dict(q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.125)
     out, lse = kernel.forward(*half[:3], **block)
     grads = kernel.backward(half[3], *half[:3], out, lse, **block)

@@ -8,14 +8,15 @@ import types
 
 import pytest
 import torch
-from megatron_lightseq.kernels.mask import Mask
 
 from megatron_lightseq.kernels import get_kernel
+from megatron_lightseq.kernels.base import mask_kind
 from megatron_lightseq.kernels.cudnn import CudnnKernel
 from megatron_lightseq.kernels.flash_attn_adapter import FlashAttnKernel, unknown_parameters
+from megatron_lightseq.kernels.mask import Mask
 from megatron_lightseq.kernels.sdpa import TorchSdpaKernel
-from oracle import CAUSAL
-from test_kernels import SPANS, _block_reference, _inputs
+from oracle import CAUSAL, allowed_by_hand, block_reference
+from test_kernels import MASKED, SPANS, _inputs, assert_matches, masked_case
 
 
 @pytest.mark.parametrize("kernel", [CudnnKernel(), TorchSdpaKernel()], ids=["cudnn", "torch-cuda"])
@@ -38,6 +39,7 @@ def _stand_in(backward_params: str, custom_op: bool) -> types.ModuleType:
     """A flash_attn_interface whose _flash_attn_backward has exactly these parameters (binding
     fails on any other call) and whose maths is the math kernel's (causal = top-left, Sq == Sk)."""
     math = get_kernel("math")
+    calls = []
 
     def spans(q, k):
         return dict(q_span=((0, q.shape[1]),), k_span=((0, k.shape[1]),))
@@ -45,6 +47,7 @@ def _stand_in(backward_params: str, custom_op: bool) -> types.ModuleType:
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                         return_attn_probs=False):
         assert dropout_p == 0.0 and window_size == (-1, -1) and return_attn_probs
+        calls.append("forward")
         out, lse = math.forward(q, k, v, mask=Mask(causal=causal), scale=softmax_scale, **spans(q, k))
         return out, lse, None
 
@@ -55,6 +58,7 @@ def _stand_in(backward_params: str, custom_op: bool) -> types.ModuleType:
         a = signature.bind(*args, **kwargs).arguments
         assert a["dropout_p"] == 0.0 and a["rng_state"] is None
         assert a.get("window_size", (-1, -1)) == (-1, -1) and a.get("window_size_left", -1) == -1
+        calls.append("backward")
         grads = math.backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["softmax_lse"], mask=Mask(causal=a["causal"]),
                               scale=a["softmax_scale"], **spans(a["q"], a["k"]))
         for buf, g in zip((a["dq"], a["dk"], a["dv"]), grads):
@@ -65,7 +69,7 @@ def _stand_in(backward_params: str, custom_op: bool) -> types.ModuleType:
     fn = backward
     if custom_op:  # 2.7+: a torch custom op object, its Python function in _init_fn
         fn = type("CustomOpDef", (), {"_init_fn": staticmethod(backward), "__call__": staticmethod(backward)})()
-    return types.SimpleNamespace(flash_attn_func=flash_attn_func, _flash_attn_backward=fn)
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func, _flash_attn_backward=fn, calls=calls)
 
 
 @pytest.mark.parametrize("release,params,custom_op", [("2.3.6", BACKWARD_2_3_6, False),
@@ -76,7 +80,7 @@ def test_flash_attn_adapter_across_releases(release, params, custom_op, spans):
     assert not unknown_parameters(interface)
     q_span, k_span = SPANS[spans]
     q, k, v, dout = _inputs(4, 4, 6, 2, 64)
-    ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.3)
+    ref = block_reference(q, k, v, dout, allowed_by_hand(q_span, k_span), 0.3)
     kernel = FlashAttnKernel(interface)
     out, lse = kernel.forward(q, k, v, q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.3)
     grads = kernel.backward(dout, q, k, v, ref[0], ref[1], q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.3)
@@ -86,3 +90,20 @@ def test_flash_attn_adapter_across_releases(release, params, custom_op, spans):
 
 def test_flash_attn_adapter_refuses_a_parameter_it_does_not_know():
     assert unknown_parameters(_stand_in(BACKWARD_2_8_3 + " sink_tokens", True)) == {"sink_tokens"}
+
+
+def test_vendor_adapter_hands_on_what_its_op_cannot_mask():
+    """Through the flash-attn adapter (its op a stand-in that knows no mask but the plain triangle):
+    every MASKED block exact at float64, the op called exactly for the blocks whose mask is none
+    or the triangle (a diagonal block inside one document), the others handed on."""
+    interface = _stand_in(BACKWARD_2_8_3, True)
+    kernel = FlashAttnKernel(interface)
+    for name in MASKED:
+        q, k, v, dout, block, ref = masked_case(name, (6, 2), 64)
+        interface.calls.clear()
+        out, lse = kernel.forward(q, k, v, **block)
+        grads = kernel.backward(dout, q, k, v, out, lse, **block)
+        assert_matches((out, lse, *grads), ref, case=name, rtol=1e-10, atol=1e-10)
+        by_op = mask_kind(block["q_span"], block["k_span"], block["mask"]) != "general"
+        assert interface.calls == (["forward", "backward"] if by_op else []), name
+    assert mask_kind(*MASKED["one document"][:2], Mask(cu_seqlens=(0, 96))) == "causal"

@@ -66,14 +66,17 @@ def span_of(chunks: tuple[int, ...], chunk_len: int) -> Span:
 
 @lru_cache(maxsize=4096)
 def mask_kind(q_span: Span, k_span: Span, mask: Mask) -> str:
-    """"full" (no mask), "causal" (lower triangle from the top-left) or "general"."""
-    if mask.plain:
-        if not mask.causal or max(stop for _, stop in k_span) - 1 <= min(start for start, _ in q_span):
-            return "full"
-        return "causal" if q_span == k_span else "general"  # same increasing positions: the plain triangle
-    lo, hi = mask.bounds(positions(q_span, torch.device("cpu")))
-    if int(lo.max()) <= min(a for a, _ in k_span) and int(hi.min()) >= max(b for _, b in k_span) - 1:
+    """"full" (no key hidden), "causal" (exactly the lower triangle from the top-left of a square
+    block, the one mask besides none that vendor ops know) or "general"."""
+    qp, kp = positions(q_span, torch.device("cpu")), positions(k_span, torch.device("cpu"))
+    lo, hi = mask.bounds(qp)
+    if int(lo.max()) <= int(kp.min()) and int(hi.min()) >= int(kp.max()):
         return "full"
+    if len(qp) == len(kp) and bool((kp[1:] > kp[:-1]).all()):
+        # Keys in increasing order: row i sees the key indices [first, stop); a triangle is [0, i + 1).
+        first, stop = torch.searchsorted(kp, lo), torch.searchsorted(kp, hi, right=True)
+        if bool((first == 0).all()) and torch.equal(stop, torch.arange(1, len(kp) + 1)):
+            return "causal"
     return "general"
 
 

@@ -1,11 +1,13 @@
 """Compile the Triton kernels for a GPU without one: what each autotuning config costs.
 
-    python -m megatron_lightseq.kernels.triton_aot [--arch 90] [--headdim 64 128] [--json PATH]
+    python -m megatron_lightseq.kernels.triton_aot [--arch 90] [--headdim 64 128] [--mask causal interval]
+                                                   [--json PATH]
 
 Triton ships ptxas and cuobjdump, so a CPU machine can build every (kernel, config) for sm_90
 (H100/H200) and read off shared memory, registers, spilled bytes and whether the tensor cores'
-Hopper instruction (wgmma) is used. A config that spills or does not fit is one the autotuner
-should not be offered; CI checks every offered config this way.
+Hopper instruction (wgmma) is used, for each mask variant the kernels compile to (which ends of
+the rows' key intervals hide keys: ``MASKS``). A config that spills or does not fit in any
+variant is one the autotuner should not be offered; CI checks every offered config this way.
 Run it without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiler).
 """
 from __future__ import annotations
@@ -26,8 +28,14 @@ from .triton_kernels import CONFIGS, KERNELS, head_dim_bound
 # Shared memory one block may use on Hopper (227 KiB), per CUDA's programming guide.
 HOPPER_SHARED_BYTES = 232448
 _POINTERS = ({n: "*{dtype}" for n in ("Q", "K", "V", "DO", "Part", "DQ")}
-             | {n: "*i32" for n in ("QP", "KP", "KV_END", "KV_FULL", "Q_LO", "Q_FULL")}
+             | {n: "*i32" for n in ("QLO", "QHI", "KP", "KV_TILES", "Q_TILES")}
              | {n: "*fp32" for n in ("Out", "Lse", "Delta", "DK", "DV", "PartLse")})
+
+
+# The kernels' mask variants (triton_kernels.py): no mask, keys hidden past a row's hi only
+# (causal), at either end (documents, windows).
+MASKS = {"none": dict(CUT_HI=False, CUT_LO=False), "causal": dict(CUT_HI=True, CUT_LO=False),
+         "interval": dict(CUT_HI=True, CUT_LO=True)}
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -61,14 +69,15 @@ def build(fn, const: dict, *, warps: int = 4, stages: int = 2, dtype: str = "bf1
 
 
 def compile_report(name: str, config: triton.Config, *, headdim: int = 128, dtype: str = "bf16",
-                   causal: bool = True, merge: bool = True, arch: int = 90) -> dict:
+                   mask: str = "causal", merge: bool = True, arch: int = 90) -> dict:
     """Build kernel ``name`` ("fwd", "dkdv", "dq") with ``config`` for sm_<arch>; its costs.
-    ``merge``: the forward's variant (merged into the running result: the executor's path)."""
+    ``mask``: a key of ``MASKS``; ``merge``: the forward's variant (merged into the running
+    result: the executor's path)."""
     fn = KERNELS[name]
-    const = dict(CAUSAL=causal, D=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)), **config.kwargs)
+    const = dict(**MASKS[mask], D=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)), **config.kwargs)
     if "MERGE" in fn.arg_names:
         const["MERGE"] = merge
-    return dict(kernel=name, block_m=config.kwargs["BLOCK_M"], block_n=config.kwargs["BLOCK_N"],
+    return dict(kernel=name, mask=mask, block_m=config.kwargs["BLOCK_M"], block_n=config.kwargs["BLOCK_N"],
                 warps=config.num_warps, stages=config.num_stages, headdim=headdim, dtype=dtype, arch=arch,
                 **build(fn, const, warps=config.num_warps, stages=config.num_stages, dtype=dtype, arch=arch))
 
@@ -77,19 +86,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--headdim", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--mask", nargs="+", default=list(MASKS), choices=list(MASKS), help="kernel variants")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     rows = []
-    print(f"{'kernel':6} {'d':>4} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'shared':>8} {'regs':>5} "
-          f"{'spilled':>7} {'wgmma':>5}")
+    line = lambda cells: " ".join(f"{c!s:>8}" for c in cells)
+    print(line(("kernel", "mask", "d", "BM", "BN", "warps", "stages", "shared", "regs", "spilled", "wgmma")))
     for headdim in args.headdim:
         for name, configs in CONFIGS.items():
             for config in configs[head_dim_bound(headdim)]:
-                r = compile_report(name, config, headdim=headdim, arch=args.arch)
-                rows.append(r)
-                print(f"{name:6} {headdim:4} {r['block_m']:4} {r['block_n']:4} {r['warps']:5} {r['stages']:6} "
-                      f"{r['shared_bytes']:8} {r['registers']:5} {r['spilled_bytes']:7} {str(r['wgmma']):>5}"
-                      + ("" if r["fits"] else "  does not fit"))
+                for mask in args.mask:
+                    r = compile_report(name, config, headdim=headdim, mask=mask, arch=args.arch)
+                    rows.append(r)
+                    print(line((name, mask, headdim, r["block_m"], r["block_n"], r["warps"], r["stages"],
+                                r["shared_bytes"], r["registers"], r["spilled_bytes"], r["wgmma"]))
+                          + ("" if r["fits"] else "  does not fit"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(triton=triton.__version__, arch=args.arch, rows=rows), f, indent=1)

@@ -1,14 +1,18 @@
 """The project's own Triton block kernels ("triton"): forward with the LSE merge fused into its
-epilogue, and backward from the merged (out, lse). Arbitrary token positions (any block of any
-layout: a position vector per side), causal or not, GQA/MQA by indexing the shared K/V head
-(nothing repeated), fp16/bf16/fp32 inputs with fp32 accumulation, head dims up to 256.
+epilogue, and backward from the merged (out, lse). Arbitrary token positions and any mask (any
+block of any layout, documents, windows: per query row the interval [lo, hi] of key positions it
+may see, per key its position), GQA/MQA by indexing the shared K/V head (nothing repeated),
+fp16/bf16/fp32 inputs with fp32 accumulation, head dims up to 256.
 
-Causal blocks skip what the mask hides. When both sides' positions increase (every block of the
-built-in layouts), a table per 16-token granule says how far each tile must go: for query rows,
-how many keys any of them sees (the loop's end) and how many all of them see (tiles below need no
-mask); for keys, the first query that sees any of them and the first that sees all. Tiles are
-multiples of granules, so one table serves every block size the autotuner tries. Positions that
-do not increase get tables that skip nothing and mask everything, which is always exact.
+Tiles the mask hides are skipped, and only tiles some row sees in part are masked: tiles.py's
+tables say, per 16-token granule, which range of the other side's tiles to loop over and which
+of them every row sees whole. Tiles are multiples of granules, so one table serves every block
+size the autotuner tries. Two constexprs say which ends of the interval are compared: none (no
+key of the block hidden), ``CUT_HI`` (keys hidden past a row's hi only: causal) or both
+(``CUT_LO`` too: windows, documents), so a plain causal block compiles to the causal kernel and
+a block with no mask to the unmasked one. (Keys hidden only before lo, as in a sliding window's
+past blocks, take the both-ends kernel: the lo-only one spills at head dim 128, and the extra
+compare costs only masked tiles.) A row that sees no key gives out 0, lse -inf, gradients 0.
 
 On CUDA the block sizes, warps and pipeline depth are autotuned per shape (the forward's
 accumulators are restored between trials); on CPU the kernels run under Triton's interpreter
@@ -23,10 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .base import BlockKernel, Span, positions
+from .base import BlockKernel, Span
 from .mask import Mask
-
-GRANULE = 16
+from .tiles import Tiles, tile_tables
 
 
 @triton.jit
@@ -41,30 +44,58 @@ def _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, D: tl.constexpr):
 
 
 @triton.jit
-def _load_q_rows(Q, DO, QP, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D: tl.constexpr):
-    """What the backward needs of query rows rm of head h: q, d_out, positions, lse, delta."""
+def _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D: tl.constexpr):
+    """What the backward needs of query rows rm of head h: q, d_out, hi, lse, delta."""
     m_ok = rm < Sq
     off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
     mask = m_ok[:, None] & (rd < D)[None, :]
     q = tl.load(Q + off, mask=mask, other=0.0)
     do = tl.load(DO + off, mask=mask, other=0.0)
-    qpos = tl.load(QP + rm, mask=m_ok, other=0)
+    hi = tl.load(QHI + rm, mask=m_ok, other=0)
     lse = tl.load(Lse + b * slb + h * slh + rm, mask=m_ok, other=float("-inf"))
     delta = tl.load(Delta + b * slb + h * slh + rm, mask=m_ok, other=0.0)
-    return q, do, qpos, lse, delta, m_ok
+    return q, do, hi, lse, delta, m_ok
 
 
 @triton.jit
-def _granules(pid, BLOCK: tl.constexpr, S):
-    """First and last 16-token granule of tile ``pid`` (the last clamped to the sequence)."""
+def _tile_range(T, pid, BLOCK: tl.constexpr, S):
+    """(any_lo, any_hi, all_lo, all_hi) of tile ``pid`` of the other side's indices (tiles.py):
+    any_lo and all_hi from its first 16-token granule, any_hi and all_lo from its last (clamped
+    to the sequence)."""
     first = pid * (BLOCK // 16)
-    return first, tl.minimum(first + BLOCK // 16 - 1, (S - 1) // 16)
+    last = tl.minimum(first + BLOCK // 16 - 1, (S - 1) // 16)
+    return tl.load(T + 4 * first), tl.load(T + 4 * last + 1), tl.load(T + 4 * last + 2), tl.load(T + 4 * first + 3)
 
 
 @triton.jit
-def _fwd(Q, K, V, QP, KP, KV_END, KV_FULL, Out, Lse, sm_scale, Sq, Sk, H, REP,
+def _loop_start(any_lo, BLOCK: tl.constexpr, CUT_LO: tl.constexpr):
+    """The first key tile a query tile's loop visits. Without CUT_LO every row's keys start at
+    index 0 (tiles.py), so the loop starts at a literal 0 as it did before masks had a lower end:
+    the causal kernels compile to the same code, registers and all. The dK/dV loop's end (Sq
+    without CUT_LO) is the same case; there a loaded end costs the 128x64 tile a spill at head
+    dim 128."""
+    if CUT_LO:
+        return (any_lo // BLOCK) * BLOCK
+    return 0
+
+
+@triton.jit
+def _seen(seen, kpos, hi, QLO, rm, m_ok, CUT_HI: tl.constexpr, CUT_LO: tl.constexpr):
+    """``seen`` where rows rm's interval [lo, hi] holds the key's position, comparing only the
+    ends that hide some key of the block. lo is read here, in the masked branch: read with the
+    rows it would stay live across the pipelined loop (a spill in the dK/dV kernel's largest
+    tile at head dim 128)."""
+    if CUT_HI:
+        seen = seen & (kpos[None, :] <= hi[:, None])
+    if CUT_LO:
+        seen = seen & (kpos[None, :] >= tl.load(QLO + rm, mask=m_ok, other=0)[:, None])
+    return seen
+
+
+@triton.jit
+def _fwd(Q, K, V, QLO, QHI, KP, KV_TILES, Out, Lse, sm_scale, Sq, Sk, H, REP,
          sqb, sqs, sqh, skb, sks, skh, sob, sos, soh, slb, slh,
-         CAUSAL: tl.constexpr, MERGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+         CUT_HI: tl.constexpr, CUT_LO: tl.constexpr, MERGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One BLOCK_M x (the keys it sees) tile for one (batch, head). With MERGE, merged into the
     running fp32 (Out, Lse); else stored there. Scores are kept in base 2 (exp2 is the
@@ -76,20 +107,20 @@ def _fwd(Q, K, V, QP, KP, KV_END, KV_FULL, Out, Lse, sm_scale, Sq, Sk, H, REP,
     rd = tl.arange(0, BLOCK_D)
     m_ok, d_ok = rm < Sq, rd < D
     q = tl.load(Q + b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    qpos = tl.load(QP + rm, mask=m_ok, other=0)
-    first_g, last_g = _granules(pid_m, BLOCK_M, Sq)
-    kv_end, kv_full = tl.load(KV_END + last_g), tl.load(KV_FULL + first_g)
+    hi = tl.load(QHI + rm, mask=m_ok, other=0)
+    kv_lo, kv_hi, full_lo, full_hi = _tile_range(KV_TILES, pid_m, BLOCK_M, Sq)
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(_loop_start(kv_lo, BLOCK_N, CUT_LO), kv_hi, BLOCK_N):
         k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        if start + BLOCK_N > kv_full:  # a tile some row must not see all of
-            seen = n_ok[None, :] & m_ok[:, None]
-            if CAUSAL:
-                seen = seen & (kpos[None, :] <= qpos[:, None])
+        edge = start + BLOCK_N > full_hi  # a tile some row must not see all of (or past the keys' end)
+        if CUT_LO:
+            edge = edge | (start < full_lo)
+        if edge:
+            seen = _seen(n_ok[None, :] & m_ok[:, None], kpos, hi, QLO, rm, m_ok, CUT_HI, CUT_LO)
             s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
@@ -144,23 +175,22 @@ def _merge(Out, Lse, Part, PartLse, S, H, sob, sos, soh, slb, slh, spb, sps, sph
 
 
 @triton.jit
-def _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, MASKED, CAUSAL: tl.constexpr):
-    """p = exp(s - lse) for a tile; masked only where ``MASKED`` says some entry is hidden."""
+def _probs(q, k, kpos, hi, QLO, rm, lse, m_ok, n_ok, sm_scale, edge, CUT_HI: tl.constexpr, CUT_LO: tl.constexpr):
+    """p = exp(s - lse) for a tile; masked only where ``edge`` says some entry is hidden. A row
+    that sees no key (lse -inf) gets p 0."""
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * (sm_scale * 1.4426950408889634)
     seen_any = lse > float("-inf")
     p = tl.exp2(s - tl.where(seen_any, lse * 1.4426950408889634, 0.0)[:, None])
-    if MASKED:
-        seen = m_ok[:, None] & n_ok[None, :] & seen_any[:, None]
-        if CAUSAL:
-            seen = seen & (kpos[None, :] <= qpos[:, None])
+    if edge:
+        seen = _seen(m_ok[:, None] & n_ok[None, :] & seen_any[:, None], kpos, hi, QLO, rm, m_ok, CUT_HI, CUT_LO)
         p = tl.where(seen, p, 0.0)
     return p
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, QP, KP, Q_LO, Q_FULL, Lse, Delta, DK, DV, sm_scale, Sq, Sk, H, REP,
+def _bwd_dkdv(Q, K, V, DO, QLO, QHI, KP, Q_TILES, Lse, Delta, DK, DV, sm_scale, Sq, Sk, H, REP,
               sqb, sqs, sqh, skb, sks, skh, slb, slh, sdb, sds, sdh,
-              CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+              CUT_HI: tl.constexpr, CUT_LO: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query head's part of dK, dV for BLOCK_N keys (the caller sums heads sharing a K/V
     head: one program per query head keeps MQA's grid as wide as MHA's)."""
@@ -170,14 +200,18 @@ def _bwd_dkdv(Q, K, V, DO, QP, KP, Q_LO, Q_FULL, Lse, Delta, DK, DV, sm_scale, S
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
     k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, D)
-    first_g, last_g = _granules(pid_n, BLOCK_N, Sk)
-    q_lo, q_full = tl.load(Q_LO + first_g), tl.load(Q_FULL + last_g)
+    q_lo, q_hi, full_lo, full_hi = _tile_range(Q_TILES, pid_n, BLOCK_N, Sk)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range((q_lo // BLOCK_M) * BLOCK_M, Sq, BLOCK_M):
-        q, do, qpos, lse, delta, m_ok = _load_q_rows(Q, DO, QP, Lse, Delta, b, h, start + tl.arange(0, BLOCK_M),
-                                                     rd, Sq, sqb, sqs, sqh, slb, slh, D)
-        p = _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, start < q_full, CAUSAL)
+    for start in range((q_lo // BLOCK_M) * BLOCK_M, q_hi if CUT_LO else Sq, BLOCK_M):  # see _loop_start
+        rm = start + tl.arange(0, BLOCK_M)
+        q, do, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D)
+        # Rows before full_lo are cut by their hi; rows past full_hi by their lo (rows past Sq
+        # need no mask: their d_out and delta are 0, so they add nothing).
+        edge = start < full_lo
+        if CUT_LO:
+            edge = edge | (start + BLOCK_M > full_hi)
+        p = _probs(q, k, kpos, hi, QLO, rm, lse, m_ok, n_ok, sm_scale, edge, CUT_HI, CUT_LO)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision="ieee")
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
@@ -189,22 +223,24 @@ def _bwd_dkdv(Q, K, V, DO, QP, KP, Q_LO, Q_FULL, Lse, Delta, DK, DV, sm_scale, S
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, QP, KP, KV_END, KV_FULL, Lse, Delta, DQ, sm_scale, Sq, Sk, H, REP,
+def _bwd_dq(Q, K, V, DO, QLO, QHI, KP, KV_TILES, Lse, Delta, DQ, sm_scale, Sq, Sk, H, REP,
             sqb, sqs, sqh, skb, sks, skh, slb, slh,
-            CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+            CUT_HI: tl.constexpr, CUT_LO: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // REP
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    q, do, qpos, lse, delta, m_ok = _load_q_rows(Q, DO, QP, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D)
-    first_g, last_g = _granules(pid_m, BLOCK_M, Sq)
-    kv_end, kv_full = tl.load(KV_END + last_g), tl.load(KV_FULL + first_g)
+    q, do, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D)
+    kv_lo, kv_hi, full_lo, full_hi = _tile_range(KV_TILES, pid_m, BLOCK_M, Sq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(_loop_start(kv_lo, BLOCK_N, CUT_LO), kv_hi, BLOCK_N):
         k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
-        p = _probs(q, k, qpos, kpos, lse, m_ok, n_ok, sm_scale, start + BLOCK_N > kv_full, CAUSAL)
+        edge = start + BLOCK_N > full_hi
+        if CUT_LO:
+            edge = edge | (start < full_lo)
+        p = _probs(q, k, kpos, hi, QLO, rm, lse, m_ok, n_ok, sm_scale, edge, CUT_HI, CUT_LO)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
@@ -249,7 +285,7 @@ CONFIGS = {
     "dq": {64: _DQ, 128: _DQ, 256: [_config(64, 32, 4, 2), _config(128, 32, 8, 2), _config(64, 64, 8, 2)]},
 }
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
-_TUNE_KEY = ["Sq", "Sk", "D", "CAUSAL"]
+_TUNE_KEY = ["Sq", "Sk", "D", "CUT_HI", "CUT_LO"]
 KERNELS = {"fwd": _fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq}
 
 
@@ -274,29 +310,6 @@ def _launch(name: str, rows: int, cols: int, *args, **meta) -> None:
         _tuned(name, head_dim_bound(meta["D"]))[lambda m: (triton.cdiv(rows, m[tile]), cols)](*args, **meta)
 
 
-@functools.lru_cache(maxsize=256)
-def tile_tables(q_span: Span, k_span: Span, causal: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """int32 (q positions, k positions, kv_end, kv_full per query granule, q_lo, q_full per key
-    granule) on ``device``; see the module docstring. Built once per block geometry."""
-    qp, kp = positions(q_span, torch.device("cpu")), positions(k_span, torch.device("cpu"))
-    sq, sk = len(qp), len(kp)
-    last = lambda p: p[torch.clamp(torch.arange(0, len(p), GRANULE) + GRANULE - 1, max=len(p) - 1)]
-    increasing = bool((qp[1:] > qp[:-1]).all() and (kp[1:] > kp[:-1]).all())
-    nq, nk = len(qp[::GRANULE]), len(kp[::GRANULE])
-    if not causal:
-        kv_end = kv_full = torch.full((nq,), sk)
-        q_lo = q_full = torch.zeros(nk)
-    elif not increasing:
-        kv_end, kv_full = torch.full((nq,), sk), torch.zeros(nq)
-        q_lo, q_full = torch.zeros(nk), torch.full((nk,), sq)
-    else:
-        kv_end = torch.searchsorted(kp, last(qp), right=True)  # keys the row with the latest position sees
-        kv_full = torch.searchsorted(kp, qp[::GRANULE].contiguous(), right=True)  # keys the earliest row sees
-        q_lo = torch.searchsorted(qp, kp[::GRANULE].contiguous())  # rows before the first that sees the earliest key
-        q_full = torch.searchsorted(qp, last(kp))  # rows before the first that sees the latest key
-    return tuple(t.to(device=device, dtype=torch.int32) for t in (qp, kp, kv_end, kv_full, q_lo, q_full))
-
-
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -316,10 +329,9 @@ def merge_into(out_BSHD: torch.Tensor, lse_BHS: torch.Tensor, part_BSHD: torch.T
         *part_BSHD.stride()[:3], *part_lse_BHS.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
 
 
-def _plain_causal(mask: Mask) -> bool:
-    if not mask.plain:
-        raise NotImplementedError("the Triton kernels do not take document or window masks yet")
-    return mask.causal
+def _mask_variant(t: Tiles) -> dict[str, bool]:
+    """The kernels' mask constexprs for a block: CUT_LO compiled only with CUT_HI (docstring)."""
+    return dict(CUT_HI=t.cut_hi or t.cut_lo, CUT_LO=t.cut_lo)
 
 
 class TritonKernel(BlockKernel):
@@ -336,13 +348,12 @@ class TritonKernel(BlockKernel):
         b, sq, h, d = q.shape
         q, k, v = (x.contiguous() for x in (q, k, v))
         assert out_acc.stride(-1) == 1 and lse_acc.stride(-1) == 1
-        causal = _plain_causal(mask)
-        qp, kp, kv_end, kv_full, _, _ = tile_tables(q_span, k_span, causal, q.device)
-        _launch("fwd", sq, b * h, q, k, v, qp, kp, kv_end, kv_full, out_acc, lse_acc,
+        t = tile_tables(q_span, k_span, mask, q.device)
+        _launch("fwd", sq, b * h, q, k, v, t.q_lo, t.q_hi, t.k_pos, t.kv, out_acc, lse_acc,
                 scale, sq, k.shape[1], h, h // k.shape[2],
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 out_acc.stride(0), out_acc.stride(1), out_acc.stride(2), lse_acc.stride(0), lse_acc.stride(1),
-                CAUSAL=causal, MERGE=merge, D=d, BLOCK_D=_block_d(d))
+                **_mask_variant(t), MERGE=merge, D=d, BLOCK_D=_block_d(d))
 
     def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
         b, sq, h, _ = q.shape
@@ -361,19 +372,18 @@ class TritonKernel(BlockKernel):
         block_s = _rows_per_program(d)
         _delta[(triton.cdiv(sq, block_s), b * h)](out, dout, delta, sq, h, *out.stride()[:3], *dout.stride()[:3],
                                                   *delta.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
-        causal = _plain_causal(mask)
-        qp, kp, kv_end, kv_full, q_lo, q_full = tile_tables(q_span, k_span, causal, q.device)
+        t = tile_tables(q_span, k_span, mask, q.device)
         dq = torch.empty_like(q)  # the kernels store in the inputs' dtype
         # dK/dV per query head: straight into the result for MHA, else fp32 to sum over shared heads.
         dk_h = torch.empty_like(k) if h == g else torch.empty((b, sk, h, d), dtype=torch.float32, device=q.device)
         dv_h = torch.empty_like(dk_h)
-        meta = dict(CAUSAL=causal, D=d, BLOCK_D=_block_d(d))
+        meta = dict(**_mask_variant(t), D=d, BLOCK_D=_block_d(d))
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    lse.stride(0), lse.stride(1))
-        _launch("dkdv", sk, b * h, q, k, v, dout, qp, kp, q_lo, q_full, lse, delta, dk_h, dv_h, scale, sq, sk, h,
-                h // g, *strides, dk_h.stride(0), dk_h.stride(1), dk_h.stride(2), **meta)
-        _launch("dq", sq, b * h, q, k, v, dout, qp, kp, kv_end, kv_full, lse, delta, dq, scale, sq, sk, h, h // g,
-                *strides, **meta)
+        rows = (t.q_lo, t.q_hi, t.k_pos)
+        _launch("dkdv", sk, b * h, q, k, v, dout, *rows, t.q, lse, delta, dk_h, dv_h, scale, sq, sk, h, h // g,
+                *strides, dk_h.stride(0), dk_h.stride(1), dk_h.stride(2), **meta)
+        _launch("dq", sq, b * h, q, k, v, dout, *rows, t.kv, lse, delta, dq, scale, sq, sk, h, h // g, *strides, **meta)
         if h == g:
             return dq, dk_h, dv_h
         dk, dv = (x.view(b, sk, g, h // g, d).sum(3) for x in (dk_h, dv_h))  # heads sharing a K/V head

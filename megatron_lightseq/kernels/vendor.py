@@ -1,9 +1,9 @@
 """What the adapters of vendor attention ops (torch's flash and cuDNN ops, flash-attn) share.
 
 Those ops know two masks: none, and the causal triangle from the top-left of a square block.
-:class:`FixedMaskKernel` maps a block's spans onto them and hands any other block (a causal mask
-that is neither, which the built-in plans never make) to a kernel that takes any positions:
-Triton where it imports, else the math kernel. K/V heads are repeated for ops that want as many
+:class:`FixedMaskKernel` maps a block's spans and mask onto them (``mask_kind``) and hands any
+other block (documents, windows, a causal block off the diagonal) to a kernel that takes any
+mask: Triton where it imports, else the math kernel. K/V heads are repeated for ops that want as many
 K/V heads as query heads, and the repeated heads' gradients summed back onto their shared head.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def sum_repeated(grad: torch.Tensor, nheads_kv: int) -> torch.Tensor:
 
 @functools.cache
 def _any_mask_kernels() -> tuple[BlockKernel, ...]:
-    """Kernels that take any positions, in order of preference: Triton's where it imports, math."""
+    """Kernels that take any positions and mask, in order of preference: Triton's where it imports, math."""
     try:  # optional
         from .triton_kernels import TritonKernel
     except ImportError:
