@@ -15,22 +15,24 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-"):
         print(__doc__.strip())
         return 2
-    from .megatron import setup
-
     script = argv[0]
     sys.argv = [script, *argv[1:]]
+    # The script's own directory first on the path, as when Python runs it directly (pretrain_gpt.py
+    # imports gpt_builders and model_provider from beside itself), and before anything imports
+    # megatron.core: in a Megatron-LM checkout, megatron.core must come from beside the script
+    # too, not from an installed megatron-core of another version.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    if cpu:  # a job-side harness, loaded only on request: the plugin never imports it
+        from .jobs.megatron_cpu import install
+
+        install(sys.argv)
+    from .megatron import setup
+
     try:
         setup(sys.argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cpu:  # a job-side harness, loaded only on request: the plugin never imports it
-        from .jobs.megatron_cpu import install
-
-        install(sys.argv)
-    # The script's own directory first on the path, as when Python runs it directly (pretrain_gpt.py
-    # imports gpt_builders and model_provider from beside itself).
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
     return 0
 

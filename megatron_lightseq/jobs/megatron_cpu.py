@@ -194,7 +194,7 @@ def _patch_megatron() -> None:
     for name in ("_initialize_distributed", "_set_random_seed"):
         setattr(initialize, name, _during(getattr(initialize, name), torch.cuda, "device_count", lambda: 1))
     # _warmup_jit_function (0.16, 0.19) warms fused kernels on CUDA; compilation is off here.
-    initialize._warmup_jit_function = lambda: None
+    initialize._warmup_jit_function = lambda *args, **kwargs: None
     # fused_kernels.load (0.16; gone at 0.19) builds the fused softmax with nvcc.
     with contextlib.suppress(ImportError):
         importlib.import_module("megatron.legacy.fused_kernels").load = lambda args: None
@@ -220,12 +220,29 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
+def _python_311_typing() -> str | None:
+    """core_v0.19.0 declares Python >= 3.12; the one 3.12 feature its training path uses is
+    ``typing.override`` (PEP 698, megatron/training/models/{gpt,hybrid}.py, imported by
+    megatron.training.argument_utils), a marker decorator with no effect on what runs. On 3.11 the
+    CPU mode takes it from typing_extensions, and says so: the GPU job itself needs Python 3.12."""
+    import typing
+
+    if hasattr(typing, "override"):
+        return None
+    import typing_extensions
+
+    typing.override = typing_extensions.override
+    return ("note: Python 3.11: typing.override taken from typing_extensions for this CPU run "
+            "(Megatron-LM core_v0.17+ needs Python >= 3.12 on the GPUs)")
+
+
 def install(argv: list[str] | None = None) -> None:
     """Make this process run a Megatron-LM script on CPU. ``argv`` (the script's, changed in place)
-    gets ``--distributed-backend gloo``: NCCL needs GPUs."""
+    gets ``--distributed-backend gloo``: NCCL needs GPUs. Call before anything imports megatron."""
     if argv is not None:
         argv += ["--distributed-backend", "gloo"]
     os.environ[ENV_FLAG] = "1"
+    note = _python_311_typing()
     # torch.compile (Megatron's jit_fuser) would compile C++ for every fused op on CPU: minutes on a
     # small machine, for kernels a smoke run does not test.
     import torch._dynamo
@@ -236,23 +253,21 @@ def install(argv: list[str] | None = None) -> None:
     _CpuPlacement().__enter__()  # for the rest of the process
     if _is_rank_zero():
         print(BANNER, flush=True)
-
-
-def run_script(argv: list[str]) -> None:
-    """Run ``argv[0]`` as ``__main__`` with ``argv`` as sys.argv, its folder first on the path (as
-    ``python SCRIPT`` would: pretrain_gpt.py imports gpt_builders from beside itself)."""
-    sys.argv = list(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
-    runpy.run_path(argv[0], run_name="__main__")
+        if note:
+            print(note, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Plain Megatron-LM (no plugin): ``python -m megatron_lightseq.jobs.megatron_cpu SCRIPT [args]``."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         print(__doc__.strip())
         return 2
-    install(argv)
-    run_script(argv)
+    sys.argv = list(argv)
+    # As megatron_lightseq.run does: the script's folder first, before anything imports megatron.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+    install(sys.argv)
+    runpy.run_path(argv[0], run_name="__main__")
     return 0
 
 
