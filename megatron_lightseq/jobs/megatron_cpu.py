@@ -27,6 +27,9 @@ BANNER = ("CPU SMOKE RUN (megatron_lightseq.jobs.megatron_cpu): gloo on CPU proc
           "checks the launch command, not GPU speed or kernels")
 # Set by this mode for the processes it starts (tests and scripts read it; Megatron does not).
 ENV_FLAG = "MEGATRON_LIGHTSEQ_CPU"
+# A folder: each process counts what dist_attn does (megatron_lightseq.trace) for its whole run and
+# writes the counters to rank<RANK>.json there when it exits (tests count attention forwards).
+ENV_TRACE_DIR = "MEGATRON_LIGHTSEQ_TRACE_DIR"
 
 
 def _is_cuda(device) -> bool:
@@ -236,6 +239,25 @@ def _python_311_typing() -> str | None:
             "(Megatron-LM core_v0.17+ needs Python >= 3.12 on the GPUs)")
 
 
+def _trace_to_file(folder: str) -> None:
+    """Count for the rest of the process; write the counters when it exits (also by sys.exit, as
+    Megatron's --exit-interval does)."""
+    import atexit
+    import json
+
+    from ..trace import trace
+
+    counting = trace()
+    counters = counting.__enter__()
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+
+    def write() -> None:
+        with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+            json.dump(counters.as_dict(), f)
+
+    atexit.register(write)
+
+
 def install(argv: list[str] | None = None) -> None:
     """Make this process run a Megatron-LM script on CPU. ``argv`` (the script's, changed in place)
     gets ``--distributed-backend gloo``: NCCL needs GPUs. Call before anything imports megatron."""
@@ -251,6 +273,8 @@ def install(argv: list[str] | None = None) -> None:
     _patch_torch_cuda()
     _patch_megatron()
     _CpuPlacement().__enter__()  # for the rest of the process
+    if os.environ.get(ENV_TRACE_DIR):
+        _trace_to_file(os.environ[ENV_TRACE_DIR])
     if _is_rank_zero():
         print(BANNER, flush=True)
         if note:
