@@ -36,12 +36,30 @@ def checkout(tmp_path_factory):
     return checkout_copy(MEGATRON_LM, str(tmp_path_factory.mktemp("megatron-lm")))
 
 
+# Plain Megatron (no plugin): TP = 2 for the GQA model; CP = TP = 1 for MQA (one K/V head does not
+# split over TP); PP = 2 for pipelined runs (Megatron seeds each stage's weights apart).
+REFERENCES = {
+    "rope-gqa": (2, ["--tensor-model-parallel-size", "2"], "rope-gqa"),
+    "learned-mqa": (1, [], "learned-mqa"),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"], "rope-gqa"),
+}
+
+
+class References(dict):
+    def __init__(self, checkout):
+        super().__init__()
+        self.checkout = checkout
+
+    def __missing__(self, name):
+        nproc, args, model = REFERENCES[name]
+        self[name] = pretrain(self.checkout, nproc, args, model=model, plugin=False)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def reference(checkout):
-    """Plain Megatron (no plugin): TP = 2 for the GQA model; CP = TP = 1 for MQA (one K/V head
-    does not split over TP)."""
-    return {"rope-gqa": pretrain(checkout, 2, ["--tensor-model-parallel-size", "2"], plugin=False),
-            "learned-mqa": pretrain(checkout, 1, [], model="learned-mqa", plugin=False)}
+    """The reference runs, each run when first asked for."""
+    return References(checkout)
 
 
 @pytest.mark.parametrize("nproc,args,model", [
@@ -56,13 +74,14 @@ def test_lightseq_gives_megatrons_losses(checkout, reference, nproc, args, model
     assert_same_losses(pretrain(checkout, nproc, args, model=model), reference[model], range(1, ITERATIONS + 1))
 
 
-@pytest.mark.parametrize("nproc,args,layers_per_rank", [
-    (2, lightseq(2), 2),
-    (4, lightseq(2) + ["--pipeline-model-parallel-size", "2"], 1),  # 1F1B: microbatches in flight
+@pytest.mark.parametrize("nproc,args,layers_per_rank,ref", [
+    (2, lightseq(2), 2, "rope-gqa"),
+    (4, lightseq(2) + ["--pipeline-model-parallel-size", "2"], 1, "pp2"),  # 1F1B: microbatches in flight
 ], ids=["cp2", "pp2xcp2"])
-def test_remat_runs_one_attention_forward_per_layer(checkout, reference, tmp_path, nproc, args, layers_per_rank):
+def test_remat_runs_one_attention_forward_per_layer(checkout, reference, tmp_path, nproc, args, layers_per_rank,
+                                                    ref):
     run = pretrain(checkout, nproc, args + RECOMPUTE, trace_dir=str(tmp_path))
-    assert_same_losses(run, reference["rope-gqa"], range(1, ITERATIONS + 1))
+    assert_same_losses(run, reference[ref], range(1, ITERATIONS + 1))
     # Megatron's full recompute runs each layer twice; remat answers the second from the first.
     once = layers_per_rank * MICROBATCHES * ITERATIONS
     assert [(c["forward_calls"], c["backward_calls"]) for c in run.counters] == [(once, once)] * nproc

@@ -251,7 +251,8 @@ def _trace_to_file(folder: str) -> None:
     counters = counting.__enter__()
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
 
-    def write() -> None:
+    def write() -> None:  # holds `counting`: collected, it would close the trace
+        counting.__exit__(None, None, None)
         with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
             json.dump(counters.as_dict(), f)
 
