@@ -201,8 +201,9 @@ def _patch_megatron() -> None:
     # fused_kernels.load (0.16; gone at 0.19) builds the fused softmax with nvcc.
     with contextlib.suppress(ImportError):
         importlib.import_module("megatron.legacy.fused_kernels").load = lambda args: None
-    # Tensor.type() compared with "torch.cuda.FloatTensor" and friends: the mixed-precision and
-    # distributed optimizers sort parameters by it when built (0.16, 0.19).
+    # Tensor.type() compared with "torch.cuda.FloatTensor" and friends: the fp16/bf16 and the
+    # distributed optimizers sort parameters by it when built, and clip_grad_by_total_norm_fp32
+    # asserts it of every gradient (0.16, 0.19). Only while those run does it read as on a GPU.
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
     original_clip = clip_grads.clip_grad_by_total_norm_fp32
@@ -210,13 +211,8 @@ def _patch_megatron() -> None:
     for module in (clip_grads, optimizer, distrib_optimizer):
         if getattr(module, "clip_grad_by_total_norm_fp32", None) is original_clip:
             module.clip_grad_by_total_norm_fp32 = clip
-    for owner, name in ((optimizer.MixedPrecisionOptimizer, "__init__"),
-                        (distrib_optimizer.DistributedOptimizer, "__init__"),
-                        (distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups")):
-        fn = owner.__dict__.get(name)
-        if fn is not None:
-            wrapped = _during(fn, torch.Tensor, "type", _cuda_type_name)
-            setattr(owner, name, staticmethod(wrapped) if isinstance(fn, staticmethod) else wrapped)
+    for owner in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        owner.__init__ = _during(owner.__init__, torch.Tensor, "type", _cuda_type_name)
 
 
 def _is_rank_zero() -> bool:
