@@ -94,4 +94,9 @@ def pretrain(checkout: str, nproc: int, args: list[str], *, model: str = "rope-g
     counters = []
     if trace_dir:
         counters = [json.load(open(os.path.join(trace_dir, f"rank{r}.json"))) for r in range(nproc)]
-    return Run({int(i): float(loss) for i, loss in _LOSS.findall(output)}, output, counters)
+    return Run(loss_lines(output), output, counters)
+
+
+def loss_lines(output: str) -> dict[int, float]:
+    """iteration -> lm loss, from Megatron's training log lines."""
+    return {int(i): float(loss) for i, loss in _LOSS.findall(output)}
