@@ -6,9 +6,11 @@ processes (gloo) to check it before booking them.
 
 (srun works the same: one task per process, scripts/srun_task.sh sets RANK/WORLD_SIZE.)
 :func:`install` redirects, in this process only, the CUDA-only calls on Megatron-LM's training
-path at the tags core_v0.16.1 and core_v0.19.0. Megatron functions are patched by name wherever a
-name reaches the call; two redirections are process-wide because no name does (see each). The
-plugin never imports this module.
+path at the tags core_v0.16.1 and core_v0.19.0 (Python 3.11 and 3.12). Megatron functions are
+patched by name wherever a name reaches the call, each with the call it serves; three things are
+process-wide, each saying why: the placement of tensors asked for on "cuda" (literals everywhere),
+torch.cuda's own functions (called through the torch.cuda module from everywhere), and torch.compile
+(off). The plugin never imports this module.
 """
 from __future__ import annotations
 
@@ -25,8 +27,6 @@ from torch.overrides import TorchFunctionMode
 
 BANNER = ("CPU SMOKE RUN (megatron_lightseq.jobs.megatron_cpu): gloo on CPU processes, CUDA calls redirected; "
           "checks the launch command, not GPU speed or kernels")
-# Set by this mode for the processes it starts (tests and scripts read it; Megatron does not).
-ENV_FLAG = "MEGATRON_LIGHTSEQ_CPU"
 # A folder: each process counts what dist_attn does (megatron_lightseq.trace) for its whole run and
 # writes the counters to rank<RANK>.json there when it exits (tests count attention forwards).
 ENV_TRACE_DIR = "MEGATRON_LIGHTSEQ_TRACE_DIR"
@@ -139,7 +139,8 @@ _TENSOR_TYPE = torch.Tensor.type
 
 
 def _patch_torch_cuda() -> None:
-    """The torch.cuda functions Megatron calls by name, answered for one CPU 'device' per process."""
+    """The torch.cuda functions Megatron calls, answered for one CPU 'device' per process. Patched on
+    torch.cuda itself: Megatron reaches them as torch.cuda.X from dozens of modules."""
     cuda = torch.cuda
     generator = _CudaGenerator()
     # current_device: passed as device= (param buffers, rotary inv_freq, MoE scale); the
@@ -167,7 +168,7 @@ def _patch_torch_cuda() -> None:
         name="cpu", major=0, minor=0, multi_processor_count=1, total_memory=0)
 
 
-def _patch_megatron() -> None:
+def _patch_megatron(typing_shim: bool) -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
     generator_calls = torch.cuda
@@ -213,6 +214,15 @@ def _patch_megatron() -> None:
             module.clip_grad_by_total_norm_fp32 = clip
     for owner in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
         owner.__init__ = _during(owner.__init__, torch.Tensor, "type", _cuda_type_name)
+    if typing_shim:
+        # get_write_results_queue (0.19's torch_dist save) starts a multiprocessing Manager by spawn,
+        # whose child re-imports the script (pretrain_gpt.py) without the Python 3.11 shim below
+        # and dies; a forked child keeps it.
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        results_queue = getattr(filesystem_async, "get_write_results_queue", None)
+        if results_queue is not None:
+            filesystem_async.get_write_results_queue = lambda mp_mode="spawn": results_queue(mp_mode="fork")
 
 
 def _is_rank_zero() -> bool:
@@ -260,7 +270,6 @@ def install(argv: list[str] | None = None) -> None:
     gets ``--distributed-backend gloo``: NCCL needs GPUs. Call before anything imports megatron."""
     if argv is not None:
         argv += ["--distributed-backend", "gloo"]
-    os.environ[ENV_FLAG] = "1"
     note = _python_311_typing()
     # torch.compile (Megatron's jit_fuser) would compile C++ for every fused op on CPU: minutes on a
     # small machine, for kernels a smoke run does not test.
@@ -268,7 +277,7 @@ def install(argv: list[str] | None = None) -> None:
 
     torch._dynamo.config.disable = True
     _patch_torch_cuda()
-    _patch_megatron()
+    _patch_megatron(typing_shim=note is not None)
     _CpuPlacement().__enter__()  # for the rest of the process
     if os.environ.get(ENV_TRACE_DIR):
         _trace_to_file(os.environ[ENV_TRACE_DIR])
