@@ -132,9 +132,14 @@ def test_resume_at_another_parallelism(checkout, saved, resumed_cp2, reference, 
 
 
 def _checkpoint_keys(folder, iteration):
+    """The checkpoint's entries, less the per-process objects (RNG and rerun state, named
+    <key>/shard_<rank>_<ranks>), which follow the number of processes, not the model."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    return set(FileSystemReader(os.path.join(folder, f"iter_{iteration:07d}")).read_metadata().state_dict_metadata)
+    metadata = FileSystemReader(os.path.join(folder, f"iter_{iteration:07d}")).read_metadata()
+    keys = {k for k in metadata.state_dict_metadata if "/shard_" not in k}
+    assert any(k.startswith("decoder.layers.") for k in keys), sorted(keys)
+    return keys
 
 
 # TransformerEngine's core attention writes <layer>.self_attention.core_attention._extra_state in the
