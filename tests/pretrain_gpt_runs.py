@@ -50,6 +50,7 @@ def lightseq(cp: int, layout: str = "zigzag", schedule: str = "auto") -> list[st
 def checkout_copy(source: str, dest: str) -> str:
     """The parts of a Megatron-LM checkout that pretrain_gpt.py runs, copied to ``dest``, with the
     dataset helpers built there (once, as Megatron's rank 0 would)."""
+    os.makedirs(dest, exist_ok=True)
     for name in ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py"):
         shutil.copy2(os.path.join(source, name), dest)
     shutil.copytree(os.path.join(source, "megatron"), os.path.join(dest, "megatron"))
