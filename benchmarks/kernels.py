@@ -27,10 +27,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_lightseq.emulate import emulate_dist_attn  # noqa: E402
+from megatron_lightseq.distattn.emulate import emulate_dist_attn  # noqa: E402
 from megatron_lightseq.kernels import get_kernel, kernel_names, resolve_kernel  # noqa: E402
 from megatron_lightseq.kernels.auto import device_time  # noqa: E402
-from megatron_lightseq.merge import merge_into  # noqa: E402
+from megatron_lightseq.kernels.merge import merge_into  # noqa: E402
 
 TARGETS = {"best_vs_cudnn": 0.95, "fused_merge_overhead": 0.03, "emulated_p8_vs_monolithic": 1.15,
            "triton_fwd_vs_cudnn": 0.80, "triton_bwd_vs_cudnn": 0.60}

@@ -4,7 +4,7 @@ per layer for one training step under Megatron's full recompute, with and withou
     python benchmarks/remat.py [--cp 2] [--layers 4] [--out benchmarks/results/remat_cpu.json]
 
 On CPU it runs a tiny GPTModel on local gloo ranks (with the CPU stand-ins of
-megatron_lightseq/cpu_shims.py); the per-layer memory table for Llama-7B shapes follows from the
+megatron_lightseq/jobs/cpu_shims.py); the per-layer memory table for Llama-7B shapes follows from the
 same formulas the measurement checks.
 """
 from __future__ import annotations
@@ -32,10 +32,9 @@ def _measure(rank, world_size, layers):
     for name, case in {"full recompute + remat": base,
                        "full recompute, --lightseq-no-remat": dataclasses.replace(base, remat=False),
                        "no recompute": dataclasses.replace(base, recompute=None)}.items():
-        mlm.configure(mlm.LightSeqConfig(remat=case.remat))
         init_parallel(case, case.cp)
         model = build_model(case, cp=case.cp, backend=mlm.lightseq_backend())
-        batch = mlm.get_batch_on_this_cp_rank(full_batch())
+        batch = mlm.get_batch_on_this_cp_rank(full_batch(), layout=case.layout)
         with mls.trace() as t:
             loss = total_loss(model, batch)
             stashes = [layer.self_attention.core_attention.stash for layer in model.decoder.layers]

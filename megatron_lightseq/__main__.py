@@ -5,8 +5,8 @@ import sys
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": "megatron_lightseq.train", "plan": "megatron_lightseq.planner.cli",
-                "attn-demo": "megatron_lightseq.demo"}
+    commands = {"train": "megatron_lightseq.jobs.train", "plan": "megatron_lightseq.planner.cli",
+                "attn-demo": "megatron_lightseq.jobs.attn_demo"}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m megatron_lightseq {{{','.join(commands)}}} [options]")
         return 2

@@ -37,11 +37,19 @@ def _config(case: Case, *, cp: int, backend):
     elif case.recompute:
         extra = dict(recompute_granularity="full", recompute_method=case.recompute,
                      recompute_num_layers=case.recompute_layers)
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=case.layers, hidden_size=32, num_attention_heads=case.heads, num_query_groups=case.groups,
         ffn_hidden_size=64, use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=case.tp, context_parallel_size=cp, attention_backend=backend,
         params_dtype=case.dtype, bf16=case.dtype == torch.bfloat16, sequence_parallel=case.sequence_parallel, **extra)
+    config.lightseq = settings(case)  # read only when the backend is lightseq
+    return config
+
+
+def settings(case: Case):
+    from megatron_lightseq.megatron.config import LightSeqConfig
+
+    return LightSeqConfig(layout=case.layout, schedule=case.schedule, kernel=case.kernel, remat=case.remat)
 
 
 def build_model(case: Case, *, cp: int, backend):
@@ -68,12 +76,10 @@ def total_loss(model, batch):
 
 def setup_rank(case: Case):
     import megatron_lightseq.megatron as mlm
-    from megatron_lightseq.cpu_shims import install
+    from megatron_lightseq.jobs.cpu_shims import install
 
     install()
     mlm.register()
-    mlm.configure(mlm.LightSeqConfig(layout=case.layout, schedule=case.schedule, kernel=case.kernel,
-                                     remat=case.remat))
     return mlm
 
 
@@ -114,7 +120,7 @@ def lightseq_run(case: Case, mlm, start, steps: int = 1):
     model.load_state_dict(start)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # linear in the grads: no Adam-amplified round-off
     group = ps.get_context_parallel_group()
-    batch = mlm.get_batch_on_this_cp_rank(full_batch())
+    batch = mlm.get_batch_on_this_cp_rank(full_batch(), layout=case.layout)
     losses, grads = [], None
     for _ in range(steps):
         opt.zero_grad()

@@ -10,7 +10,7 @@ import torch
 
 import megatron_lightseq as mls
 from harness import run_ranks
-from megatron_lightseq.executor import shape_of
+from megatron_lightseq.distattn.plan import Shape
 from oracle import reference_attention, reference_with_grads
 
 WORLD_SIZES = [1, 2, 3, 4, 8]
@@ -52,7 +52,7 @@ def _exact_matrix(rank, world_size):
             torch.testing.assert_close(a, mls.shard(b, layout=layout, rank=rank, world_size=world_size, dim=dim),
                                        **F64, msg=lambda m: f"{label}: {name}: {m}")
         if schedule == "auto":
-            schedule = mls.choose_schedule(layout, world_size, causal, shape_of(got[0], got[3]))
+            schedule = mls.choose_schedule(layout, world_size, causal, Shape.of(got[0], got[3]))
         plan = mls.build_plan(schedule, layout=layout, world_size=world_size, causal=causal)
         sizes = dict(batch=2, seqlen_local=got[0].shape[1], nheads=h, nheads_kv=hkv, headdim=d, dtype=torch.float64)
         blocks = sum(len(step[rank].blocks) for step in plan.forward + plan.backward)

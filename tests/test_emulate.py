@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import megatron_lightseq as mls
-from megatron_lightseq.emulate import emulate_dist_attn
+from megatron_lightseq.distattn.emulate import emulate_dist_attn
 from oracle import reference_with_grads
 
 

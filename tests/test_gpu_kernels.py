@@ -5,7 +5,7 @@ scripts/gpu_check.sh."""
 import pytest
 import torch
 
-from megatron_lightseq.emulate import emulate_dist_attn
+from megatron_lightseq.distattn.emulate import emulate_dist_attn
 from megatron_lightseq.kernels import AUTO_ORDER, get_kernel, resolve_kernel
 from oracle import assert_within_twice_plain, reference_with_grads
 from test_kernels import _block_reference

@@ -4,7 +4,7 @@ import torch
 
 from megatron_lightseq.kernels import get_kernel, kernel_names, resolve_kernel
 from megatron_lightseq.kernels.base import mask_kind, span_of
-from megatron_lightseq.merge import merge_into
+from megatron_lightseq.kernels.merge import merge_into
 from oracle import reference_attention
 
 CPU_KERNELS = ["math", "torch"]

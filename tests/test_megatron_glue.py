@@ -98,26 +98,34 @@ def _spec_cases(rank, world_size):
     setup_rank(Case(cp=1))
     init_parallel(Case(cp=1), 1)
     slot = lambda layer: layer.submodules.self_attention.submodules.core_attention
+    settings = mlm.LightSeqConfig(layout="contiguous")
+    is_ours = lambda spec: spec == ModuleSpec(module=mlm.LightSeqAttention, params={"settings": settings})
     # local spec
     local = get_gpt_layer_local_spec()
-    assert slot(mlm.with_lightseq_attention(local)) is mlm.LightSeqAttention
+    assert is_ours(slot(mlm.with_lightseq_attention(local, settings)))
     assert slot(local) is not mlm.LightSeqAttention  # the given spec is left as it was
     # MoE decoder block spec: every layer
     moe = TransformerConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_moe_experts=2, moe_router_topk=2,
                             moe_ffn_hidden_size=16, use_cpu_initialization=True)
-    block = mlm.with_lightseq_attention(get_gpt_decoder_block_spec(moe, use_transformer_engine=False, pp_rank=0))
-    assert [slot(s) for s in block.layer_specs] == [mlm.LightSeqAttention] * 3
+    block = mlm.with_lightseq_attention(get_gpt_decoder_block_spec(moe, use_transformer_engine=False, pp_rank=0),
+                                        settings)
+    assert all(is_ours(slot(s)) for s in block.layer_specs) and len(block.layer_specs) == 3
     # TransformerEngine's layout of the spec (TE classes are not importable here: stand-ins)
     class TEDotProductAttention: ...
     te_like = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         self_attention=ModuleSpec(module=SelfAttention, submodules=SelfAttentionSubmodules(
             linear_qkv=object, core_attention=TEDotProductAttention, linear_proj=object))))
-    assert slot(mlm.with_lightseq_attention(te_like)) is mlm.LightSeqAttention
+    assert is_ours(slot(mlm.with_lightseq_attention(te_like, settings)))
     # a GPTModel with another backend keeps Megatron's attention; with lightseq it gets ours
     other = build_model(Case(cp=1), cp=1, backend=AttnBackend.local)
     ours = build_model(Case(cp=1), cp=1, backend=AttnBackend["lightseq"])
     kinds = lambda m: {type(layer.self_attention.core_attention).__name__ for layer in m.decoder.layers}
     assert kinds(other) == {"DotProductAttention"} and kinds(ours) == {"LightSeqAttention"}
+    # models with different settings side by side: each core attention has its own model's
+    contiguous = build_model(Case(cp=1, layout="contiguous", schedule="ring"), cp=1, backend=AttnBackend["lightseq"])
+    used = lambda m: {layer.self_attention.core_attention.settings for layer in m.decoder.layers}
+    assert used(ours) == {mlm.LightSeqConfig()}
+    assert used(contiguous) == {mlm.LightSeqConfig(layout="contiguous", schedule="ring")}
     return True
 
 

@@ -23,7 +23,7 @@ def _model_and_batch(case, mlm, seed=0):
     if seed:  # another microbatch: other tokens
         g = torch.Generator().manual_seed(seed)
         batch["tokens"] = torch.randint(0, 96, batch["tokens"].shape, generator=g)
-    return model, mlm.get_batch_on_this_cp_rank(batch)
+    return model, mlm.get_batch_on_this_cp_rank(batch, layout=case.layout)
 
 
 def _step(case, mlm):
@@ -46,7 +46,6 @@ def _recompute_variants(rank, world_size):
         "selective": dataclasses.replace(F64, recompute="selective"),
         "uniform-1-no-remat": dataclasses.replace(F64, recompute="uniform", recompute_layers=1, remat=False),
     }.items():
-        mlm.configure(mlm.LightSeqConfig(remat=case.remat))
         grads, t = _step(case, mlm)
         for n, g in grads.items():
             torch.testing.assert_close(g, reference[n], **EXACT, msg=lambda m: f"{name} {n}: {m}")

@@ -9,7 +9,7 @@ import megatron_lightseq as mls  # noqa: E402
 from harness import run_ranks  # noqa: E402
 from megatron_lightseq.kernels import get_kernel  # noqa: E402
 from megatron_lightseq.kernels.triton_kernels import merge_into as triton_merge, tile_tables  # noqa: E402
-from megatron_lightseq.merge import merge_into  # noqa: E402
+from megatron_lightseq.kernels.merge import merge_into  # noqa: E402
 from oracle import assert_within_twice_plain, reference_with_grads  # noqa: E402
 from test_kernels import SPANS, _block_reference, _inputs  # noqa: E402
 

@@ -1,1 +1,2 @@
-"""Jobs that run the plugin or Megatron-LM: entry points and harnesses, never imported by the plugin."""
+"""The jobs: the main job (train), the attention demo, the launcher, CPU stand-ins for megatron-core,
+the CPU mode for real Megatron-LM scripts (megatron_cpu)."""

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 BANNER = ("CPU SMOKE RUN (megatron_lightseq.jobs.megatron_cpu): gloo on CPU processes, CUDA calls redirected; "
           "checks the launch command, not GPU speed or kernels")
-# A folder: each process counts what dist_attn does (megatron_lightseq.trace) for its whole run and
+# A folder: each process counts what dist_attn does (megatron_lightseq.trace()) for its whole run and
 # writes the counters to rank<RANK>.json there when it exits (tests count attention forwards).
 ENV_TRACE_DIR = "MEGATRON_LIGHTSEQ_TRACE_DIR"
 
@@ -251,7 +251,7 @@ def _trace_to_file(folder: str) -> None:
     import atexit
     import json
 
-    from ..trace import trace
+    from ..distattn.trace import trace
 
     counting = trace()
     counters = counting.__enter__()

@@ -19,6 +19,7 @@ from .auto import AutoKernel
 from .base import BlockKernel
 from .cudnn import CudnnKernel
 from .math import MathKernel
+from .merge import register_one_pass_merge
 from .sdpa import TorchSdpaKernel
 
 _FACTORIES: dict[str, Callable[[], BlockKernel]] = {}
@@ -73,12 +74,14 @@ register_kernel("math", MathKernel, auto_rank=0)
 register_kernel("torch", TorchSdpaKernel, auto_rank=0)
 register_kernel("cudnn", CudnnKernel, auto_rank=0)
 try:  # optional: pip install megatron-lightseq[triton]
-    from .triton_kernels import TritonKernel
+    from .triton_kernels import TritonKernel, merge_into as _triton_merge
 except ImportError:
     pass
 else:
     # On CPU it runs only under Triton's interpreter: last before math, so CPU `auto` stays on torch.
     register_kernel("triton", TritonKernel, auto_rank=AUTO_ORDER.index("math"))
+    # One pass over the data where the eager merge takes several (fp32 accumulators on CUDA).
+    register_one_pass_merge(lambda out: out.is_cuda and out.dtype == torch.float32, _triton_merge)
 try:  # optional: flash-attn 2.x, built for the user's CUDA and torch
     import flash_attn.flash_attn_interface as _flash_attn_interface
 except ImportError:

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .base import BlockKernel, Span, mask_kind
-from ..merge import merge_into
 
 Timer = Callable[[Callable[[], object], torch.device], float]
 
@@ -38,16 +37,7 @@ def device_time(fn: Callable[[], object], device: torch.device, reps: int = 3) -
     return statistics.median(times)
 
 
-def forward_into(kernel: BlockKernel, q, k, v, out_acc, lse_acc, **block) -> None:
-    """Merge a block into running accumulators: the kernel's fused path, else forward + merge."""
-    fused = getattr(kernel, "forward_into", None)
-    if fused is not None:
-        fused(q, k, v, out_acc, lse_acc, **block)
-    else:
-        merge_into(out_acc, lse_acc, *kernel.forward(q, k, v, **block))
-
-
-class AutoKernel:
+class AutoKernel(BlockKernel):
     """A block kernel that hands each call to the fastest of ``candidates`` for that block."""
 
     name = "auto"
@@ -84,8 +74,8 @@ class AutoKernel:
         def make_args(_):  # a running result as after a first block: finite lse, out ~ 1
             return (*self._random_qkv(q, k), torch.randn_like(out_acc), torch.randn_like(lse_acc))
 
-        kernel = self._pick("forward_into", q, k, block, lambda c, a: forward_into(c, *a, **block), make_args)
-        forward_into(kernel, q, k, v, out_acc, lse_acc, **block)
+        kernel = self._pick("forward_into", q, k, block, lambda c, a: c.forward_into(*a, **block), make_args)
+        kernel.forward_into(q, k, v, out_acc, lse_acc, **block)
 
     def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float):
         block = dict(q_span=q_span, k_span=k_span, causal=causal, scale=scale)

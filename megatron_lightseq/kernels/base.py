@@ -14,28 +14,39 @@ kernel when the cheap forms (no mask, top-left causal) are exact.
 ``backward(dout, q, k, v, out, lse, *, q_span, k_span, causal, scale) -> (dq, dk, dv)``:
     from the *merged* out and lse of the whole row, so the block's gradients are exact parts of
     the full gradients; grads in the inputs' dtypes, dk/dv with G heads.
-A kernel may also offer ``forward_into(q, k, v, out_acc, lse_acc, ...)``, merging the block into
-float32 running accumulators in place (a fused merge); the executor then uses it for local blocks.
+``forward_into(q, k, v, out_acc, lse_acc, ...)``: the block merged into running accumulators
+(float32, or float64 for float64 inputs) in place, which is how the executor runs a rank's own
+blocks. By default forward then merge (merge.py); a kernel with the merge fused into its forward
+overrides it, so whether a merge is fused is decided by the kernel, in one place.
 A kernel that cannot produce an LSE must not be registered: it never returns a made-up one.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from abc import ABC, abstractmethod
 
 import torch
+
+from .merge import merge_into
 
 Span = tuple[tuple[int, int], ...]
 
 
-class BlockKernel(Protocol):
+class BlockKernel(ABC):
     name: str
 
+    @abstractmethod
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool: ...
 
+    @abstractmethod
     def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float): ...
 
+    @abstractmethod
     def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool,
                  scale: float): ...
+
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, causal: bool,
+                     scale: float) -> None:
+        merge_into(out_acc, lse_acc, *self.forward(q, k, v, q_span=q_span, k_span=k_span, causal=causal, scale=scale))
 
 
 def span_of(chunks: tuple[int, ...], chunk_len: int) -> Span:

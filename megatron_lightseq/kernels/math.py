@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Span, accum_dtype, allowed_mask
+from .base import BlockKernel, Span, accum_dtype, allowed_mask
 
 
 def _scores(q, k, q_span, k_span, causal, scale):
@@ -26,7 +26,7 @@ def _probs(s, lse):
     return torch.exp(s - torch.where(finite, lse, 0.0)[..., None]) * finite[..., None]
 
 
-class MathKernel:
+class MathKernel(BlockKernel):
     name = "math"
 
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool:

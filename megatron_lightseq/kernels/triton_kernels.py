@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .base import Span, positions
+from .base import BlockKernel, Span, positions
 
 GRANULE = 16
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -307,7 +306,7 @@ def _rows_per_program(d: int) -> int:
 
 
 def merge_into(out_BSHD: torch.Tensor, lse_BHS: torch.Tensor, part_BSHD: torch.Tensor, part_lse_BHS: torch.Tensor):
-    """merge.merge_into as one Triton kernel (fp32 accumulators, last dims contiguous)."""
+    """merge.merge_into's rule as one Triton kernel (fp32 accumulators, last dims contiguous)."""
     b, s, h, d = out_BSHD.shape
     assert out_BSHD.dtype == lse_BHS.dtype == torch.float32 and out_BSHD.stride(-1) == part_BSHD.stride(-1) == 1
     block_s = _rows_per_program(d)
@@ -316,7 +315,7 @@ def merge_into(out_BSHD: torch.Tensor, lse_BHS: torch.Tensor, part_BSHD: torch.T
         *part_BSHD.stride()[:3], *part_lse_BHS.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
 
 
-class TritonKernel:
+class TritonKernel(BlockKernel):
     name = "triton"
 
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool:

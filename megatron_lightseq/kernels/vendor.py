@@ -8,9 +8,12 @@ K/V heads as query heads, and the repeated heads' gradients summed back onto the
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .base import Span, mask_kind
+from .base import BlockKernel, Span, mask_kind
+from .math import MathKernel
 
 
 def bhsd(x: torch.Tensor) -> torch.Tensor:
@@ -30,14 +33,21 @@ def sum_repeated(grad: torch.Tensor, nheads_kv: int) -> torch.Tensor:
     return grad if h == nheads_kv else grad.reshape(b, s, nheads_kv, h // nheads_kv, d).sum(3)
 
 
-def _any_mask_kernel(q: torch.Tensor, k: torch.Tensor):
-    from . import _FACTORIES, get_kernel  # the registry imports this module: import lazily
-    if "triton" in _FACTORIES and get_kernel("triton").supports(q, k):
-        return get_kernel("triton")
-    return get_kernel("math")
+@functools.cache
+def _any_mask_kernels() -> tuple[BlockKernel, ...]:
+    """Kernels that take any positions, in order of preference: Triton's where it imports, math."""
+    try:  # optional
+        from .triton_kernels import TritonKernel
+    except ImportError:
+        return (MathKernel(),)
+    return TritonKernel(), MathKernel()
 
 
-class FixedMaskKernel:
+def _any_mask_kernel(q: torch.Tensor, k: torch.Tensor) -> BlockKernel:
+    return next(kernel for kernel in _any_mask_kernels() if kernel.supports(q, k))
+
+
+class FixedMaskKernel(BlockKernel):
     """Base of adapters: subclasses define ``_forward(q, k, v, causal, scale) -> (out, lse_BHS)``
     and ``_backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)`` for full or top-left
     causal blocks, tensors [B, S, H, D] (K/V with G heads)."""

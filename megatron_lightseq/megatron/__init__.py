@@ -8,8 +8,8 @@ import importlib
 _WHERE = {
     "register": "backend", "lightseq_backend": "backend", "with_lightseq_attention": "backend",
     "get_batch_on_this_cp_rank": "batch",
-    "LightSeqConfig": "config", "active_config": "config", "add_lightseq_args": "config", "configure": "config",
-    "parse_lightseq_args": "config",
+    "LightSeqConfig": "config", "add_lightseq_args": "config", "parse_lightseq_args": "config",
+    "settings_of": "config",
     "LightSeqAttention": "core_attention",
     "setup": "prepare",
 }

@@ -4,8 +4,12 @@
   (Megatron builds the flag's choices from the enum) and checkpoints that pickled it load.
 - ``GPTModel.__init__`` is wrapped: when ``config.attention_backend`` is lightseq, every
   self-attention's ``core_attention`` slot in the given spec (local or TransformerEngine, dense or
-  MoE block spec, MTP block spec) is set to :class:`LightSeqAttention` before the model is built,
-  and the rotary positions follow the layout. Models with other backends are untouched.
+  MoE block spec, MTP block spec) is set to :class:`LightSeqAttention`, with the model's settings
+  as its ModuleSpec params, before the model is built, and the rotary positions follow the
+  layout. Models with other backends are untouched.
+
+The model's settings: ``config.lightseq`` (a LightSeqConfig on its TransformerConfig) if set, else
+the ones given to :func:`register` (the command line's ``--lightseq-*`` flags, via ``setup()``).
 """
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .batch import follow_layout
+from .config import LightSeqConfig, settings_of
 from .core_attention import LightSeqAttention
-from .versions import training_args
+from .positions import follow_layout
 
 NAME = "lightseq"
 # A string, not the next integer: it can never collide with a backend Megatron adds later.
@@ -44,14 +48,9 @@ def lightseq_backend():
     return AttnBackend[NAME]
 
 
-def lightseq_active() -> bool:
-    """True unless Megatron-LM's parsed arguments name another attention backend."""
-    args = training_args()
-    return args is None or getattr(args, "attention_backend", None) == AttnBackend[NAME]
-
-
-def with_lightseq_attention(spec):
-    """A copy of ``spec`` with LightSeqAttention in every self-attention's core_attention slot."""
+def with_lightseq_attention(spec, settings: LightSeqConfig):
+    """A copy of ``spec`` with LightSeqAttention, built with ``settings``, in every self-attention's
+    core_attention slot."""
     spec = copy.deepcopy(spec)
     found = []
 
@@ -66,7 +65,7 @@ def with_lightseq_attention(spec):
                 if type(node) is not SelfAttentionSubmodules:
                     raise NotImplementedError(
                         f"the lightseq backend replaces plain self-attention only, found {type(node).__name__}")
-                node.core_attention = LightSeqAttention
+                node.core_attention = ModuleSpec(module=LightSeqAttention, params={"settings": settings})
                 found.append(node)
             for f in dataclasses.fields(node):
                 visit(getattr(node, f.name))
@@ -86,20 +85,26 @@ def _wrap_gpt_init(init):
         config = bound.arguments["config"]
         active = getattr(config, "attention_backend", None) == AttnBackend[NAME]
         if active:
-            bound.arguments["transformer_layer_spec"] = with_lightseq_attention(bound.arguments["transformer_layer_spec"])
-            if bound.arguments.get("mtp_block_spec") is not None:
-                bound.arguments["mtp_block_spec"] = with_lightseq_attention(bound.arguments["mtp_block_spec"])
+            settings = settings_of(config) or __init__.lightseq_defaults
+            for name in ("transformer_layer_spec", "mtp_block_spec"):
+                if bound.arguments.get(name) is not None:
+                    bound.arguments[name] = with_lightseq_attention(bound.arguments[name], settings)
         init(*bound.args, **bound.kwargs)
         if active:
-            follow_layout(self)
+            follow_layout(self, settings.layout)
 
-    __init__.lightseq_wrapped = True
+    __init__.lightseq_defaults = LightSeqConfig()
     return __init__
 
 
-def register() -> None:
+def register(defaults: LightSeqConfig | None = None) -> None:
     """Make ``lightseq`` a Megatron attention backend. Idempotent; call before arguments are parsed
-    (and before a checkpoint that names the backend is loaded)."""
+    (and before a checkpoint that names the backend is loaded). ``defaults``: the settings of models
+    whose TransformerConfig carries none (kept as they were when not given)."""
     _extend_enum(AttnBackend, NAME, VALUE)
-    if not getattr(GPTModel.__init__, "lightseq_wrapped", False):
+    if not hasattr(GPTModel.__init__, "lightseq_defaults"):
         GPTModel.__init__ = _wrap_gpt_init(GPTModel.__init__)
+    if defaults is not None:
+        if not isinstance(defaults, LightSeqConfig):
+            raise ValueError(f"register: defaults must be a LightSeqConfig, got {type(defaults).__name__}")
+        GPTModel.__init__.lightseq_defaults = defaults

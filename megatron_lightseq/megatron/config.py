@@ -1,13 +1,19 @@
 """The plugin's settings: one frozen dataclass and the ``--lightseq-*`` flags that fill it, parsed here
-and nowhere else."""
+and nowhere else.
+
+A model's settings travel with it: a ``LightSeqConfig`` set as the ``lightseq`` attribute of its
+TransformerConfig, else the command line's (``setup()`` hands them to ``register()``); the spec
+rewrite puts them into each core attention's ModuleSpec params. No module global is read when a
+model is built, so models with different settings can live in one process.
+"""
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 
+from ..distattn.layout import LAYOUTS
+from ..distattn.schedules import SCHEDULE_CHOICES
 from ..kernels import kernel_names
-from ..layout import LAYOUTS
-from ..schedules import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,7 @@ class LightSeqConfig:
     instead of running the attention forward again (--lightseq-no-remat turns it off)."""
 
     def __post_init__(self) -> None:
-        choices = {"schedule": SCHEDULES + ("auto",), "layout": LAYOUTS, "kernel": kernel_names()}
+        choices = {"schedule": SCHEDULE_CHOICES, "layout": LAYOUTS, "kernel": kernel_names()}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--lightseq-{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -39,7 +45,7 @@ def add_lightseq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Add the ``--lightseq-*`` flags (usable as Megatron's ``extra_args_provider``)."""
     group = parser.add_argument_group("megatron-lightseq")
     defaults = LightSeqConfig()
-    group.add_argument("--lightseq-schedule", choices=SCHEDULES + ("auto",), default=defaults.schedule,
+    group.add_argument("--lightseq-schedule", choices=SCHEDULE_CHOICES, default=defaults.schedule,
                        help="DistAttn schedule (default: auto, the cheapest plan for the layout)")
     group.add_argument("--lightseq-layout", choices=LAYOUTS, default=defaults.layout,
                        help="token layout over the context-parallel group (default: zigzag, Megatron's own)")
@@ -66,16 +72,9 @@ def parse_lightseq_args(argv: list[str]) -> tuple[LightSeqConfig, list[str]]:
     return config_from_namespace(ns), rest
 
 
-_active = LightSeqConfig()
-
-
-def configure(config: LightSeqConfig) -> None:
-    """Set the settings that core attentions built from now on will use."""
-    global _active
-    if not isinstance(config, LightSeqConfig):
-        raise ValueError(f"expected a LightSeqConfig, got {type(config).__name__}")
-    _active = config
-
-
-def active_config() -> LightSeqConfig:
-    return _active
+def settings_of(transformer_config) -> LightSeqConfig | None:
+    """The settings a TransformerConfig carries (its ``lightseq`` attribute), or None."""
+    settings = getattr(transformer_config, "lightseq", None)
+    if settings is not None and not isinstance(settings, LightSeqConfig):
+        raise ValueError(f"TransformerConfig.lightseq must be a LightSeqConfig, got {type(settings).__name__}")
+    return settings

@@ -2,7 +2,8 @@
 
 Megatron's contract: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` (RoPE already
 applied, np/ng the heads on this tensor-parallel rank) -> ``[sq, b, np * hn]``. The sequence is
-this rank's share of the context-parallel group's sequence, in the configured layout.
+this rank's share of the context-parallel group's sequence, in the layout of its settings (which
+the spec rewrite passes as ModuleSpec params).
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from ..api import dist_attn, dist_attn_from_saved
-from .config import active_config
+from ..distattn import dist_attn, dist_attn_from_saved
+from .config import LightSeqConfig
 from .remat import AttentionStash
 from .versions import cp_group_from, is_checkpointing
 
@@ -21,7 +22,7 @@ _SUPPORTED_MASKS = (AttnMaskType.causal, AttnMaskType.no_mask)
 class LightSeqAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
                  cp_comm_type: str | None = None, softmax_scale: float | None = None, pg_collection=None,
-                 **kwargs) -> None:
+                 settings: LightSeqConfig = LightSeqConfig(), **kwargs) -> None:
         super().__init__(config=config)
         if attention_type != "self":
             raise NotImplementedError(f"the lightseq backend does self-attention only, got {attention_type!r}")
@@ -33,7 +34,7 @@ class LightSeqAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
         self.cp_group = cp_group_from(pg_collection, kwargs)
-        self.settings = active_config()
+        self.settings = settings
         self.stash = AttentionStash()
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,

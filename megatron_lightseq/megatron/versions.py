@@ -6,9 +6,6 @@ import importlib
 
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import is_checkpointing  # noqa: F401 (0.14 .. 0.19)
-from megatron.core.package_info import __version__ as MCORE_VERSION
-
-MCORE_MAJOR_MINOR = tuple(int(x) for x in MCORE_VERSION.split(".")[:2])
 
 # Modules through which pretrain_gpt.py reaches Megatron's CP batch split: 0.16's script imports
 # it from megatron.training.utils (a re-export), 0.19's from megatron.core.utils.

@@ -11,7 +11,7 @@ import dataclasses
 import json
 
 from .model import MODELS, Machine
-from .report import as_dict, recommend, rows_for
+from .report import recommend, rows_for
 
 
 def parse_tokens(text: str) -> int:
@@ -68,7 +68,6 @@ def parse_args(argv=None):
 
 
 def _table(model, args, machine, by_seq) -> str:
-    budget = machine.gpu_memory_gib * 2**30 * machine.usable_fraction
     lines = [f"{model.name}: {model.layers} layers, hidden {model.hidden}, {model.heads} heads, {model.kv_heads} KV "
              f"heads; {args.gpus} GPUs, {args.gpus_per_node} per node; batch 1, bf16, full recompute; "
              f"{'params+grads+optimizer sharded (FSDP)' if args.fsdp else 'optimizer sharded (distributed optimizer)'}",
@@ -76,7 +75,7 @@ def _table(model, args, machine, by_seq) -> str:
              f"{'max seq':>8}"]
     for seq, rows in by_seq.items():
         for r in rows:
-            fits = "" if r.memory_bytes <= budget else " (OOM)"
+            fits = "" if r.memory_bytes <= machine.budget_bytes else " (OOM)"
             lines.append(f"{seq // 1024:>5}K {r.system:<26} {r.traffic_bytes / 2**20:>13.1f} {r.steps:>5} "
                          f"{r.seconds * 1e3:>9.2f} {r.memory_bytes / 2**30:>8.1f} {r.max_seq // 1024:>7}K{fits}")
         best = recommend(rows, machine)
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"model": dataclasses.asdict(model), "machine": dataclasses.asdict(machine),
                           "gpus": args.gpus, "gpus_per_node": args.gpus_per_node,
-                          "rows": [as_dict(r) for rows in by_seq.values() for r in rows],
+                          "rows": [dataclasses.asdict(r) for rows in by_seq.values() for r in rows],
                           "recommended": {seq: recommend(rows, machine).system for seq, rows in by_seq.items()}},
                          indent=1))
     else:

@@ -42,13 +42,12 @@ def tp_memory(model: ModelSpec, seq: int, gpus: int, *, sequence_parallel: bool,
 
 def max_sequence(memory_of, m: Machine, granularity: int) -> int:
     """The longest multiple of ``granularity`` tokens whose memory fits (0 if none)."""
-    budget = m.gpu_memory_gib * 2**30 * m.usable_fraction
     lo, hi = 0, granularity
-    while memory_of(hi) <= budget:
+    while memory_of(hi) <= m.budget_bytes:
         lo, hi = hi, hi * 2
         if hi > 2**26:
             return lo
     while hi - lo > granularity:
         mid = (lo + hi) // 2 // granularity * granularity
-        lo, hi = (mid, hi) if memory_of(mid) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if memory_of(mid) <= m.budget_bytes else (lo, mid)
     return lo

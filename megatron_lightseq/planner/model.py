@@ -50,6 +50,11 @@ class Machine:
     attn_full: tuple = ((1024, 120.0), (2048, 234.0), (4096, 290.0), (8192, 309.0), (32768, 323.0))
     attn_diag: tuple = ((1024, 64.0), (2048, 150.0), (4096, 230.0), (8192, 285.0), (32768, 325.0))
 
+    @property
+    def budget_bytes(self) -> float:
+        """What a GPU may hold for the model and its activations."""
+        return self.gpu_memory_gib * 2**30 * self.usable_fraction
+
     def attn_tflops(self, tokens: int, diagonal: bool) -> float:
         """Interpolated (in log2 of the block size) from the measured table; flat outside it."""
         import math

@@ -1,9 +1,9 @@
 """The comparison table the ``plan`` command prints, as data: one row per (sequence, system)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from ..schedules import build_plan
+from ..distattn.schedules import build_plan
 from .memory import lightseq_memory, max_sequence, tp_memory
 from .model import Machine, ModelSpec
 from .timing import lightseq_seconds, tp_degree, tp_seconds
@@ -59,11 +59,7 @@ def rows_for(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machi
 
 def recommend(rows: list[Row], m: Machine) -> Row:
     """The fastest LightSeq variant that fits (or the one that fits the longest sequence)."""
-    budget = m.gpu_memory_gib * 2**30 * m.usable_fraction
     ours = [r for r in rows if r.system.startswith("lightseq")]
-    fitting = [r for r in ours if r.memory_bytes <= budget]
+    fitting = [r for r in ours if r.memory_bytes <= m.budget_bytes]
     return min(fitting, key=lambda r: r.seconds) if fitting else max(ours, key=lambda r: r.max_seq)
 
-
-def as_dict(row: Row) -> dict:
-    return asdict(row)

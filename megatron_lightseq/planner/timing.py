@@ -8,8 +8,8 @@ remat skips the attention forward in the recompute, the others repeat it.
 """
 from __future__ import annotations
 
-from ..plan import Plan, payload_bytes
-from ..schedules import build_plan
+from ..distattn.plan import Plan, chunk_pair_work, payload_bytes
+from ..distattn.schedules import build_plan
 from .model import Machine, ModelSpec
 from .traffic import attention_shape, tp_collectives, _ring_bytes
 
@@ -23,11 +23,10 @@ def _block_seconds(plan: Plan, block, chunk: int, model: ModelSpec, m: Machine) 
     tokens = chunk * len(block.q_chunks)
     for qc in block.q_chunks:
         for kc in block.kv_chunks:
-            if kc > qc and plan.causal:
-                continue
-            diagonal = kc == qc and plan.causal
-            flops = 3.5 * 4 * chunk * chunk * model.headdim * model.heads * (0.5 if diagonal else 1.0)
-            seconds += flops / (m.attn_tflops(tokens, diagonal) * 1e12)
+            work = chunk_pair_work(plan.causal, qc, kc)
+            if work:
+                flops = 3.5 * 4 * chunk * chunk * model.headdim * model.heads * work
+                seconds += flops / (m.attn_tflops(tokens, diagonal=work < 1) * 1e12)
     return seconds
 
 

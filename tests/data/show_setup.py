@@ -5,12 +5,12 @@ import sys
 import megatron.core.utils as core_utils
 from megatron.core.transformer.enums import AttnBackend
 
-import megatron_lightseq.megatron as mlm
+from megatron.core.models.gpt.gpt_model import GPTModel
 
 print(json.dumps({
     "argv": sys.argv[1:],
     "backends": [b.name for b in AttnBackend],
-    "config": vars(mlm.active_config()) if hasattr(mlm.active_config(), "__dict__") else str(mlm.active_config()),
+    "config": str(GPTModel.__init__.lightseq_defaults),  # the settings of models built from now on
     "batch_split_wired": hasattr(core_utils.get_batch_on_this_cp_rank, "lightseq_original"),
     "main": __name__,
 }))

@@ -10,16 +10,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
-from .kernels import kernel_names, resolve_kernel
+from ..kernels import kernel_names, resolve_kernel
+from .exchange import Exchange
 from .layout import LAYOUTS, chunks_per_rank
-from .schedules import SCHEDULES
+from .schedules import SCHEDULE_CHOICES
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _FIELDS = ("batch", "seqlen_local", "nheads", "nheads_kv", "headdim", "dtype", "layout", "schedule",
            "causal", "softmax_scale")
-_SCHEDULE_NAMES = SCHEDULES + ("auto",)
 
 
 def local_problem(q, k, v, *, layout, schedule, causal, softmax_scale, kernel) -> str | None:
@@ -45,8 +44,8 @@ def local_problem(q, k, v, *, layout, schedule, causal, softmax_scale, kernel) -
         return f"nheads ({h}) must be a multiple of nheads_kv ({k.shape[2]})"
     if layout not in LAYOUTS:
         return f"layout must be one of {LAYOUTS}, got {layout!r}"
-    if schedule not in _SCHEDULE_NAMES:
-        return f"schedule must be one of {_SCHEDULE_NAMES}, got {schedule!r}"
+    if schedule not in SCHEDULE_CHOICES:
+        return f"schedule must be one of {SCHEDULE_CHOICES}, got {schedule!r}"
     if kernel not in kernel_names():
         return f"kernel must be one of {kernel_names()}, got {kernel!r}"
     if not isinstance(causal, bool):
@@ -71,28 +70,24 @@ def _signature(q, k, problem, *, layout, schedule, causal, softmax_scale) -> lis
         return [1.0] + [0.0] * len(_FIELDS)
     b, s, h, d = q.shape
     return [0.0, b, s, h, k.shape[2], d, _DTYPES.index(q.dtype), LAYOUTS.index(layout),
-            _SCHEDULE_NAMES.index(schedule), float(causal), float(softmax_scale or 0.0)]
+            SCHEDULE_CHOICES.index(schedule), float(causal), float(softmax_scale or 0.0)]
 
 
 def _show(field: str, value: float) -> str:
-    names = {"dtype": _DTYPES, "layout": LAYOUTS, "schedule": _SCHEDULE_NAMES}.get(field)
+    names = {"dtype": _DTYPES, "layout": LAYOUTS, "schedule": SCHEDULE_CHOICES}.get(field)
     return str(names[int(value)]) if names else f"{value:g}"
 
 
-def check_inputs(q, k, v, *, group, world_size, layout, schedule, causal, softmax_scale, kernel) -> None:
-    """Raise ValueError, on every rank of ``group`` together, if any rank's inputs are bad."""
+def check_inputs(q, k, v, *, exchange: Exchange, layout, schedule, causal, softmax_scale, kernel) -> None:
+    """Raise ValueError, on every rank of the exchange's group together, if any rank's inputs are bad."""
     problem = local_problem(q, k, v, layout=layout, schedule=schedule, causal=causal,
                             softmax_scale=softmax_scale, kernel=kernel)
-    if world_size == 1:
+    if exchange.world_size == 1:
         if problem:
             raise ValueError(problem)
         return
     sig = _signature(q, k, problem, layout=layout, schedule=schedule, causal=causal, softmax_scale=softmax_scale)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    mine = torch.tensor(sig, dtype=torch.float64, device=device)
-    every = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine, group=group)
-    rows = [row.tolist() for row in every]
+    rows = exchange.agree(sig)
     if problem:
         raise ValueError(problem)
     bad = [r for r, row in enumerate(rows) if row[0]]

@@ -1,24 +1,22 @@
-"""The main job until the Megatron demo exists: dist_attn on local gloo ranks, every layout and
-schedule, checked against a float64 oracle, with the plan's traffic measured and predicted.
+"""dist_attn alone, without Megatron: every layout and schedule on local gloo ranks, checked
+against a float64 oracle, with the plan's traffic measured and predicted.
 
-    python -m megatron_lightseq demo [--world-size 4] [--tokens 2048] ...
+    python -m megatron_lightseq attn-demo [--world-size 4] [--tokens 2048] ...
 """
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
-SCHEDULE_NAMES = ("ring", "lightseq", "auto")
+from ..distattn.schedules import SCHEDULE_CHOICES
+from .launch import Place, RanksFailed, run_local
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megatron_lightseq demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m megatron_lightseq attn-demo", description=__doc__.splitlines()[0])
     p.add_argument("--world-size", type=int, default=4, help="local gloo ranks")
     p.add_argument("--tokens", type=int, default=2048, help="whole sequence length")
     p.add_argument("--heads", type=int, default=4)
@@ -32,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _oracle(args, dtype):
     """Inputs (in ``dtype``) and the float64 whole-sequence (out, dq, dk, dv), same on every rank."""
-    from .kernels.math import MathKernel
+    from ..kernels.math import MathKernel
 
     g = torch.Generator().manual_seed(0)
     n, h, hkv, d = args.tokens, args.heads, args.kv_heads, args.headdim
@@ -45,12 +43,14 @@ def _oracle(args, dtype):
     return (q, k, v, dout), (out, *grads)
 
 
-def _rank_main(rank: int, args, init_file: str, conn) -> None:
+def _rank_main(place: Place, args) -> list[dict]:
     import megatron_lightseq as mls
-    from .executor import shape_of
+    from ..distattn.call import resolve_plan
+    from ..distattn.plan import Shape
 
+    rank = place.rank
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=args.world_size)
+    dist.init_process_group("gloo", init_method=place.init_method, rank=rank, world_size=place.world_size)
     dtype = getattr(torch, args.dtype)
     inputs, expected = _oracle(args, dtype)
     rows = []
@@ -58,7 +58,7 @@ def _rank_main(rank: int, args, init_file: str, conn) -> None:
         local = lambda x: mls.shard(x, layout=layout, rank=rank, world_size=args.world_size)
         q, k, v, dout = (local(x).to(dtype) for x in inputs)
         q, k, v = (x.requires_grad_() for x in (q, k, v))
-        for schedule in SCHEDULE_NAMES:
+        for schedule in SCHEDULE_CHOICES:
             for _ in range(2):  # the first call also opens gloo's connections between new pairs
                 dist.barrier()
                 start = time.perf_counter()
@@ -68,20 +68,14 @@ def _rank_main(rank: int, args, init_file: str, conn) -> None:
                     grads = torch.autograd.grad(out, (q, k, v), dout)
                 seconds = time.perf_counter() - start
             errors = [(a.double() - local(b)).abs().max().item() for a, b in zip((out, *grads), expected)]
-            chosen = mls.choose_schedule(layout, args.world_size, args.causal, shape_of(q, k)) \
-                if schedule == "auto" else schedule
-            plan = mls.build_plan(chosen, layout=layout, world_size=args.world_size, causal=args.causal)
+            plan = resolve_plan(Shape.of(q, k), world_size=args.world_size, layout=layout, schedule=schedule,
+                                causal=args.causal)
             predicted = plan.bytes_sent(rank, batch=1, seqlen_local=q.shape[1], nheads=args.heads,
                                         nheads_kv=args.kv_heads, headdim=args.headdim, dtype=dtype)
-            rows.append(dict(layout=layout, schedule=schedule if schedule != "auto" else f"auto={chosen}",
+            rows.append(dict(layout=layout, schedule=schedule if schedule != "auto" else f"auto={plan.schedule}",
                              steps=plan.compute_steps, err_out=errors[0], err_grad=max(errors[1:]),
                              sent=t.bytes_sent, predicted=predicted, seconds=seconds))
-    gathered = [None] * args.world_size
-    dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        conn.send(gathered)
-    dist.barrier()
-    dist.destroy_process_group()
+    return rows
 
 
 def _table(per_rank: list[list[dict]], args) -> str:
@@ -102,18 +96,10 @@ def _table(per_rank: list[list[dict]], args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        parent, child = ctx.Pipe(duplex=False)
-        procs = [ctx.Process(target=_rank_main, args=(r, args, os.path.join(tmp, "store"), child))
-                 for r in range(args.world_size)]
-        for p in procs:
-            p.start()
-        per_rank = parent.recv() if parent.poll(600) else None
-        for p in procs:
-            p.join(timeout=60)
-    if per_rank is None or any(p.exitcode not in (0, None) for p in procs):
-        print("demo failed: a rank exited without results")
+    try:
+        per_rank = run_local(_rank_main, args.world_size, args, timeout=600)
+    except RanksFailed as e:
+        print(f"attn-demo failed:\n{e}")
         return 1
     print(_table(per_rank, args))
     return 0

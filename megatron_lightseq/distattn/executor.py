@@ -11,28 +11,25 @@ from collections.abc import Callable
 
 import torch
 
-from .comm import Exchange, Pending
-from .kernels.base import BlockKernel, accum_dtype, span_of
-from .merge import merge_into
+from ..kernels.base import accum_dtype, span_of
+from ..kernels.merge import merge_into
+from .call import Call
+from .exchange import Exchange, Pending
 from .plan import INPUT_KINDS, Block, Payload, Plan, Shape, Steps, payload_tensors
 from .trace import count
 
 Tensors = tuple[torch.Tensor, ...]
 
 
-def shape_of(q: torch.Tensor, k: torch.Tensor) -> Shape:
-    b, s, h, d = q.shape
-    return Shape(batch=b, seqlen_local=s, nheads=h, nheads_kv=k.shape[2], headdim=d, dtype=q.dtype)
-
-
 class _RankRun:
     """State of one rank while it walks the steps of one phase."""
 
-    def __init__(self, plan: Plan, steps: Steps, rank: int, exchange: Exchange, shape: Shape,
-                 local: dict[str, Tensors], q_kind: str) -> None:
-        self.plan, self.steps, self.rank, self.exchange, self.shape = plan, steps, rank, exchange, shape
+    def __init__(self, plan: Plan, steps: Steps, exchange: Exchange, shape: Shape, local: dict[str, Tensors],
+                 q_kind: str) -> None:
+        self.plan, self.steps, self.exchange, self.shape = plan, steps, exchange, shape
+        self.rank = exchange.rank
         self.q_kind = q_kind  # how queries travel in this phase: "q" forward, "qg" backward
-        self.chunk_len = shape.seqlen_local // len(plan.owned(rank))
+        self.chunk_len = shape.seqlen_local // len(plan.owned(self.rank))
         self.local = local  # kind -> this rank's own tensors for that kind (whole local sequence)
         self.held: dict[tuple[str, int], tuple[Payload, Tensors]] = {}  # received inputs
         self.results: dict[Payload, Tensors] = {}  # computed for other ranks, not yet sent
@@ -126,57 +123,52 @@ def _spans(run: _RankRun, b: Block):
     return dict(q_span=span_of(b.q_chunks, run.chunk_len), k_span=span_of(b.kv_chunks, run.chunk_len))
 
 
-def run_forward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, q, k, v, *,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def run_forward(call: Call, exchange: Exchange, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (out_BSHD, lse_BHS) of attention over the whole sequence."""
-    return drive(forward_steps(plan, rank, exchange, kernel, q, k, v, scale=scale))
+    return drive(forward_steps(call, exchange, q, k, v))
 
 
-def forward_steps(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, q, k, v, *, scale: float):
+def forward_steps(call: Call, exchange: Exchange, q, k, v):
     """run_forward as a generator (see _RankRun.run)."""
-    shape = shape_of(q, k)
+    plan, kernel, rank = call.plan, call.kernel, exchange.rank
+    shape = Shape.of(q, k)
     acc = accum_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((shape.batch, shape.nheads, shape.seqlen_local), float("-inf"), dtype=acc, device=q.device)
-    run = _RankRun(plan, plan.forward, rank, exchange, shape, {"q": (q,), "kv": (k, v)}, "q")
+    run = _RankRun(plan, plan.forward, exchange, shape, {"q": (q,), "kv": (k, v)}, "q")
     owned = plan.owned(rank)
-
-    def merge(chunks, part_out, part_lse):
-        sl = run.rows(chunks, owned)
-        merge_into(out[:, sl], lse[:, :, sl], part_out, part_lse)
-
-    fused = getattr(kernel, "forward_into", None) if acc == torch.float32 else None
 
     def compute(b: Block) -> None:
         (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
-        if b.q_owner == rank and fused is not None:  # the kernel merges into the accumulators itself
-            sl = run.rows(b.q_chunks, owned)
-            fused(q_, k_, v_, out[:, sl], lse[:, :, sl], causal=plan.causal, scale=scale, **_spans(run, b))
-            return
-        o, l = kernel.forward(q_, k_, v_, causal=plan.causal, scale=scale, **_spans(run, b))
+        block = dict(causal=plan.causal, scale=call.scale, **_spans(run, b))
         if b.q_owner == rank:
-            merge(b.q_chunks, o, l)
+            sl = run.rows(b.q_chunks, owned)
+            kernel.forward_into(q_, k_, v_, out[:, sl], lse[:, :, sl], **block)
         else:
+            o, l = kernel.forward(q_, k_, v_, **block)
             run.results[Payload("o", b.q_owner, b.q_chunks)] = (o, l.to(acc))
 
-    yield from run.run(compute, lambda p, tensors: merge(p.chunks, *tensors))
+    def absorb(p: Payload, tensors: Tensors) -> None:  # a helper's partial result for our queries
+        sl = run.rows(p.chunks, owned)
+        merge_into(out[:, sl], lse[:, :, sl], *tensors)
+
+    yield from run.run(compute, absorb)
     count(forward_calls=1)
     return out.to(q.dtype), lse
 
 
-def run_backward(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, dout, q, k, v, out, lse, *,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_backward(call: Call, exchange: Exchange, dout, q, k, v, out, lse) -> tuple[torch.Tensor, ...]:
     """This rank's (dq, dk, dv) from the saved forward results; the forward is not re-run."""
-    return drive(backward_steps(plan, rank, exchange, kernel, dout, q, k, v, out, lse, scale=scale))
+    return drive(backward_steps(call, exchange, dout, q, k, v, out, lse))
 
 
-def backward_steps(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKernel, dout, q, k, v, out, lse, *,
-                   scale: float):
+def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
     """run_backward as a generator (see _RankRun.run)."""
+    plan, kernel, rank = call.plan, call.kernel, exchange.rank
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     local = {"qg": (q, out, lse, dout), "kv": (k, v)}
-    run = _RankRun(plan, plan.backward, rank, exchange, shape_of(q, k), local, "qg")
+    run = _RankRun(plan, plan.backward, exchange, Shape.of(q, k), local, "qg")
     owned = plan.owned(rank)
 
     def add_dq(chunks, part):
@@ -190,7 +182,7 @@ def backward_steps(plan: Plan, rank: int, exchange: Exchange, kernel: BlockKerne
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)
         k_, v_ = run.take("kv", b.kv_owner, b.kv_chunks)
-        dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, causal=plan.causal, scale=scale, **_spans(run, b))
+        dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, causal=plan.causal, scale=call.scale, **_spans(run, b))
         if b.q_owner == rank:
             add_dq(b.q_chunks, dq_)
         else:

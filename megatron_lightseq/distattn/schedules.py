@@ -14,10 +14,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 from .layout import check_layout, owned_chunks
-from .plan import Block, Payload, Plan, RankStep, Shape, Steps, Transfer
+from .plan import Block, Payload, Plan, RankStep, Shape, Steps, Transfer, chunk_pair_work
 from .plan_check import check_plan
 
 SCHEDULES = ("ring", "lightseq")
+SCHEDULE_CHOICES = SCHEDULES + ("auto",)  # what a user may ask for
 Task = tuple[int, int, Block]  # (step, executing rank, block)
 
 
@@ -29,7 +30,7 @@ def pair_block(layout: str, world_size: int, causal: bool, q_owner: int, kv_owne
     """
     qs = owned_chunks(layout, q_owner, world_size)
     ks = owned_chunks(layout, kv_owner, world_size)
-    need = [(qc, kc) for qc in qs for kc in ks if not causal or kc <= qc]
+    need = [(qc, kc) for qc in qs for kc in ks if chunk_pair_work(causal, qc, kc)]
     if not need:
         return None
     q_chunks = tuple(c for c in qs if any(qc == c for qc, _ in need))
@@ -103,7 +104,7 @@ def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = Tr
     """The validated plan of ``schedule`` ("ring" or "lightseq") for this layout and world size."""
     check_layout(layout)
     if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES + ('auto',)}, got {schedule!r}")
+        raise ValueError(f"schedule must be one of {SCHEDULE_CHOICES}, got {schedule!r}")
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     tasks = (_ring_tasks if schedule == "ring" else _lightseq_tasks)(layout, world_size, causal)

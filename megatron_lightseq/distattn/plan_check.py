@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .plan import INPUT_KINDS, Block, Payload, Plan, Steps
+from .plan import INPUT_KINDS, Block, Payload, Plan, Steps, chunk_pair_work
 
 
 def _is_run(chunks: tuple[int, ...], within: tuple[int, ...]) -> bool:
@@ -23,7 +23,7 @@ def required_pairs(plan: Plan) -> Counter:
     pairs = Counter()
     for qc in range(plan.chunk_count):
         for kc in range(plan.chunk_count):
-            if not plan.causal or kc <= qc:
+            if chunk_pair_work(plan.causal, qc, kc):
                 pairs[qc, kc] += 1
     return pairs
 
@@ -35,7 +35,7 @@ def computed_pairs(plan: Plan, steps: Steps) -> Counter:
             for b in rs.blocks:
                 for qc in b.q_chunks:
                     for kc in b.kv_chunks:
-                        if not plan.causal or kc <= qc:
+                        if chunk_pair_work(plan.causal, qc, kc):
                             pairs[qc, kc] += 1
     return pairs
 

@@ -6,21 +6,33 @@ ranks, CP = world size), then the same model, data and seed with Megatron's tens
     srun ... python -m megatron_lightseq train        # one task per GPU (NCCL), scripts/*.sbatch
 
 Traffic per layer, busiest GPU: LightSeq's measured by trace() (attention transfers), Megatron TP's
-by counting its collectives (ring bytes per GPU; the embedding's and the loss's included), both
-per step divided by the layer count, next to the planner's prediction for one layer.
+by counting its collectives inside the transformer layers (ring bytes per GPU; tp_bytes.py), both
+per step divided by the layer count, next to the planner's prediction for one layer; TP's
+collectives outside the layers (embedding, output layer, loss) are reported apart. Ends with a
+PNG of the losses and the traffic.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import re
 import time
+import warnings
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .launch import Place, run_everywhere
+from .tp_bytes import CollectiveBytes
+
+# Harmless third-party warnings that would break the progress bars, silenced by message: without
+# apex and TransformerEngine megatron-core falls back to torch's norms, optimizers and fused ops;
+# TransformerConfig warns about its own default cuda_graph_scope; Megatron's
+# CUDA_DEVICE_MAX_CONNECTIONS hint is for GPUs.
+QUIET = ("Apex is not installed", "Transformer Engine and Apex are not installed", "full scope is deprecated",
+         "set the environment variable CUDA_DEVICE_MAX_CONNECTIONS")
 
 
 def parse_args(argv=None):
@@ -37,8 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backends", default="lightseq,tp", help="comma list of lightseq, tp")
     p.add_argument("--json", help="write the results here (rank 0)")
+    p.add_argument("--plot", default="lightseq_vs_tp.png", help="the PNG of losses and traffic (rank 0; '' for none)")
     args, rest = p.parse_known_args(argv)
-    from .megatron.config import parse_lightseq_args
+    from ..megatron.config import parse_lightseq_args
 
     args.lightseq, rest = parse_lightseq_args(rest)
     if rest:
@@ -47,39 +60,6 @@ def parse_args(argv=None):
     if not set(args.backends) <= {"lightseq", "tp"}:
         p.error(f"--backends takes lightseq and/or tp, got {args.backends}")
     return args
-
-
-class _CollectiveBytes:
-    """Counts what Megatron's TP collectives send per GPU (ring algorithms), while active."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-
-    def __enter__(self):
-        import megatron.core.tensor_parallel.layers as layers
-        import megatron.core.tensor_parallel.mappings as mappings
-
-        self._saved = [(dist, "all_reduce", dist.all_reduce)] + [
-            (m, name, getattr(m, name)) for m in (layers, mappings)
-            for name in ("dist_all_gather_func", "dist_reduce_scatter_func")]
-        for owner, name, fn in self._saved:
-            setattr(owner, name, self._counting(fn, 2 if name == "all_reduce" else 1, name))
-        return self
-
-    def _counting(self, fn, passes: int, name: str):
-        def counted(*args, group=None, **kwargs):
-            # the whole tensor: all-reduce's, all-gather's output (args[0]), reduce-scatter's input
-            tensor = args[1] if name == "dist_reduce_scatter_func" else args[0]
-            size = group.size() if group is not None else dist.get_world_size()
-            if size > 1:
-                self.bytes += passes * tensor.numel() * tensor.element_size() * (size - 1) // size
-            return fn(*args, group=group, **kwargs)
-
-        return counted
-
-    def __exit__(self, *exc):
-        for owner, name, fn in self._saved:
-            setattr(owner, name, fn)
 
 
 def _data(args, device):
@@ -107,6 +87,7 @@ def _run(place: Place, args, backend: str, device) -> dict:
         num_query_groups=args.kv_heads, use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=tp, context_parallel_size=cp,
         attention_backend=mlm.lightseq_backend() if backend == "lightseq" else AttnBackend.local)
+    config.lightseq = args.lightseq  # the model's settings (megatron/config.py)
     torch.manual_seed(0)  # the same weights for both runs (split by TP where it splits them)
     model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=args.vocab, max_sequence_length=args.seq,
                      position_embedding_type="rope").to(device)
@@ -114,12 +95,15 @@ def _run(place: Place, args, backend: str, device) -> dict:
     group = ps.get_context_parallel_group()
     positions = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
     losses, seconds = [], 0.0
-    counter = _CollectiveBytes() if backend == "tp" else None
+    counter = CollectiveBytes(model.decoder.layers) if backend == "tp" else None
     steps = range(args.steps)
     if place.rank == 0:
         try:
+            from threading import RLock
+
             from tqdm import tqdm
 
+            tqdm.set_lock(RLock())  # not tqdm's default multiprocessing lock, which os._exit would leak
             steps = tqdm(steps, desc=f"{backend} x{world}", leave=False)
         except ImportError:
             pass
@@ -128,7 +112,7 @@ def _run(place: Place, args, backend: str, device) -> dict:
         for step in steps:
             batch = {"tokens": data[step, :, :-1], "labels": data[step, :, 1:], "position_ids": positions}
             if backend == "lightseq":
-                batch = mlm.get_batch_on_this_cp_rank(dict(batch))
+                batch = mlm.get_batch_on_this_cp_rank(dict(batch), layout=args.lightseq.layout)
             dist.barrier()
             start = time.perf_counter()
             opt.zero_grad()
@@ -144,15 +128,18 @@ def _run(place: Place, args, backend: str, device) -> dict:
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - start
             losses.append(loss.item())
-    busiest = torch.tensor([t.bytes_sent if backend == "lightseq" else counter.bytes], dtype=torch.float64,
-                           device=device)
+    sent = (t.bytes_sent, 0) if backend == "lightseq" else (counter.layers_bytes, counter.outside_bytes)
+    busiest = torch.tensor(sent, dtype=torch.float64, device=device)
     dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
-    traffic = busiest.item() / args.steps / args.layers
+    in_layers, outside = busiest.tolist()
     return {"losses": losses, "tokens_per_s": args.steps * args.batch * args.seq / seconds,
-            "bytes_per_layer": traffic, "world": world}
+            "bytes_per_layer": in_layers / args.steps / args.layers, "bytes_outside_layers": outside / args.steps,
+            "world": world}
 
 
 def _rank_main(place: Place, args):
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=".*" + re.escape(message))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(place.local_rank)
@@ -166,7 +153,6 @@ def _rank_main(place: Place, args):
     import megatron_lightseq.megatron as mlm
 
     mlm.register()
-    mlm.configure(args.lightseq)
     device = torch.device("cuda", place.local_rank) if cuda else torch.device("cpu")
     results = {b: _run(place, args, b, device) for b in args.backends}
     dist.barrier()
@@ -175,18 +161,16 @@ def _rank_main(place: Place, args):
 
 
 def _predicted(args, world: int) -> dict:
-    from .planner.model import ModelSpec
-    from .planner.traffic import lightseq_traffic, tp_traffic
+    from ..distattn.call import resolve_plan
+    from ..distattn.plan import Shape
+    from ..planner.model import ModelSpec
+    from ..planner.traffic import lightseq_traffic, tp_traffic
 
     model = ModelSpec("train", layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
                       ffn=4 * args.hidden, vocab=args.vocab, dtype_bytes=4)
-    schedule = args.lightseq.schedule
-    if schedule == "auto":
-        from .plan import Shape
-        from .schedules import choose_schedule
-
-        schedule = choose_schedule(args.lightseq.layout, world, True, Shape(
-            args.batch, args.seq // world, args.heads, args.kv_heads, args.hidden // args.heads, torch.float32))
+    shape = Shape(args.batch, args.seq // world, args.heads, args.kv_heads, args.hidden // args.heads, torch.float32)
+    schedule = resolve_plan(shape, world_size=world, layout=args.lightseq.layout, schedule=args.lightseq.schedule,
+                            causal=True).schedule
     ls = lightseq_traffic(model, args.seq, world, args.lightseq.layout, schedule, recompute=False).total
     return {"lightseq": ls * args.batch, "tp": tp_traffic(model, args.seq, world, sequence_parallel=False,
                                                           recompute=False).total * args.batch}
@@ -208,8 +192,15 @@ def main(argv=None) -> int:
         print(f"{step:>4} " + " ".join(f"{results[n]['losses'][step]:>14.6f}" for n in names))
     for n in names:
         r = results[n]
+        outside = f"; plus {r['bytes_outside_layers'] / 1024:.1f} KiB per step outside the layers " \
+                  "(embedding, output layer, loss)" if r["bytes_outside_layers"] else ""
         print(f"{n:>8}: {r['tokens_per_s']:>10.0f} tokens/s, {r['bytes_per_layer'] / 1024:>9.1f} KiB sent per GPU "
-              f"per layer per step (measured; one layer predicted {predicted[n] / 1024:.1f} KiB)")
+              f"per layer per step (measured; predicted {predicted[n] / 1024:.1f} KiB){outside}")
+    if args.plot:
+        from .train_plot import plot
+
+        plot(args.plot, results, predicted)
+        print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "lightseq"},

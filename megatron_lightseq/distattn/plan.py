@@ -28,6 +28,7 @@ from functools import cached_property
 
 import torch
 
+from ..kernels.base import accum_dtype
 from .layout import chunks_per_rank, owned_chunks
 
 INPUT_KINDS = ("kv", "q", "qg")
@@ -80,10 +81,18 @@ class Shape:
     headdim: int
     dtype: torch.dtype
 
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor) -> "Shape":
+        b, s, h, d = q.shape
+        return cls(batch=b, seqlen_local=s, nheads=h, nheads_kv=k.shape[2], headdim=d, dtype=q.dtype)
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """LSE and merge precision: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+
+def chunk_pair_work(causal: bool, q_chunk: int, kv_chunk: int) -> float:
+    """The share of a full chunk-by-chunk block a (query chunk, key chunk) pair computes: 1, half
+    for a causal diagonal, 0 for keys after the queries under causal (nothing to compute)."""
+    if not causal or kv_chunk < q_chunk:
+        return 1.0
+    return 0.5 if kv_chunk == q_chunk else 0.0
 
 
 def payload_tensors(kind: str, tokens: int, s: Shape) -> tuple[tuple[tuple[int, ...], torch.dtype, int], ...]:
@@ -92,7 +101,7 @@ def payload_tensors(kind: str, tokens: int, s: Shape) -> tuple[tuple[tuple[int, 
     counts come from it, so prediction and measurement cannot drift apart."""
     q = ((s.batch, tokens, s.nheads, s.headdim), s.dtype, 1)
     kv = ((s.batch, tokens, s.nheads_kv, s.headdim), s.dtype, 1)
-    lse = ((s.batch, s.nheads, tokens), lse_dtype(s.dtype), 2)
+    lse = ((s.batch, s.nheads, tokens), accum_dtype(s.dtype), 2)  # LSEs travel as they are merged
     return {
         "kv": (kv, kv),  # k, v
         "q": (q,),
@@ -140,14 +149,7 @@ class Plan:
 
     def block_work(self, block: Block) -> float:
         """Chunk-pairs a block computes (causal diagonal chunks count half)."""
-        work = 0.0
-        for qc in block.q_chunks:
-            for kc in block.kv_chunks:
-                if not self.causal or kc < qc:
-                    work += 1.0
-                elif kc == qc:
-                    work += 0.5
-        return work
+        return sum(chunk_pair_work(self.causal, qc, kc) for qc in block.q_chunks for kc in block.kv_chunks)
 
     def critical_bytes(self, shape: Shape) -> int:
         """Sum over steps, forward and backward, of the most bytes any one rank receives: the

@@ -9,21 +9,20 @@ from .executor import run_backward, run_forward
 
 class DistAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, call, saved):
+    def forward(ctx, q, k, v, call, exchange, saved):
         """``saved``: None to run the forward, or the (out, lse) an earlier forward of the same
         inputs returned, which are then used as they are."""
         if saved is None:
-            out, lse = run_forward(call.plan, call.rank, call.exchange, call.kernel, q, k, v, scale=call.scale)
+            out, lse = run_forward(call, exchange, q, k, v)
         else:
             out, lse = (t.view_as(t) for t in saved)  # new tensor objects: autograd owns these outputs
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call = call
+        ctx.call, ctx.exchange = call, exchange
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        c = ctx.call
-        dq, dk, dv = run_backward(c.plan, c.rank, c.exchange, c.kernel, dout, q, k, v, out, lse, scale=c.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = run_backward(ctx.call, ctx.exchange, dout, q, k, v, out, lse)
+        return dq, dk, dv, None, None, None

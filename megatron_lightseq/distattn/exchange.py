@@ -1,0 +1,138 @@
+"""The exchange between the ranks of a sequence-parallel group: one interface, two transports.
+
+- :class:`GroupExchange`: point-to-point ops over a ``torch.distributed`` process group. Plans
+  speak in group ranks; this is the one place they become global ranks, as point-to-point ops
+  require.
+- :class:`VirtualExchange`: P virtual ranks in one process (emulate.py); a send is a device copy
+  into a mailbox.
+
+Both count every byte in :meth:`Exchange.post` and offer :meth:`Exchange.agree`, the one
+collective the input checks use: every rank's small vector of numbers.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+from .trace import count
+
+Batch = Sequence[tuple[int, Sequence[torch.Tensor]]]  # (group rank of the peer, tensors)
+
+
+class Pending:
+    """Transfers in flight; ``wait()`` blocks until all are done."""
+
+    def __init__(self, works: list, keep: object = None) -> None:
+        self._works = works
+        self._keep = keep  # tensors being sent: alive until the transfer is done
+
+    def wait(self) -> None:
+        for w in self._works:
+            w.wait()
+        self._works = []
+        self._keep = None
+
+
+class Exchange(ABC):
+    rank: int
+    world_size: int
+
+    def post(self, sends: Batch, recvs: Batch) -> Pending:
+        """Start sending/receiving each (group rank, tensors) pair, in the order given.
+
+        Both sides list the tensors between a pair of ranks in the same order, which is what
+        pairs them up (NCCL ignores tags).
+        """
+        count(bytes_sent=sum(t.numel() * t.element_size() for _, ts in sends for t in ts),
+              bytes_received=sum(t.numel() * t.element_size() for _, ts in recvs for t in ts))
+        return self._post(sends, recvs)
+
+    @abstractmethod
+    def _post(self, sends: Batch, recvs: Batch) -> Pending: ...
+
+    @abstractmethod
+    def agree(self, values: Sequence[float]) -> list[list[float]]:
+        """Every rank's ``values`` (same length on every rank), in rank order."""
+
+
+@lru_cache(maxsize=64)
+def _global_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
+    """Global rank of each group rank; looked up once per group, not on every call."""
+    if group is None:  # single process, nothing to talk to
+        return (0,)
+    return tuple(dist.get_global_rank(group, r) for r in range(dist.get_world_size(group)))
+
+
+class GroupExchange(Exchange):
+    """Over ``group``; None means the default group, or a single process when torch.distributed
+    is not initialised."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        if group is None and dist.is_available() and dist.is_initialized():
+            group = dist.group.WORLD
+        self.group = group
+        self._global = _global_ranks(group)
+        self.rank = 0 if group is None else dist.get_rank(group)
+        self.world_size = len(self._global)
+
+    def _post(self, sends: Batch, recvs: Batch) -> Pending:
+        ops = [dist.P2POp(dist.isend, t, self._global[peer], self.group) for peer, ts in sends for t in ts]
+        ops += [dist.P2POp(dist.irecv, t, self._global[peer], self.group) for peer, ts in recvs for t in ts]
+        if not ops:
+            return Pending([])
+        return Pending(dist.batch_isend_irecv(ops), keep=sends)
+
+    def agree(self, values: Sequence[float]) -> list[list[float]]:
+        if self.world_size == 1:
+            return [list(values)]
+        # NCCL gathers only device tensors; gloo only host ones.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else "cpu"
+        mine = torch.tensor(values, dtype=torch.float64, device=device)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine, group=self.group)
+        return [row.tolist() for row in every]
+
+
+class Mailbox:
+    """Tensors in flight between virtual ranks, in order per (src, dst) pair."""
+
+    def __init__(self) -> None:
+        self.queues: dict[tuple[int, int], deque] = defaultdict(deque)
+
+    def empty(self) -> bool:
+        return not any(self.queues.values())
+
+
+class _Delivery(Pending):
+    def __init__(self, mailbox: Mailbox, rank: int, recvs: Batch) -> None:
+        super().__init__([])
+        self._mailbox, self._rank, self._recvs = mailbox, rank, recvs
+
+    def wait(self) -> None:
+        for peer, buffers in self._recvs:
+            for buf in buffers:
+                buf.copy_(self._mailbox.queues[peer, self._rank].popleft())
+        self._recvs = []
+
+
+class VirtualExchange(Exchange):
+    """One virtual rank of ``world_size`` sharing ``mailbox``. The ranks must run in lockstep
+    (every rank posts a step before any waits on it), as emulate.py drives them."""
+
+    def __init__(self, mailbox: Mailbox, rank: int, world_size: int) -> None:
+        self._mailbox, self.rank, self.world_size = mailbox, rank, world_size
+
+    def _post(self, sends: Batch, recvs: Batch) -> Pending:
+        for peer, tensors in sends:
+            for t in tensors:
+                self._mailbox.queues[self.rank, peer].append(t.clone())
+        return _Delivery(self._mailbox, self.rank, recvs)
+
+    def agree(self, values: Sequence[float]) -> list[list[float]]:
+        # Virtual ranks are cut from one call's whole-sequence tensors: they agree by construction.
+        return [list(values)] * self.world_size
