@@ -30,7 +30,10 @@ sys.path.insert(0, ROOT)
 from megatron_lightseq.distattn.emulate import emulate_dist_attn  # noqa: E402
 from megatron_lightseq.kernels import get_kernel, kernel_names, resolve_kernel  # noqa: E402
 from megatron_lightseq.kernels.auto import device_time  # noqa: E402
+from megatron_lightseq.kernels.mask import Mask  # noqa: E402
 from megatron_lightseq.kernels.merge import merge_into  # noqa: E402
+
+CAUSAL = Mask(causal=True)
 
 TARGETS = {"best_vs_cudnn": 0.95, "fused_merge_overhead": 0.03, "emulated_p8_vs_monolithic": 1.15,
            "triton_fwd_vs_cudnn": 0.80, "triton_bwd_vs_cudnn": 0.60}
@@ -100,7 +103,7 @@ def bench_blocks(args, device, dtype, kernels):
                 q, k, v = _inputs(size, size, h, g, args.headdim, dtype, device, requires_grad=True)
                 ref_fwd, ref_bwd = _time_fwd_bwd(_reference(q, k, v, mask == "causal"), (q, k, v), args.reps)
                 q_span, k_span = _block_spans(size, mask)
-                block = dict(q_span=q_span, k_span=k_span, causal=True, scale=args.headdim ** -0.5)
+                block = dict(q_span=q_span, k_span=k_span, mask=CAUSAL, scale=args.headdim ** -0.5)
                 qd, kd, vd = (x.detach() for x in (q, k, v))
                 dout = torch.randn_like(qd)
                 row = dict(size=size, mask=mask, heads=h, heads_kv=g, cudnn_sdpa_fwd_s=ref_fwd,
@@ -127,7 +130,7 @@ def bench_merge(args, device, dtype, kernels):
     size = max(args.sizes) // 8 if not args.smoke else max(args.sizes)
     h, g = args.heads[0]
     q, k, v = _inputs(size, size, h, g, args.headdim, dtype, device)
-    block = dict(q_span=((size, 2 * size),), k_span=((0, size),), causal=True, scale=args.headdim ** -0.5)
+    block = dict(q_span=((size, 2 * size),), k_span=((0, size),), mask=CAUSAL, scale=args.headdim ** -0.5)
     acc_out = torch.randn(q.shape, dtype=torch.float32, device=device)
     acc_lse = torch.randn((1, h, size), dtype=torch.float32, device=device)
     result = dict(size=size, heads=h)

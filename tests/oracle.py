@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from megatron_lightseq.kernels.mask import Mask
+
+CAUSAL, FULL = Mask(causal=True), Mask(causal=False)  # the plain masks, for kernel calls
+
 
 def reference_attention(q, k, v, *, causal: bool, scale: float | None = None):
     """(out_BSHD, lse_BHS) in the inputs' dtype; differentiable through out."""

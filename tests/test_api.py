@@ -45,6 +45,10 @@ def _qkv(**over):
     ({}, dict(kernel="flash3"), "kernel must be one of"),
     ({}, dict(softmax_scale=-1.0), "softmax_scale must be None or a positive"),
     ({}, dict(causal="yes"), "causal must be a bool"),
+    (dict(q=torch.randn(1, 4, 4, 0), k=torch.randn(1, 4, 2, 0), v=torch.randn(1, 4, 2, 0)), {},
+     "batch, nheads and headdim must be positive, got 1, 4 and 0"),
+    (dict(q=torch.randn(1, 4, 0, 8)), {}, "batch, nheads and headdim must be positive, got 1, 0 and 8"),
+    ({}, dict(timeout=0), "timeout must be a positive number of seconds, got 0"),
     (dict(q=torch.randn(1, 3, 4, 8), k=torch.randn(1, 3, 2, 8), v=torch.randn(1, 3, 2, 8)), dict(layout="zigzag"),
      "positive multiple of 2, got 3"),
 ])
@@ -60,8 +64,10 @@ def test_single_process_call_and_trace_scope():
         with mls.trace() as inner:
             out, lse = mls.dist_attn(q, k, v, return_lse=True, softmax_scale=0.5)
         out.sum().backward()
-    assert inner.as_dict() == dict(bytes_sent=0, bytes_received=0, forward_calls=1, backward_calls=0, blocks=1)
-    assert outer.as_dict() == dict(bytes_sent=0, bytes_received=0, forward_calls=1, backward_calls=1, blocks=2)
+    assert inner.as_dict() == dict(bytes_sent=0, bytes_received=0, forward_calls=1, backward_calls=0, blocks=1,
+                                   collectives=0, host_reads=0)
+    assert outer.as_dict() == dict(bytes_sent=0, bytes_received=0, forward_calls=1, backward_calls=1, blocks=2,
+                                   collectives=0, host_reads=0)
     ref_out, ref_lse = reference_attention(q, k, v, causal=True, scale=0.5)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)

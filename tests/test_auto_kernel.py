@@ -1,18 +1,19 @@
-"""kernel="auto": the measured choice per kind of block (a candidate made 60 ms slower per call
-loses on any machine), and the static choice on CPU."""
-import time
-
+"""kernel="auto": the measured choice per kind of block (a candidate charged a second per run
+loses, however loaded the machine), the group's agreed choice, and the static choice on CPU."""
 import torch
 
 from megatron_lightseq.kernels import get_kernel, resolve_kernel
-from megatron_lightseq.kernels.auto import AutoKernel
+from megatron_lightseq.kernels.auto import AutoKernel, device_time
 from megatron_lightseq.kernels.base import BlockKernel
 from megatron_lightseq.kernels.merge import merge_into
+from oracle import CAUSAL
+from harness import run_ranks
 from test_kernels import _inputs
 
 
 class _Slow(BlockKernel):
-    """A kernel that sleeps before each call, counting its calls (its merge is the unfused default)."""
+    """A kernel whose runs :meth:`timer` charges a second each, counting its calls (its merge is
+    the unfused default)."""
 
     def __init__(self, kernel, name: str) -> None:
         self.kernel, self.name, self.calls = kernel, name, 0
@@ -20,9 +21,13 @@ class _Slow(BlockKernel):
     def supports(self, q, k):
         return True
 
+    def timer(self, fn, device):
+        """device_time, plus a second per run of this kernel inside ``fn``."""
+        before = self.calls
+        return device_time(fn, device) + (self.calls - before)
+
     def _slow(self, fn, *args, **kwargs):
         self.calls += 1
-        time.sleep(0.06)  # well above scheduling noise on a loaded 2-core machine
         return fn(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -34,10 +39,10 @@ class _Slow(BlockKernel):
 
 def test_auto_takes_the_measured_fastest_per_block_kind_and_measures_once():
     slow = _Slow(get_kernel("torch"), "slow-torch")
-    auto = AutoKernel([slow, get_kernel("math")])
+    auto = AutoKernel([slow, get_kernel("math")], timer=slow.timer)
     q, k, v, dout = (x.float() for x in _inputs(8, 8, 4, 2, 64))
-    blocks = [dict(q_span=((8, 16),), k_span=((8, 16),), causal=True, scale=0.125),
-              dict(q_span=((8, 16),), k_span=((0, 8),), causal=True, scale=0.125)]
+    blocks = [dict(q_span=((8, 16),), k_span=((8, 16),), mask=CAUSAL, scale=0.125),
+              dict(q_span=((8, 16),), k_span=((0, 8),), mask=CAUSAL, scale=0.125)]
     for _ in range(2):  # the second round looks up what the first measured
         for block in blocks:
             out, lse = auto.forward(q, k, v, **block)
@@ -47,18 +52,19 @@ def test_auto_takes_the_measured_fastest_per_block_kind_and_measures_once():
             torch.testing.assert_close(grads, get_kernel("math").backward(dout, q, k, v, out, lse, **block),
                                        rtol=0, atol=0)
     assert set(auto.choices().values()) == {"math"}
-    assert {key[0] for key in auto.choices()} == {"forward", "backward"}
-    assert {key[-1] for key in auto.choices()} == {"causal", "full"}
+    assert {kind.split("|")[0] for kind in auto.choices()} == {"forward", "backward"}
+    assert {kind.split("|")[-1] for kind in auto.choices()} == {"causal", "full"}
     # measured once per (call, block kind): a warm-up and 3 timed runs; backward inputs made by
     # the first candidate's forward
     assert slow.calls == 2 * 2 * 4 + 2
 
 
 def test_auto_forward_into_merges_like_forward_then_merge():
-    auto = AutoKernel([_Slow(get_kernel("math"), "slow-math"), get_kernel("torch")])
+    slow = _Slow(get_kernel("math"), "slow-math")
+    auto = AutoKernel([slow, get_kernel("torch")], timer=slow.timer)
     q, k, v, _ = (x.float() for x in _inputs(8, 8, 4, 2, 64))
-    block = dict(q_span=((8, 16),), k_span=((0, 8),), causal=True, scale=0.125)
-    first = get_kernel("math").forward(q, k, v, q_span=((8, 16),), k_span=((8, 16),), causal=True, scale=0.125)
+    block = dict(q_span=((8, 16),), k_span=((0, 8),), mask=CAUSAL, scale=0.125)
+    first = get_kernel("math").forward(q, k, v, q_span=((8, 16),), k_span=((8, 16),), mask=CAUSAL, scale=0.125)
     out, lse = first[0].clone(), first[1].clone()
     auto.forward_into(q, k, v, out, lse, **block)  # measuring must leave these accumulators alone
     want_out, want_lse = first[0].clone(), first[1].clone()
@@ -70,3 +76,39 @@ def test_auto_forward_into_merges_like_forward_then_merge():
 def test_auto_on_cpu_is_torchs_flash_op_without_measuring():
     q, k, _, _ = _inputs(8, 8, 4, 2, 64)
     assert resolve_kernel("auto", q, k) is get_kernel("torch")
+
+
+def _agreed_choice(rank, world_size):
+    import megatron_lightseq as mls
+    import megatron_lightseq.distattn.call as call_module
+
+    auto = AutoKernel([get_kernel("torch"), get_kernel("math")])
+    measured = []
+
+    def timer(fn, device):  # rank 0 finds torch fastest, the others math: the sum picks math
+        name = fn.__defaults__[0].name
+        measured.append(name)
+        return {"torch": 1.0 if rank == 0 else 5.0}[name] if name == "torch" else 2.0
+
+    auto._timer = timer
+    call_module.resolve_kernel = lambda name, q, k: auto if name == "auto" else get_kernel(name)
+    rng = torch.get_rng_state()
+    q, k, v = (x.float().requires_grad_() for x in _inputs(4, 4, 4, 2, 16, seed=rank)[:3])
+    with mls.trace() as first:
+        mls.dist_attn(q, k, v, kernel="auto").sum().backward()
+    with mls.trace() as second:
+        mls.dist_attn(q, k, v, kernel="auto").sum().backward()
+    assert torch.equal(torch.get_rng_state(), rng), "measuring drew from the global generator"
+    assert (first.collectives, second.collectives) == (2, 0)  # the inputs' agreement, then the choices'
+    again = AutoKernel([get_kernel("torch"), get_kernel("math")], timer=lambda fn, device: 1 / 0)
+    again.adopt(auto.choices())  # a recorded choice, reused without measuring
+    block = dict(q_span=((4, 8),), k_span=((0, 4),), mask=CAUSAL, scale=0.25)  # rank 1's Q1K0: all keys seen
+    out, lse = torch.zeros(2, 4, 4, 16), torch.full((2, 4, 4), float("-inf"))
+    again.forward_into(q.detach(), k.detach(), v.detach(), out, lse, **block)
+    return auto.choices(), len(measured)
+
+
+def test_auto_choice_is_agreed_by_the_group_and_can_be_reused():
+    results = run_ranks(2, _agreed_choice)
+    assert results[0][0] == results[1][0] and set(results[0][0].values()) == {"math"}
+    assert results[0][1] > 0

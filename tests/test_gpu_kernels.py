@@ -7,7 +7,7 @@ import torch
 
 from megatron_lightseq.distattn.emulate import emulate_dist_attn
 from megatron_lightseq.kernels import AUTO_ORDER, get_kernel, resolve_kernel
-from oracle import assert_within_twice_plain, reference_with_grads
+from oracle import CAUSAL, assert_within_twice_plain, reference_with_grads
 from test_kernels import _block_reference
 
 pytestmark = pytest.mark.gpu
@@ -35,7 +35,7 @@ def test_cuda_kernel_error_within_twice_plain_bf16(kernel, block, heads, headdim
     ref = _block_reference(*full32, q_span, k_span, True, scale)
     plain = _block_reference(*bf, q_span, k_span, True, scale)
     ker = resolve_kernel(kernel, bf[0], bf[1]) if kernel == "auto" else get_kernel(kernel)
-    opts = dict(q_span=q_span, k_span=k_span, causal=True, scale=scale)
+    opts = dict(q_span=q_span, k_span=k_span, mask=CAUSAL, scale=scale)
     out, lse = ker.forward(*bf[:3], **opts)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     grads = ker.backward(bf[3], *bf[:3], out, lse, **opts)

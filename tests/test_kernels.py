@@ -5,7 +5,7 @@ import torch
 from megatron_lightseq.kernels import get_kernel, kernel_names, resolve_kernel
 from megatron_lightseq.kernels.base import mask_kind, span_of
 from megatron_lightseq.kernels.merge import merge_into
-from oracle import reference_attention
+from oracle import CAUSAL, FULL, reference_attention
 
 CPU_KERNELS = ["math", "torch"]
 
@@ -48,29 +48,29 @@ def test_block_kernel_any_positions(kernel, spans, heads):
     sq, sk = (sum(b - a for a, b in sp) for sp in (q_span, k_span))
     q, k, v, dout = _inputs(sq, sk, *heads, 80)
     ker, scale = get_kernel(kernel), 0.3
-    out, lse = ker.forward(q, k, v, q_span=q_span, k_span=k_span, causal=True, scale=scale)
+    out, lse = ker.forward(q, k, v, q_span=q_span, k_span=k_span, mask=CAUSAL, scale=scale)
     ref_out, ref_lse, dq_ref, dk_ref, dv_ref = _block_reference(q, k, v, dout, q_span, k_span, True, scale)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
-    grads = ker.backward(dout, q, k, v, out, lse, q_span=q_span, k_span=k_span, causal=True, scale=scale)
+    grads = ker.backward(dout, q, k, v, out, lse, q_span=q_span, k_span=k_span, mask=CAUSAL, scale=scale)
     for got, want in zip(grads, (dq_ref, dk_ref, dv_ref)):
         assert not got.isnan().any()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_mask_kind():
-    assert mask_kind(*SPANS["full"], causal=True) == "full"
-    assert mask_kind(*SPANS["diagonal"], causal=True) == "causal"
-    assert mask_kind(*SPANS["zigzag diagonal"], causal=True) == "causal"
-    assert mask_kind(*SPANS["offset causal"], causal=True) == "general"
-    assert mask_kind(*SPANS["offset causal"], causal=False) == "full"
+    assert mask_kind(*SPANS["full"], CAUSAL) == "full"
+    assert mask_kind(*SPANS["diagonal"], CAUSAL) == "causal"
+    assert mask_kind(*SPANS["zigzag diagonal"], CAUSAL) == "causal"
+    assert mask_kind(*SPANS["offset causal"], CAUSAL) == "general"
+    assert mask_kind(*SPANS["offset causal"], FULL) == "full"
     assert span_of((2, 3, 6), 4) == ((8, 16), (24, 28))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_torch_kernel_low_precision_dtypes(dtype):
     q, k, v, _ = _inputs(16, 16, 4, 2, 64, dtype)
-    out, lse = get_kernel("torch").forward(q, k, v, q_span=((0, 16),), k_span=((0, 16),), causal=True, scale=0.125)
+    out, lse = get_kernel("torch").forward(q, k, v, q_span=((0, 16),), k_span=((0, 16),), mask=CAUSAL, scale=0.125)
     ref_out, ref_lse = reference_attention(*(x.double() for x in (q, k, v)), causal=True, scale=0.125)
     assert out.dtype == dtype and lse.dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -88,7 +88,7 @@ def test_merge_of_two_halves_is_exact_and_empty_rows_stay_finite():
     merge_into(out, lse, torch.zeros_like(q), torch.full_like(lse, float("-inf")))  # nothing seen yet
     assert not out.isnan().any() and torch.isneginf(lse).all()
     for sl in (slice(0, 5), slice(5, 12)):
-        part = ker.forward(q, k[:, sl], v[:, sl], q_span=((0, 6),), k_span=((0, 7),), causal=False, scale=scale)
+        part = ker.forward(q, k[:, sl], v[:, sl], q_span=((0, 6),), k_span=((0, 7),), mask=FULL, scale=scale)
         merge_into(out, lse, *part)
     torch.testing.assert_close(out, whole[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, whole[1], rtol=1e-12, atol=1e-12)

@@ -158,3 +158,26 @@ def _refusals(rank, world_size):
 def test_unsupported_features_are_refused_by_name():
     seen = run_ranks(2, _refusals)[0]
     assert "attention_bias" in seen[0] and "packed_seq_params" in seen[1] and "padding" in seen[2]
+
+
+def _failing_layer(rank, world_size):
+    import megatron_lightseq as mls
+    from gpt_cases import full_batch, total_loss
+    from test_reliability import _Faulty
+
+    mlm = setup_rank(Case(cp=2))
+    _Faulty.mode, _Faulty.phase, _Faulty.at = "raise", "forward", 3  # the second layer's first block
+    mls.kernels.register_kernel("faulty", _Faulty)
+    case = Case(cp=2, kernel="faulty")
+    init_parallel(case, 2)
+    model = build_model(case, cp=2, backend=AttnBackend["lightseq"])
+    with pytest.raises(mls.DistAttnError) as e:
+        total_loss(model, mlm.get_batch_on_this_cp_rank(full_batch(), layout=case.layout)).backward()
+    return str(e.value)
+
+
+def test_errors_name_the_megatron_layer():
+    messages = run_ranks(2, _failing_layer)
+    assert all("failed first on rank 1 of 2 (forward step" in m or m.startswith("dist_attn failed on rank 1")
+               for m in messages), messages
+    assert all(", layer 2): RuntimeError: injected kernel fault" in m for m in messages), messages

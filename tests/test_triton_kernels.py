@@ -10,7 +10,7 @@ from harness import run_ranks  # noqa: E402
 from megatron_lightseq.kernels import get_kernel  # noqa: E402
 from megatron_lightseq.kernels.triton_kernels import merge_into as triton_merge, tile_tables  # noqa: E402
 from megatron_lightseq.kernels.merge import merge_into  # noqa: E402
-from oracle import assert_within_twice_plain, reference_with_grads  # noqa: E402
+from oracle import CAUSAL, assert_within_twice_plain, reference_with_grads  # noqa: E402
 from test_kernels import SPANS, _block_reference, _inputs  # noqa: E402
 
 FP32 = dict(rtol=2e-5, atol=2e-5)
@@ -26,19 +26,19 @@ def test_triton_block_any_positions(spans, heads, headdim):
     q, k, v, dout = _inputs(sq, sk, *heads, headdim)
     ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.3)
     kernel, q32 = get_kernel("triton"), [x.float() for x in (q, k, v, dout)]
-    out, lse = kernel.forward(*q32[:3], q_span=q_span, k_span=k_span, causal=True, scale=0.3)
+    out, lse = kernel.forward(*q32[:3], q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.3)
     torch.testing.assert_close(out.double(), ref[0], **FP32)
     torch.testing.assert_close(lse.double(), ref[1], **FP32)
     grads = kernel.backward(q32[3], *q32[:3], ref[0].float(), ref[1].float(), q_span=q_span, k_span=k_span,
-                            causal=True, scale=0.3)
+                            mask=CAUSAL, scale=0.3)
     for got, want in zip(grads, ref[2:]):
         torch.testing.assert_close(got.double(), want, **FP32)
 
 
 def test_fused_merge_equals_merging_afterwards():
     q, k, v, _ = (x.float() for x in _inputs(8, 16, 4, 2, 64))
-    kernel, spans = get_kernel("triton"), dict(q_span=((8, 16),), k_span=((0, 8),), causal=True, scale=0.125)
-    first = get_kernel("math").forward(q, k[:, 8:], v[:, 8:], q_span=((8, 16),), k_span=((8, 16),), causal=True,
+    kernel, spans = get_kernel("triton"), dict(q_span=((8, 16),), k_span=((0, 8),), mask=CAUSAL, scale=0.125)
+    first = get_kernel("math").forward(q, k[:, 8:], v[:, 8:], q_span=((8, 16),), k_span=((8, 16),), mask=CAUSAL,
                                        scale=0.125)
     fused_out, fused_lse = first[0].clone(), first[1].clone()
     kernel.forward_into(q, k[:, :8], v[:, :8], fused_out, fused_lse, **spans)
@@ -84,9 +84,9 @@ def test_triton_skips_only_what_the_mask_hides(spans):
     q, k, v, dout = _inputs(sq, sk, 2, 1, 32)
     ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.2)
     kernel, q32 = get_kernel("triton"), [x.float() for x in (q, k, v, dout)]
-    out, lse = kernel.forward(*q32[:3], q_span=q_span, k_span=k_span, causal=True, scale=0.2)
+    out, lse = kernel.forward(*q32[:3], q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.2)
     grads = kernel.backward(q32[3], *q32[:3], ref[0].float(), ref[1].float(), q_span=q_span, k_span=k_span,
-                            causal=True, scale=0.2)
+                            mask=CAUSAL, scale=0.2)
     for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), ref):
         torch.testing.assert_close(got.double(), want, **FP32, msg=lambda m: f"{name}: {m}")
 
@@ -126,7 +126,7 @@ def test_triton_fp16_within_twice_plain_fp16(heads):
     ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.125)
     half = [x.half() for x in (q, k, v, dout)]
     plain = _block_reference(*half, q_span, k_span, True, 0.125)
-    kernel, block = get_kernel("triton"), dict(q_span=q_span, k_span=k_span, causal=True, scale=0.125)
+    kernel, block = get_kernel("triton"), dict(q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.125)
     out, lse = kernel.forward(*half[:3], **block)
     grads = kernel.backward(half[3], *half[:3], out, lse, **block)
     assert lse.dtype == torch.float32 and all(x.dtype == torch.float16 for x in (out, *grads))

@@ -8,11 +8,13 @@ import types
 
 import pytest
 import torch
+from megatron_lightseq.kernels.mask import Mask
 
 from megatron_lightseq.kernels import get_kernel
 from megatron_lightseq.kernels.cudnn import CudnnKernel
 from megatron_lightseq.kernels.flash_attn_adapter import FlashAttnKernel, unknown_parameters
 from megatron_lightseq.kernels.sdpa import TorchSdpaKernel
+from oracle import CAUSAL
 from test_kernels import SPANS, _block_reference, _inputs
 
 
@@ -43,7 +45,7 @@ def _stand_in(backward_params: str, custom_op: bool) -> types.ModuleType:
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                         return_attn_probs=False):
         assert dropout_p == 0.0 and window_size == (-1, -1) and return_attn_probs
-        out, lse = math.forward(q, k, v, causal=causal, scale=softmax_scale, **spans(q, k))
+        out, lse = math.forward(q, k, v, mask=Mask(causal=causal), scale=softmax_scale, **spans(q, k))
         return out, lse, None
 
     signature = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -53,7 +55,7 @@ def _stand_in(backward_params: str, custom_op: bool) -> types.ModuleType:
         a = signature.bind(*args, **kwargs).arguments
         assert a["dropout_p"] == 0.0 and a["rng_state"] is None
         assert a.get("window_size", (-1, -1)) == (-1, -1) and a.get("window_size_left", -1) == -1
-        grads = math.backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["softmax_lse"], causal=a["causal"],
+        grads = math.backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["softmax_lse"], mask=Mask(causal=a["causal"]),
                               scale=a["softmax_scale"], **spans(a["q"], a["k"]))
         for buf, g in zip((a["dq"], a["dk"], a["dv"]), grads):
             buf.copy_(g)
@@ -76,8 +78,8 @@ def test_flash_attn_adapter_across_releases(release, params, custom_op, spans):
     q, k, v, dout = _inputs(4, 4, 6, 2, 64)
     ref = _block_reference(q, k, v, dout, q_span, k_span, True, 0.3)
     kernel = FlashAttnKernel(interface)
-    out, lse = kernel.forward(q, k, v, q_span=q_span, k_span=k_span, causal=True, scale=0.3)
-    grads = kernel.backward(dout, q, k, v, ref[0], ref[1], q_span=q_span, k_span=k_span, causal=True, scale=0.3)
+    out, lse = kernel.forward(q, k, v, q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.3)
+    grads = kernel.backward(dout, q, k, v, ref[0], ref[1], q_span=q_span, k_span=k_span, mask=CAUSAL, scale=0.3)
     for got, want in zip((out, lse, *grads), ref):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 

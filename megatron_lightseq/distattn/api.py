@@ -5,41 +5,53 @@ import torch
 
 from .autograd import DistAttnFunction
 from .call import resolve_call
-from .checks import check_inputs
+from .checks import checked_call
 from .exchange import GroupExchange
+from ..kernels.mask import make_mask
+
+DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for one step's transfers; well below Megatron's 10 min
 
 
 def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, layout: str = "contiguous",
-              schedule: str = "auto", causal: bool = True, softmax_scale: float | None = None,
-              kernel: str = "auto", return_lse: bool = False):
+              schedule: str = "auto", causal: bool = True, cu_seqlens=None, window_size=(-1, -1),
+              softmax_scale: float | None = None, kernel: str = "auto", return_lse: bool = False,
+              timeout: float = DEFAULT_TIMEOUT, label: str | None = None):
     """Attention of this rank's queries against the keys of the whole sequence.
 
     q ``(batch, seqlen_local, nheads, headdim)``; k, v ``(batch, seqlen_local, nheads_kv, headdim)``
     with nheads a multiple of nheads_kv (MHA, GQA, MQA): this rank's tokens, placed by ``layout``
-    ("contiguous" or "zigzag", see :mod:`megatron_lightseq.distattn.layout`). ``group``: the
+    ("contiguous", "zigzag" or "balanced", see :mod:`megatron_lightseq.distattn.layout`; ``shard``
+    puts a whole-sequence tensor there). The mask: ``causal``; ``cu_seqlens``, document
+    boundaries over the whole sequence as in flash-attn's varlen functions (0 first, the real
+    length last, the same on every rank; a query sees only its own document); ``window_size``
+    (left, right), flash-attn's sliding window, -1 unbounded. ``group``: the
     sequence-parallel process group (None: the default group, or a single process when
     torch.distributed is not initialised). ``schedule``: "ring", "lightseq" or "auto"
     (docs/schedules.md). ``kernel``: a name from :func:`megatron_lightseq.kernels.kernel_names`.
-    ``softmax_scale`` defaults to headdim ** -0.5.
+    ``softmax_scale`` defaults to headdim ** -0.5. ``timeout``: seconds any rank waits for one
+    step's transfers (forward or backward) before it fails, naming the ranks it waits for; a rank
+    that fails makes its peers fail at once, naming it (docs/reliability.md). ``label`` names the
+    call in those errors (Megatron's core attention passes "layer N").
 
     Returns out shaped like q, or ``(out, lse)`` with ``return_lse``: lse ``(batch, nheads,
     seqlen_local)`` in float32 (float64 for float64 inputs), not differentiable. Differentiable in
     q, k and v; the backward uses the saved out and lse and does not re-run the forward.
     """
-    exchange = GroupExchange(group)
-    options = dict(layout=layout, schedule=schedule, causal=causal, softmax_scale=softmax_scale, kernel=kernel)
-    check_inputs(q, k, v, exchange=exchange, **options)
-    call = resolve_call(q, k, world_size=exchange.world_size, **options)
+    exchange = GroupExchange(group, timeout=timeout, label=label)
+    call = checked_call(q, k, v, exchange=exchange, layout=layout, schedule=schedule, causal=causal,
+                        cu_seqlens=cu_seqlens, window_size=window_size, softmax_scale=softmax_scale, kernel=kernel)
     out, lse = DistAttnFunction.apply(q, k, v, call, exchange, None)
     return (out, lse) if return_lse else out
 
 
 def dist_attn_from_saved(q, k, v, out, lse, *, group=None, layout: str = "contiguous", schedule: str = "auto",
-                         causal: bool = True, softmax_scale: float | None = None, kernel: str = "auto"):
+                         causal: bool = True, cu_seqlens=None, window_size=(-1, -1),
+                         softmax_scale: float | None = None, kernel: str = "auto",
+                         timeout: float = DEFAULT_TIMEOUT, label: str | None = None):
     """``dist_attn``'s ``out`` for inputs whose forward already ran and gave ``(out, lse)``: nothing
     is computed or sent now, and the backward is dist_attn's, from (q, k, v, out, lse). The
     options must be the ones that forward ran with. Rematerialization-aware checkpointing uses it."""
-    exchange = GroupExchange(group)
-    call = resolve_call(q, k, world_size=exchange.world_size, layout=layout, schedule=schedule, causal=causal,
-                        softmax_scale=softmax_scale, kernel=kernel)
+    exchange = GroupExchange(group, timeout=timeout, label=label)
+    call = resolve_call(q, k, world_size=exchange.world_size, layout=layout, schedule=schedule,
+                        mask=make_mask(causal, cu_seqlens, window_size), softmax_scale=softmax_scale, kernel=kernel)
     return DistAttnFunction.apply(q, k, v, call, exchange, (out, lse))[0]

@@ -1,6 +1,6 @@
-"""What one dist_attn call runs with, resolved from its options: the plan (the ``auto`` schedule
-chosen), the block kernel (``auto`` resolved) and the softmax scale (its default applied).
-dist_attn, the emulation and the jobs all resolve through here."""
+"""What one dist_attn call runs with, resolved from its options: the plan (the layout cut for the
+mask and the ``auto`` schedule chosen), the block kernel (``auto`` resolved) and the softmax
+scale (its default applied). dist_attn, the emulation and the jobs all resolve through here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,8 +9,10 @@ import torch
 
 from ..kernels import resolve_kernel
 from ..kernels.base import BlockKernel
+from ..kernels.mask import Mask
+from .layout import layout_of
 from .plan import Plan, Shape
-from .schedules import build_plan, choose_schedule
+from .schedules import auto_schedule, plan_for
 
 
 @dataclass(frozen=True)
@@ -19,15 +21,26 @@ class Call:
     kernel: BlockKernel
     scale: float
 
+    @property
+    def mask(self) -> Mask:
+        return self.plan.mask
 
-def resolve_plan(shape: Shape, *, world_size: int, layout: str, schedule: str, causal: bool) -> Plan:
+
+def resolve_plan(shape: Shape, *, world_size: int, layout: str, schedule: str, mask: Mask) -> Plan:
+    """The plan for local tensors of ``shape``; ValueError if their length does not fit the mask."""
+    seqlen = shape.seqlen_local * world_size
+    lay = layout_of(layout, world_size, mask, mask.cu_seqlens[-1] if mask.cu_seqlens else seqlen)
+    if lay.padded_tokens is not None and lay.padded_tokens != seqlen:
+        raise ValueError(
+            f"the {layout} layout pads {lay.tokens} tokens to {lay.padded_tokens} ({lay.chunk_count} chunks) over "
+            f"{world_size} ranks, so seqlen_local must be {lay.padded_tokens // world_size}, got {shape.seqlen_local}")
     if schedule == "auto":
-        schedule = choose_schedule(layout, world_size, causal, shape)
-    return build_plan(schedule, layout=layout, world_size=world_size, causal=causal)
+        schedule = auto_schedule(lay, mask, shape)
+    return plan_for(schedule, lay, mask)
 
 
-def resolve_call(q: torch.Tensor, k: torch.Tensor, *, world_size: int, layout: str, schedule: str, causal: bool,
+def resolve_call(q: torch.Tensor, k: torch.Tensor, *, world_size: int, layout: str, schedule: str, mask: Mask,
                  softmax_scale: float | None, kernel: str) -> Call:
-    plan = resolve_plan(Shape.of(q, k), world_size=world_size, layout=layout, schedule=schedule, causal=causal)
+    plan = resolve_plan(Shape.of(q, k), world_size=world_size, layout=layout, schedule=schedule, mask=mask)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return Call(plan, resolve_kernel(kernel, q, k), scale)

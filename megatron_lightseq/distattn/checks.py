@@ -1,27 +1,44 @@
-"""Input checks for dist_attn, all before any transfer.
+"""Input checks for dist_attn, all before any transfer, and the agreement of the ranks.
 
-Each rank first checks its own inputs and, instead of raising at once, joins one small
-all_gather of a signature (sizes, dtype, options, and whether its own checks failed). Then
-every rank raises the same kind of error together: a rank whose inputs are bad, or ranks that
+Each rank checks its own inputs, resolves the call (call.py) and computes a signature of
+everything that shapes the exchange: sizes, dtype, layout, the resolved schedule, the mask
+(causal, documents, window), the effective softmax scale, the resolved kernel, and whether a
+backward will run. The ranks agree
+on it with one small all_gather, then raise together: a rank whose inputs are bad, or ranks that
 disagree, never leave the others waiting in a transfer that will not come.
+
+A signature the group has already agreed on is not agreed again: in steady state a call makes
+no collective and reads nothing back from the device (trace() counts both). What that leaves to
+the deadline is written in docs/reliability.md.
 """
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 
-from ..kernels import kernel_names, resolve_kernel
+from ..kernels import kernel_names
+from ..kernels.mask import Mask, make_mask
+from .call import Call, resolve_call
 from .exchange import Exchange
-from .layout import LAYOUTS, chunks_per_rank
+from .executor import kernel_calls
+from .failures import DistAttnError, TransferError
+from .layout import LAYOUTS
+from .plan import Shape
 from .schedules import SCHEDULE_CHOICES
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_FIELDS = ("batch", "seqlen_local", "nheads", "nheads_kv", "headdim", "dtype", "layout", "schedule",
-           "causal", "softmax_scale")
+# field -> names it can take (None: a number, or this rank's own value); names travel as a CRC32,
+# which every rank computes alike
+_FIELDS = {"batch": None, "seqlen_local": None, "nheads": None, "nheads_kv": None, "headdim": None,
+           "dtype": [str(d) for d in _DTYPES], "layout": LAYOUTS, "schedule": SCHEDULE_CHOICES,
+           "causal": None, "cu_seqlens": None, "window_size": None, "softmax_scale": None, "kernel": None,
+           "backward": None}
+_FAILED = (1.0,) + (0.0,) * len(_FIELDS)
 
 
-def local_problem(q, k, v, *, layout, schedule, causal, softmax_scale, kernel) -> str | None:
+def local_problem(q, k, v, *, layout, schedule, mask: Mask, softmax_scale, kernel, timeout=1.0) -> str | None:
     """What is wrong with this rank's own inputs, as a message, or None."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -40,6 +57,8 @@ def local_problem(q, k, v, *, layout, schedule, causal, softmax_scale, kernel) -
     if (k.shape[0], k.shape[1], k.shape[3]) != (b, s, d):
         return (f"k/v must match q in batch, seqlen_local and headdim: expected ({b}, {s}, *, {d}), "
                 f"got {tuple(k.shape)}")
+    if b < 1 or h < 1 or d < 1:
+        return f"batch, nheads and headdim must be positive, got {b}, {h} and {d}"
     if k.shape[2] < 1 or h % k.shape[2]:
         return f"nheads ({h}) must be a multiple of nheads_kv ({k.shape[2]})"
     if layout not in LAYOUTS:
@@ -48,53 +67,98 @@ def local_problem(q, k, v, *, layout, schedule, causal, softmax_scale, kernel) -
         return f"schedule must be one of {SCHEDULE_CHOICES}, got {schedule!r}"
     if kernel not in kernel_names():
         return f"kernel must be one of {kernel_names()}, got {kernel!r}"
-    if not isinstance(causal, bool):
-        return f"causal must be a bool, got {causal!r}"
+    if mask.problem():
+        return mask.problem()
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
                                           and softmax_scale > 0):
         return f"softmax_scale must be None or a positive finite number, got {softmax_scale!r}"
-    per_rank = chunks_per_rank(layout)
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        return f"timeout must be a positive number of seconds, got {timeout!r}"
+    per_rank = 2 if layout == "zigzag" and mask.plain else 1  # other cuts are checked against the mask's length
     if s == 0 or s % per_rank:
         return (f"the {layout} layout holds {per_rank} equal chunk(s) per rank, so seqlen_local must be a "
                 f"positive multiple of {per_rank}, got {s}")
-    try:
-        resolve_kernel(kernel, q, k)
-    except ValueError as e:
-        return str(e)
     return None
 
 
-def _signature(q, k, problem, *, layout, schedule, causal, softmax_scale) -> list[float]:
-    """[failed, then one number per _FIELDS entry]: what every rank must agree on."""
-    if problem:
-        return [1.0] + [0.0] * len(_FIELDS)
+def _crc(name: str) -> float:
+    return float(zlib.crc32(name.encode()))
+
+
+def _signature(q, k, call: Call, backward: bool) -> tuple[float, ...]:
+    """[0 (this rank's checks passed), then one number per _FIELDS entry]."""
     b, s, h, d = q.shape
-    return [0.0, b, s, h, k.shape[2], d, _DTYPES.index(q.dtype), LAYOUTS.index(layout),
-            SCHEDULE_CHOICES.index(schedule), float(causal), float(softmax_scale or 0.0)]
+    plan, mask = call.plan, call.mask
+    return (0.0, b, s, h, k.shape[2], d, _crc(str(q.dtype)), _crc(plan.layout.name), _crc(plan.schedule),
+            float(mask.causal), _crc(str(mask.cu_seqlens)), _crc(str(mask.window)), call.scale,
+            _crc(call.kernel.name), float(backward))
 
 
-def _show(field: str, value: float) -> str:
-    names = {"dtype": _DTYPES, "layout": LAYOUTS, "schedule": SCHEDULE_CHOICES}.get(field)
-    return str(names[int(value)]) if names else f"{value:g}"
+def _show(field: str, value: float, call: Call) -> str:
+    mine = {"kernel": call.kernel.name, "cu_seqlens": str(call.mask.cu_seqlens), "window_size": str(call.mask.window)}
+    names = {"kernel": (*kernel_names(), mine["kernel"])}.get(field, _FIELDS[field])
+    if field in ("cu_seqlens", "window_size"):
+        return mine[field] if _crc(mine[field]) == value else "<another>"
+    if names is not None:
+        return next((str(n) for n in names if _crc(str(n)) == value), f"<unknown name #{value:.0f}>")
+    if field in ("causal", "backward"):
+        return str(bool(value))
+    return f"{value:g}" if field != "softmax_scale" else repr(value)
 
 
-def check_inputs(q, k, v, *, exchange: Exchange, layout, schedule, causal, softmax_scale, kernel) -> None:
-    """Raise ValueError, on every rank of the exchange's group together, if any rank's inputs are bad."""
-    problem = local_problem(q, k, v, layout=layout, schedule=schedule, causal=causal,
-                            softmax_scale=softmax_scale, kernel=kernel)
+def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_seqlens=None, window_size=(-1, -1),
+                 softmax_scale, kernel) -> Call:
+    """The resolved call, once every rank of the exchange's group has passed its checks and all
+    agree on the signature; else ValueError on every rank together."""
+    call, problem = None, None
+    try:
+        mask = make_mask(causal, cu_seqlens, window_size)
+    except (TypeError, ValueError) as e:
+        problem = f"cu_seqlens must be a sequence of ints and window_size a pair of ints, got {cu_seqlens!r} and " \
+                  f"{window_size!r} ({e})"
+    if problem is None:
+        problem = local_problem(q, k, v, layout=layout, schedule=schedule, mask=mask, softmax_scale=softmax_scale,
+                                kernel=kernel, timeout=exchange.timeout)
+    if problem is None:
+        try:
+            call = resolve_call(q, k, world_size=exchange.world_size, layout=layout, schedule=schedule, mask=mask,
+                                softmax_scale=softmax_scale, kernel=kernel)
+        except ValueError as e:  # the named kernel cannot take these inputs, the length does not fit the mask
+            problem = str(e)
     if exchange.world_size == 1:
         if problem:
             raise ValueError(problem)
-        return
-    sig = _signature(q, k, problem, layout=layout, schedule=schedule, causal=causal, softmax_scale=softmax_scale)
-    rows = exchange.agree(sig)
+        return call
+    if exchange.failure:
+        raise DistAttnError(f"dist_attn: this group failed earlier ({exchange.failure}); it cannot be used")
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    signature = _FAILED if problem else _signature(q, k, call, backward)
+    if problem is None and signature in exchange.agreed:
+        return call  # steady state: agreed before, no collective
+    if problem and exchange.agreed:
+        # Peers whose inputs match an agreed signature skip the agreement and go on to the
+        # transfers: tell them through the failure protocol rather than leave them to the deadline.
+        exchange.fail("forward input checks", ValueError(problem))
+        raise ValueError(problem)
+    try:
+        rows = exchange.agree(signature)
+    except TransferError as e:  # some rank never joined: it skipped, so it thinks it agreed before
+        raise exchange.fail("forward input agreement", e) from e
     if problem:
         raise ValueError(problem)
     bad = [r for r, row in enumerate(rows) if row[0]]
     if bad:
         raise ValueError(f"dist_attn: rank(s) {bad} of the group rejected their inputs (see their error)")
-    if any(row != rows[0] for row in rows):
-        diffs = [f"{name}: " + ", ".join(f"rank {r}={_show(name, row[i + 1])}" for r, row in enumerate(rows))
+    if any(tuple(row) != signature for row in rows):
+        diffs = [f"{name}: " + ", ".join(f"rank {r}={_show(name, row[i + 1], call)}" for r, row in enumerate(rows))
                  for i, name in enumerate(_FIELDS) if len({row[i + 1] for row in rows}) > 1]
         raise ValueError("dist_attn: every rank must pass the same sizes and options; expected equal, got "
                          + "; ".join(diffs))
+    settle = getattr(call.kernel, "settle", None)  # kernel="auto" on CUDA: the same choices on every rank
+    if settle is not None:
+        try:
+            settle(kernel_calls(call, Shape.of(q, k), q.device, backward), exchange.agree)
+        except TransferError as e:
+            raise exchange.fail("forward kernel agreement", e) from e
+    exchange.agreed.add(signature)
+    return call

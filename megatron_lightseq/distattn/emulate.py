@@ -9,6 +9,7 @@ lockstep, each step's transfers delivered before any rank waits on them.
 """
 from __future__ import annotations
 
+from ..kernels.mask import make_mask
 from .call import resolve_call
 from .executor import backward_steps, forward_steps
 from .exchange import Mailbox, VirtualExchange
@@ -30,23 +31,27 @@ def _lockstep(generators) -> list:
 
 
 def emulate_dist_attn(q, k, v, dout=None, *, world_size: int, layout: str = "contiguous", schedule: str = "auto",
-                      causal: bool = True, softmax_scale: float | None = None, kernel: str = "auto"):
+                      causal: bool = True, cu_seqlens=None, window_size=(-1, -1), softmax_scale: float | None = None,
+                      kernel: str = "auto"):
     """(out, lse) of dist_attn over ``world_size`` virtual ranks, plus (dq, dk, dv) when ``dout``
     is given; whole-sequence tensors in, whole-sequence tensors out."""
-    parts = lambda x: [shard(x, layout=layout, rank=r, world_size=world_size) for r in range(world_size)]
+    mask = dict(causal=causal, cu_seqlens=cu_seqlens, window_size=window_size)
+    parts = lambda x, dim=1: [shard(x, layout=layout, rank=r, world_size=world_size, dim=dim, **mask)
+                              for r in range(world_size)]
+    whole = lambda xs, dim=1: unshard(xs, layout=layout, dim=dim, **mask)
     qs, ks, vs = parts(q), parts(k), parts(v)
-    call = resolve_call(qs[0], ks[0], world_size=world_size, layout=layout, schedule=schedule, causal=causal,
-                        softmax_scale=softmax_scale, kernel=kernel)
+    call = resolve_call(qs[0], ks[0], world_size=world_size, layout=layout, schedule=schedule,
+                        mask=make_mask(causal, cu_seqlens, window_size), softmax_scale=softmax_scale, kernel=kernel)
     mailbox = Mailbox()
     exchanges = [VirtualExchange(mailbox, r, world_size) for r in range(world_size)]
     fwd = _lockstep([forward_steps(call, exchanges[r], qs[r], ks[r], vs[r]) for r in range(world_size)])
-    out = unshard([o for o, _ in fwd], layout=layout)
-    lse = unshard([l for _, l in fwd], layout=layout, dim=2)
+    out = whole([o for o, _ in fwd])
+    lse = whole([l for _, l in fwd], dim=2)
     if dout is None:
         return out, lse
     dos = parts(dout)
     bwd = _lockstep([backward_steps(call, exchanges[r], dos[r], qs[r], ks[r], vs[r], *fwd[r])
                      for r in range(world_size)])
-    grads = [unshard([g[i] for g in bwd], layout=layout) for i in range(3)]
+    grads = [whole([g[i] for g in bwd]) for i in range(3)]
     assert mailbox.empty(), "every sent tensor was received"
     return (out, lse, *grads)

@@ -7,7 +7,9 @@
   into a mailbox.
 
 Both count every byte in :meth:`Exchange.post` and offer :meth:`Exchange.agree`, the one
-collective the input checks use: every rank's small vector of numbers.
+collective the input checks use.
+
+Waits with deadlines, and how a failure travels to the peers: failures.py.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from functools import lru_cache
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
+from .failures import DistAttnError, GroupState, describe, record_failure, watched_wait
 from .trace import count
 
 Batch = Sequence[tuple[int, Sequence[torch.Tensor]]]  # (group rank of the peer, tensors)
@@ -41,6 +45,9 @@ class Pending:
 class Exchange(ABC):
     rank: int
     world_size: int
+    timeout: float = 300.0  # seconds, per step
+    label: str | None = None  # names the call in errors, e.g. "layer 3"
+    failure: str | None = None  # the group's first failure, once this rank knows of one
 
     def post(self, sends: Batch, recvs: Batch) -> Pending:
         """Start sending/receiving each (group rank, tensors) pair, in the order given.
@@ -48,6 +55,8 @@ class Exchange(ABC):
         Both sides list the tensors between a pair of ranks in the same order, which is what
         pairs them up (NCCL ignores tags).
         """
+        if self.failure:
+            raise DistAttnError(f"dist_attn: this group failed earlier ({self.failure}); it cannot be used")
         count(bytes_sent=sum(t.numel() * t.element_size() for _, ts in sends for t in ts),
               bytes_received=sum(t.numel() * t.element_size() for _, ts in recvs for t in ts))
         return self._post(sends, recvs)
@@ -59,6 +68,14 @@ class Exchange(ABC):
     def agree(self, values: Sequence[float]) -> list[list[float]]:
         """Every rank's ``values`` (same length on every rank), in rank order."""
 
+    def fail(self, where: str, error: Exception) -> Exception:
+        """The error to raise for ``error``, which happened ``where`` (e.g. "forward step 2")."""
+        return DistAttnError(f"dist_attn failed on rank {self.rank} of {self.world_size} ({self._at(where)}): "
+                             f"{describe(error)}")
+
+    def _at(self, where: str) -> str:
+        return where + (f", {self.label}" if self.label else "")
+
 
 @lru_cache(maxsize=64)
 def _global_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
@@ -68,24 +85,57 @@ def _global_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
     return tuple(dist.get_global_rank(group, r) for r in range(dist.get_world_size(group)))
 
 
+@lru_cache(maxsize=64)
+def group_state(group: dist.ProcessGroup | None) -> GroupState:
+    return GroupState()
+
+
+class _WatchedPending(Pending):
+    """Works of one step on a host-waiting (gloo) group, each with the peers it waits for."""
+
+    def __init__(self, works: list, peers: list[list[int]], keep: object, exchange: "GroupExchange") -> None:
+        super().__init__(works, keep)
+        self._peers, self._exchange = peers, exchange
+
+    def wait(self) -> None:
+        watched_wait(self._works, self._peers, self._keep, self._exchange.timeout, self._exchange.store)
+        self._works, self._keep = [], None
+
+
 class GroupExchange(Exchange):
     """Over ``group``; None means the default group, or a single process when torch.distributed
     is not initialised."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, *, timeout: float = 300.0, label: str | None = None) -> None:
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
-        self.group = group
+        self.group, self.timeout, self.label = group, timeout, label
         self._global = _global_ranks(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         self.world_size = len(self._global)
+        self.state = group_state(group)
+        self.agreed = self.state.agreed
+        # gloo waits on the host, so a wait can be watched; NCCL's only orders streams (failures.py).
+        self._host_waits = group is not None and dist.get_backend(group) == "gloo"
+
+    @property
+    def store(self):
+        return c10d._get_process_group_store(self.group)
+
+    @property
+    def failure(self) -> str | None:
+        return self.state.failure
 
     def _post(self, sends: Batch, recvs: Batch) -> Pending:
-        ops = [dist.P2POp(dist.isend, t, self._global[peer], self.group) for peer, ts in sends for t in ts]
-        ops += [dist.P2POp(dist.irecv, t, self._global[peer], self.group) for peer, ts in recvs for t in ts]
+        ops = [(peer, dist.P2POp(dist.isend, t, self._global[peer], self.group)) for peer, ts in sends for t in ts]
+        ops += [(peer, dist.P2POp(dist.irecv, t, self._global[peer], self.group)) for peer, ts in recvs for t in ts]
         if not ops:
             return Pending([])
-        return Pending(dist.batch_isend_irecv(ops), keep=sends)
+        works = dist.batch_isend_irecv([op for _, op in ops])
+        if not self._host_waits:
+            return Pending(works, keep=sends)
+        # gloo returns a work per op
+        return _WatchedPending(works, [[peer] for peer, _ in ops], (sends, recvs), self)
 
     def agree(self, values: Sequence[float]) -> list[list[float]]:
         if self.world_size == 1:
@@ -94,8 +144,27 @@ class GroupExchange(Exchange):
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else "cpu"
         mine = torch.tensor(values, dtype=torch.float64, device=device)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(every, mine, group=self.group)
+        work = dist.all_gather(every, mine, group=self.group, async_op=True)
+        others = [r for r in range(self.world_size) if r != self.rank]
+        (_WatchedPending([work], [others], (mine, every), self) if self._host_waits else Pending([work])).wait()
+        count(collectives=1, host_reads=1)
         return [row.tolist() for row in every]
+
+    def fail(self, where: str, error: Exception) -> Exception:
+        """Record the group's first failure in its store (unless a peer's came first), so that
+        every peer stops, and return the error that names the first failure."""
+        if self.group is None:
+            return super().fail(where, error)
+        where = self._at(where)
+        mine = f"rank {self.rank} of {self.world_size} ({where}): {describe(error)}"
+        first = record_failure(self.store, mine, error, rank=self.rank, where=where, timeout=self.timeout)
+        self.state.failure = first
+        if not self._host_waits:
+            self.group.abort()  # NCCL: let this rank's communicator go (its peers meet their watchdog)
+        if first.startswith(mine):
+            return DistAttnError(f"dist_attn failed on {first}")
+        return DistAttnError(f"dist_attn stopped on rank {self.rank} of {self.world_size} ({where}) "
+                             f"because it failed first on {first}")
 
 
 class Mailbox:

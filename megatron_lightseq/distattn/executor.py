@@ -24,9 +24,10 @@ Tensors = tuple[torch.Tensor, ...]
 class _RankRun:
     """State of one rank while it walks the steps of one phase."""
 
-    def __init__(self, plan: Plan, steps: Steps, exchange: Exchange, shape: Shape, local: dict[str, Tensors],
+    def __init__(self, plan: Plan, phase: str, exchange: Exchange, shape: Shape, local: dict[str, Tensors],
                  q_kind: str) -> None:
-        self.plan, self.steps, self.exchange, self.shape = plan, steps, exchange, shape
+        self.plan, self.phase, self.exchange, self.shape = plan, phase, exchange, shape
+        self.steps: Steps = getattr(plan, phase)
         self.rank = exchange.rank
         self.q_kind = q_kind  # how queries travel in this phase: "q" forward, "qg" backward
         self.chunk_len = shape.seqlen_local // len(plan.owned(self.rank))
@@ -51,19 +52,29 @@ class _RankRun:
     def _input_keys(self, b: Block) -> list[tuple[str, int]]:
         return [(self.q_kind, b.q_owner), ("kv", b.kv_owner)]
 
-    def rows(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> slice:
-        first = within.index(chunks[0])
-        return slice(first * self.chunk_len, (first + len(chunks)) * self.chunk_len)
+    def runs(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> list[tuple[slice, slice]]:
+        """Where ``chunks`` sit in a tensor of ``within``'s chunks, as (rows of a tensor of
+        ``chunks``, rows of a tensor of ``within``), one pair per run of neighbouring chunks."""
+        found, n = [], self.chunk_len
+        for i, c in enumerate(chunks):
+            at = within.index(c)
+            if found and found[-1][1] == at:
+                found[-1][1] = at + 1
+            else:
+                found.append([i, at + 1, at])
+        return [(slice(i * n, (i + stop - start) * n), slice(start * n, stop * n)) for i, stop, start in found]
 
     def take(self, kind: str, owner: int, chunks: tuple[int, ...]) -> Tensors:
-        """Views of ``chunks`` of owner's ``kind`` tensors: local ones, or a received payload."""
+        """``chunks`` of owner's ``kind`` tensors, local ones or a received payload: views when the
+        chunks are neighbours there (always, with the plain layouts), else a copy."""
         if owner == self.rank:
             tensors, within = self.local[kind], self.plan.owned(owner)
         else:
             payload, tensors = self.held[kind, owner]
             within = payload.chunks
-        sl = self.rows(chunks, within)
-        return tuple(t[:, :, sl] if t.dim() == 3 else t[:, sl] for t in tensors)  # lse is [B, H, S]
+        rows = [there for _, there in self.runs(chunks, within)]
+        return tuple(_rows(t, rows[0]) if len(rows) == 1 else torch.cat([_rows(t, r) for r in rows], _seq_dim(t))
+                     for t in tensors)
 
     def post(self, t: int) -> tuple[Pending, list[tuple[Payload, Tensors]]]:
         if t >= len(self.steps):
@@ -90,24 +101,31 @@ class _RankRun:
     def run(self, compute: Callable[[Block], None], absorb: Callable[[Payload, Tensors], None]):
         """The loop of plan.py: wait for step t, post step t+1, compute step t. A generator that
         yields before each wait, when this rank has posted everything the wait needs from others:
-        real ranks run it straight through (:func:`drive`); emulated ranks run in lockstep."""
-        pending, arriving = self.post(0)
-        for t in range(len(self.steps)):
+        real ranks run it straight through (:func:`drive`); emulated ranks run in lockstep.
+        Whatever fails on the way (a wait, a kernel) goes through the exchange's failure
+        protocol, named by phase and step."""
+        t = 0
+        try:
+            pending, arriving = self.post(0)
+            for t in range(len(self.steps)):
+                yield
+                pending.wait()
+                for payload, tensors in arriving:
+                    if payload.kind in INPUT_KINDS:
+                        self.held[payload.kind, payload.owner] = (payload, tensors)
+                    else:
+                        absorb(payload, tensors)
+                pending, arriving = self.post(t + 1)
+                for block in self.steps[t][self.rank].blocks:
+                    compute(block)
+                    count(blocks=1)
+                for key in [k for k in self.held if self.last_use.get(k, -1) <= t]:
+                    del self.held[key]
+            t = len(self.steps)
             yield
             pending.wait()
-            for payload, tensors in arriving:
-                if payload.kind in INPUT_KINDS:
-                    self.held[payload.kind, payload.owner] = (payload, tensors)
-                else:
-                    absorb(payload, tensors)
-            pending, arriving = self.post(t + 1)
-            for block in self.steps[t][self.rank].blocks:
-                compute(block)
-                count(blocks=1)
-            for key in [k for k in self.held if self.last_use.get(k, -1) <= t]:
-                del self.held[key]
-        yield
-        pending.wait()
+        except Exception as e:  # noqa: BLE001 - re-raised, named
+            raise self.exchange.fail(f"{self.phase} step {t}", e) from e
 
 
 def drive(steps):
@@ -119,8 +137,35 @@ def drive(steps):
             return done.value
 
 
+def _seq_dim(t: torch.Tensor) -> int:
+    return 2 if t.dim() == 3 else 1  # lse is [B, H, S], the rest [B, S, ...]
+
+
+def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
+    return t[:, :, rows] if t.dim() == 3 else t[:, rows]
+
+
 def _spans(run: _RankRun, b: Block):
     return dict(q_span=span_of(b.q_chunks, run.chunk_len), k_span=span_of(b.kv_chunks, run.chunk_len))
+
+
+def kernel_calls(call: Call, shape: Shape, device: torch.device, backward: bool) -> list[tuple]:
+    """Every kernel call the plan makes on any rank, as (call, q shape, k shape, dtype, device,
+    block): what kernel="auto" settles before the first transfer."""
+    plan = call.plan
+    chunk_len = shape.seqlen_local // len(plan.owned(0))
+    found = []
+    for phase in ("forward", "backward") if backward else ("forward",):
+        for step in getattr(plan, phase):
+            for rank, rs in enumerate(step):
+                for b in rs.blocks:
+                    q_shape = (shape.batch, len(b.q_chunks) * chunk_len, shape.nheads, shape.headdim)
+                    k_shape = (shape.batch, len(b.kv_chunks) * chunk_len, shape.nheads_kv, shape.headdim)
+                    kind = "backward" if phase == "backward" else "forward_into" if b.q_owner == rank else "forward"
+                    block = dict(q_span=span_of(b.q_chunks, chunk_len), k_span=span_of(b.kv_chunks, chunk_len),
+                                 mask=call.mask, scale=call.scale)
+                    found.append((kind, q_shape, k_shape, shape.dtype, device, block))
+    return found
 
 
 def run_forward(call: Call, exchange: Exchange, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,22 +180,27 @@ def forward_steps(call: Call, exchange: Exchange, q, k, v):
     acc = accum_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((shape.batch, shape.nheads, shape.seqlen_local), float("-inf"), dtype=acc, device=q.device)
-    run = _RankRun(plan, plan.forward, exchange, shape, {"q": (q,), "kv": (k, v)}, "q")
+    run = _RankRun(plan, "forward", exchange, shape, {"q": (q,), "kv": (k, v)}, "q")
     owned = plan.owned(rank)
+
+    def merge(chunks, part_out, part_lse) -> None:
+        for here, there in run.runs(chunks, owned):
+            merge_into(out[:, there], lse[:, :, there], part_out[:, here], part_lse[:, :, here])
 
     def compute(b: Block) -> None:
         (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
-        block = dict(causal=plan.causal, scale=call.scale, **_spans(run, b))
-        if b.q_owner == rank:
-            sl = run.rows(b.q_chunks, owned)
-            kernel.forward_into(q_, k_, v_, out[:, sl], lse[:, :, sl], **block)
+        block = dict(mask=call.mask, scale=call.scale, **_spans(run, b))
+        rows = run.runs(b.q_chunks, owned) if b.q_owner == rank else None
+        if rows is not None and len(rows) == 1:  # our own queries, one run of rows: merged in place
+            kernel.forward_into(q_, k_, v_, out[:, rows[0][1]], lse[:, :, rows[0][1]], **block)
+        elif rows is not None:
+            merge(b.q_chunks, *kernel.forward(q_, k_, v_, **block))
         else:
             o, l = kernel.forward(q_, k_, v_, **block)
             run.results[Payload("o", b.q_owner, b.q_chunks)] = (o, l.to(acc))
 
     def absorb(p: Payload, tensors: Tensors) -> None:  # a helper's partial result for our queries
-        sl = run.rows(p.chunks, owned)
-        merge_into(out[:, sl], lse[:, :, sl], *tensors)
+        merge(p.chunks, *tensors)
 
     yield from run.run(compute, absorb)
     count(forward_calls=1)
@@ -168,21 +218,22 @@ def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     local = {"qg": (q, out, lse, dout), "kv": (k, v)}
-    run = _RankRun(plan, plan.backward, exchange, Shape.of(q, k), local, "qg")
+    run = _RankRun(plan, "backward", exchange, Shape.of(q, k), local, "qg")
     owned = plan.owned(rank)
 
     def add_dq(chunks, part):
-        dq[:, run.rows(chunks, owned)] += part
+        for here, there in run.runs(chunks, owned):
+            dq[:, there] += part[:, here]
 
     def add_dkv(chunks, part_k, part_v):
-        sl = run.rows(chunks, owned)
-        dk[:, sl] += part_k
-        dv[:, sl] += part_v
+        for here, there in run.runs(chunks, owned):
+            dk[:, there] += part_k[:, here]
+            dv[:, there] += part_v[:, here]
 
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)
         k_, v_ = run.take("kv", b.kv_owner, b.kv_chunks)
-        dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, causal=plan.causal, scale=call.scale, **_spans(run, b))
+        dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, mask=call.mask, scale=call.scale, **_spans(run, b))
         if b.q_owner == rank:
             add_dq(b.q_chunks, dq_)
         else:

@@ -1,18 +1,52 @@
-"""Where tokens live: each layout cuts the sequence into equal chunks and gives each rank some.
+"""Where tokens live: a layout cuts the sequence into equal chunks and gives every rank the same
+number of them. A rank's local tensor is its chunks concatenated in the order ``Layout.owners``
+lists them.
 
-- ``contiguous``: P chunks, rank r holds chunk r (tokens [r*N/P, (r+1)*N/P)).
-- ``zigzag``: 2P chunks, rank r holds chunks r and 2P-1-r, in that order. This is the layout
+- ``contiguous``: rank r holds the r-th P-th of the sequence.
+- ``zigzag``: 2P halves, rank r holds halves r and 2P-1-r, in that order. This is the layout
   Megatron-Core's ``get_batch_on_this_cp_rank`` produces, so a CP batch needs no reshuffle.
+- ``balanced``: for a mask, chunks dealt out so that every rank computes about the same unmasked
+  area (the most work first, each to the least loaded rank with room; work.py).
 
-A rank's local tensor is its chunks concatenated in the order ``owned_chunks`` lists them.
+With the plain masks (causal or none) the contiguous and zigzag layouts hold one and two chunks
+per rank, for any length. With documents or a window (and for ``balanced``) each rank holds
+several smaller chunks, so that only the chunks a mask needs travel: up to 8 per rank, as long
+as a chunk keeps at least 16 tokens. Then only the whole sequence is padded, to a whole number of
+chunks, never a document: the padding tokens are a document of their own that sees nothing.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-LAYOUTS = ("contiguous", "zigzag")
+from ..kernels.mask import Mask
+
+LAYOUTS = ("contiguous", "zigzag", "balanced")
+MAX_CHUNKS_PER_RANK = 8
+MIN_CHUNK_TOKENS = 16  # a Triton granule: smaller chunks only cost launches
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    owners: tuple[tuple[int, ...], ...]  # per rank, its chunk ids in local order
+    tokens: int | None = None  # the real length it was cut for; None: any length (plain layouts)
+    padded_tokens: int | None = None  # tokens plus the padding, a whole number of chunks
+
+    @property
+    def world_size(self) -> int:
+        return len(self.owners)
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return len(self.owners[0])
+
+    @property
+    def chunk_count(self) -> int:
+        return self.chunks_per_rank * self.world_size
 
 
 def check_layout(layout: str) -> None:
@@ -20,50 +54,126 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def chunks_per_rank(layout: str) -> int:
-    check_layout(layout)
-    return 1 if layout == "contiguous" else 2
+def _contiguous(p: int, m: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(range(r * m, (r + 1) * m)) for r in range(p))
 
 
-def owned_chunks(layout: str, rank: int, world_size: int) -> tuple[int, ...]:
-    """Global chunk ids held by ``rank``, in local order."""
-    check_layout(layout)
-    if layout == "contiguous":
-        return (rank,)
-    return (rank, 2 * world_size - 1 - rank)
+def _zigzag(p: int, m: int) -> tuple[tuple[int, ...], ...]:
+    half = m // 2  # each of the 2P halves in m/2 chunks
+    return tuple(tuple(range(r * half, (r + 1) * half)) + tuple(range((2 * p - 1 - r) * half, (2 * p - r) * half))
+                 for r in range(p))
 
 
-def _check_split(length: int, layout: str, world_size: int, what: str) -> int:
-    pieces = chunks_per_rank(layout) * world_size
-    if world_size < 1 or length % pieces:
-        raise ValueError(
-            f"the {layout} layout over {world_size} ranks cuts {what} into {pieces} equal chunks, "
-            f"so it must be a multiple of {pieces}; got {length}"
-        )
-    return length // pieces
+def chunks_per_rank(name: str, world_size: int, mask: Mask, tokens: int | None) -> int:
+    """How many chunks each rank holds (see the module docstring)."""
+    check_layout(name)
+    if mask.plain and name != "balanced":
+        return 1 if name == "contiguous" else 2
+    smallest = 2 if name == "zigzag" else 1
+    for m in (8, 4, 2, 1):
+        enough = tokens >= MIN_CHUNK_TOKENS * world_size * m
+        fits = mask.cu_seqlens is not None or tokens % (world_size * m) == 0  # padding needs a document
+        if m >= smallest and m <= MAX_CHUNKS_PER_RANK and enough and fits:
+            return m
+    return smallest
 
 
-def shard(full: torch.Tensor, *, layout: str, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
-    """This rank's part of a full-sequence tensor (sequence along ``dim``), as a new tensor."""
+@lru_cache(maxsize=256)
+def layout_of(name: str, world_size: int, mask: Mask = Mask(), tokens: int | None = None) -> Layout:
+    """The layout ``name`` over ``world_size`` ranks for ``mask`` and a sequence of ``tokens``
+    real tokens (needed unless the mask is plain and the layout contiguous or zigzag; with
+    documents it is ``cu_seqlens[-1]``)."""
+    check_layout(name)
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if mask.plain and name != "balanced":
+        return Layout(name, _contiguous(world_size, 1) if name == "contiguous" else _zigzag(world_size, 2))
+    if mask.cu_seqlens is not None:
+        if tokens is not None and tokens != mask.cu_seqlens[-1]:
+            raise ValueError(f"cu_seqlens must end at the sequence's length {tokens}, got {mask.cu_seqlens[-1]}")
+        tokens = mask.cu_seqlens[-1]
+    if not tokens:
+        raise ValueError(f"the {name} layout for this mask needs the sequence's length, got {tokens!r}")
+    m = chunks_per_rank(name, world_size, mask, tokens)
+    count = world_size * m
+    if mask.cu_seqlens is None and tokens % count:
+        raise ValueError(f"the {name} layout over {world_size} ranks cuts the sequence into {count} equal chunks, "
+                         f"so its length must be a multiple of {count} (or give cu_seqlens to pad it); got {tokens}")
+    padded = -(-tokens // count) * count
+    if name == "balanced":
+        from .work import deal_chunks  # work.py builds on Layout
+
+        owners = deal_chunks(mask, padded, world_size, m)
+    else:
+        owners = _contiguous(world_size, m) if name == "contiguous" else _zigzag(world_size, m)
+    return Layout(name, owners, tokens, padded)
+
+
+def _mask_of(causal: bool, cu_seqlens, window_size) -> Mask:
+    from ..kernels.mask import make_mask
+
+    mask = make_mask(causal, cu_seqlens, window_size)
+    problem = mask.problem()
+    if problem:
+        raise ValueError(problem)
+    return mask
+
+
+def shard(full: torch.Tensor, *, layout: str, rank: int, world_size: int, dim: int = 1, causal: bool = True,
+          cu_seqlens=None, window_size=(-1, -1)) -> torch.Tensor:
+    """This rank's part of a full-sequence tensor (sequence along ``dim``), as a new tensor;
+    zero-padded to whole chunks where the layout pads (module docstring)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    chunk = _check_split(full.shape[dim], layout, world_size, f"the sequence (dim {dim})")
-    pieces = [full.narrow(dim, c * chunk, chunk) for c in owned_chunks(layout, rank, world_size)]
-    return torch.cat(pieces, dim=dim)
+    lay = layout_of(layout, world_size, _mask_of(causal, cu_seqlens, window_size), full.shape[dim])
+    chunk = _chunk_len(lay, full.shape[dim], f"the sequence (dim {dim})")
+    if lay.padded_tokens and lay.padded_tokens > full.shape[dim]:
+        pad = list(full.shape)
+        pad[dim] = lay.padded_tokens - full.shape[dim]
+        full = torch.cat([full, full.new_zeros(pad)], dim=dim)
+    return torch.cat([full.narrow(dim, c * chunk, chunk) for c in lay.owners[rank]], dim=dim)
 
 
-def unshard(parts: Sequence[torch.Tensor], *, layout: str, dim: int = 1) -> torch.Tensor:
-    """The full-sequence tensor from every rank's part, given in rank order."""
+def unshard(parts: Sequence[torch.Tensor], *, layout: str, dim: int = 1, causal: bool = True, cu_seqlens=None,
+            window_size=(-1, -1)) -> torch.Tensor:
+    """The full-sequence tensor from every rank's part, given in rank order (padding dropped)."""
     world_size = len(parts)
     if world_size == 0:
         raise ValueError("unshard needs one part per rank, got none")
     lengths = {p.shape[dim] for p in parts}
     if len(lengths) != 1:
         raise ValueError(f"every rank's part must have the same length along dim {dim}, got {sorted(lengths)}")
-    per_rank = chunks_per_rank(layout)
-    chunk = _check_split(lengths.pop(), layout, 1, f"each part (dim {dim})") if per_rank > 1 else lengths.pop()
-    by_chunk: dict[int, torch.Tensor] = {}
-    for rank, part in enumerate(parts):
-        for i, c in enumerate(owned_chunks(layout, rank, world_size)):
-            by_chunk[c] = part.narrow(dim, i * chunk, chunk)
-    return torch.cat([by_chunk[c] for c in sorted(by_chunk)], dim=dim)
+    mask = _mask_of(causal, cu_seqlens, window_size)
+    seqlen = lengths.pop() * world_size
+    lay = layout_of(layout, world_size, mask, mask.cu_seqlens[-1] if mask.cu_seqlens else seqlen)
+    chunk = _chunk_len(lay, seqlen, f"the parts (dim {dim})")
+    if lay.padded_tokens is not None and lay.padded_tokens != seqlen:
+        raise ValueError(f"expected parts of {lay.padded_tokens // world_size} tokens along dim {dim} for this "
+                         f"mask, got {seqlen // world_size}")
+    by_chunk = {c: part.narrow(dim, i * chunk, chunk) for part, owned in zip(parts, lay.owners)
+                for i, c in enumerate(owned)}
+    full = torch.cat([by_chunk[c] for c in sorted(by_chunk)], dim=dim)
+    return full.narrow(dim, 0, lay.tokens) if lay.tokens else full
+
+
+def positions(*, layout: str, rank: int, world_size: int, tokens: int | None = None, causal: bool = True,
+              cu_seqlens=None, window_size=(-1, -1), device=None) -> torch.Tensor:
+    """Each of this rank's local tokens' position in the whole sequence (int64), e.g. for RoPE;
+    padding tokens get the positions past the end. ``tokens``: the sequence's real length (with
+    documents, ``cu_seqlens[-1]`` by default)."""
+    mask = _mask_of(causal, cu_seqlens, window_size)
+    tokens = mask.cu_seqlens[-1] if tokens is None and mask.cu_seqlens else tokens
+    if tokens is None:
+        raise ValueError("positions needs tokens (the sequence's length) or cu_seqlens")
+    lay = layout_of(layout, world_size, mask, tokens)
+    chunk = _chunk_len(lay, tokens, "the sequence")
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in lay.owners[rank]])
+
+
+def _chunk_len(lay: Layout, length: int, what: str) -> int:
+    if lay.padded_tokens is not None:
+        return lay.padded_tokens // lay.chunk_count
+    if length % lay.chunk_count:
+        raise ValueError(f"the {lay.name} layout over {lay.world_size} ranks cuts {what} into {lay.chunk_count} "
+                         f"equal chunks, so it must be a multiple of {lay.chunk_count}; got {length}")
+    return length // lay.chunk_count

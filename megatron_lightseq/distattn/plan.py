@@ -23,13 +23,14 @@ Payload kinds (what travels; ``owner`` is the rank whose tokens they are):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from ..kernels.base import accum_dtype
-from .layout import chunks_per_rank, owned_chunks
+from ..kernels.mask import Mask
+from .layout import Layout
 
 INPUT_KINDS = ("kv", "q", "qg")
 RESULT_KINDS = ("o", "dq", "dkv")
@@ -87,12 +88,27 @@ class Shape:
         return cls(batch=b, seqlen_local=s, nheads=h, nheads_kv=k.shape[2], headdim=d, dtype=q.dtype)
 
 
-def chunk_pair_work(causal: bool, q_chunk: int, kv_chunk: int) -> float:
-    """The share of a full chunk-by-chunk block a (query chunk, key chunk) pair computes: 1, half
-    for a causal diagonal, 0 for keys after the queries under causal (nothing to compute)."""
-    if not causal or kv_chunk < q_chunk:
-        return 1.0
-    return 0.5 if kv_chunk == q_chunk else 0.0
+class PairWork:
+    """The share of a full chunk-by-chunk block each (query chunk, key chunk) pair computes, 0
+    where the mask hides all of it (nothing computed, nothing sent). Plain masks: 1, or half for
+    a causal diagonal; other masks: the exact unmasked area (work.py)."""
+
+    def __init__(self, layout: Layout, mask: Mask) -> None:
+        self.causal = mask.causal
+        self._area = None
+        if layout.padded_tokens is not None:  # a layout cut for one length: areas exact
+            from .work import chunk_pair_area
+
+            area = chunk_pair_area(mask, layout.padded_tokens, layout.chunk_count)
+            full = (layout.padded_tokens // layout.chunk_count) ** 2
+            self._area = (area.double() / full).tolist()
+
+    def __call__(self, q_chunk: int, kv_chunk: int) -> float:
+        if self._area is not None:
+            return self._area[q_chunk][kv_chunk]
+        if not self.causal or kv_chunk < q_chunk:
+            return 1.0
+        return 0.5 if kv_chunk == q_chunk else 0.0
 
 
 def payload_tensors(kind: str, tokens: int, s: Shape) -> tuple[tuple[tuple[int, ...], torch.dtype, int], ...]:
@@ -119,18 +135,26 @@ def payload_bytes(kind: str, tokens: int, s: Shape) -> int:
 @dataclass(frozen=True)
 class Plan:
     schedule: str
-    layout: str
-    world_size: int
-    causal: bool
+    layout: Layout
+    mask: Mask
     forward: Steps
     backward: Steps
+    work: PairWork = field(compare=False, repr=False, default=None)
 
-    @cached_property
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def causal(self) -> bool:
+        return self.mask.causal
+
+    @property
     def chunk_count(self) -> int:
-        return chunks_per_rank(self.layout) * self.world_size
+        return self.layout.chunk_count
 
     def owned(self, rank: int) -> tuple[int, ...]:
-        return owned_chunks(self.layout, rank, self.world_size)
+        return self.layout.owners[rank]
 
     @property
     def compute_steps(self) -> int:
@@ -141,7 +165,7 @@ class Plan:
     def critical_work(self) -> float:
         """Sum over steps of the busiest rank's work, in units of one full rank-by-rank block
         ((N/P)^2 query-key pairs); a causal diagonal chunk counts half."""
-        per_rank = chunks_per_rank(self.layout)
+        per_rank = self.layout.chunks_per_rank
         total = 0.0
         for step in self.forward:
             total += max((sum(self.block_work(b) for b in rs.blocks) for rs in step), default=0.0)
@@ -149,12 +173,12 @@ class Plan:
 
     def block_work(self, block: Block) -> float:
         """Chunk-pairs a block computes (causal diagonal chunks count half)."""
-        return sum(chunk_pair_work(self.causal, qc, kc) for qc in block.q_chunks for kc in block.kv_chunks)
+        return sum(self.work(qc, kc) for qc in block.q_chunks for kc in block.kv_chunks)
 
     def critical_bytes(self, shape: Shape) -> int:
         """Sum over steps, forward and backward, of the most bytes any one rank receives: the
         traffic that gates the step when transfers are not hidden behind compute."""
-        chunk = shape.seqlen_local // chunks_per_rank(self.layout)
+        chunk = shape.seqlen_local // self.layout.chunks_per_rank
         return sum(
             max(sum(payload_bytes(tr.payload.kind, chunk * len(tr.payload.chunks), shape) for tr in rs.recvs)
                 for rs in step)
@@ -165,7 +189,7 @@ class Plan:
         """Bytes ``rank`` sends (``side="sends"``) or receives (``"recvs"``) in ``phase``."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        chunk = shape.seqlen_local // chunks_per_rank(self.layout)
+        chunk = shape.seqlen_local // self.layout.chunks_per_rank
         phases = (self.forward, self.backward) if phase == "both" else (getattr(self, phase),)
         total = 0
         for steps in phases:
@@ -187,7 +211,8 @@ class Plan:
 
     def describe(self) -> str:
         """A table of the forward plan, one line per step: what each rank computes."""
-        lines = [f"{self.schedule} on {self.layout}, P={self.world_size}, causal={self.causal}"]
+        lines = [f"{self.schedule} on {self.layout.name}, P={self.world_size}, " + (
+            f"causal={self.causal}" if self.mask.plain else f"{self.mask}")]
         for t, step in enumerate(self.forward):
             cells = []
             for rank, rs in enumerate(step):

@@ -1,7 +1,8 @@
 """Properties every plan must have, checked by simulating it without processes.
 
 - every causal (query chunk, key chunk) pair is computed exactly once, forward and backward;
-- a block's chunks are a contiguous run of its owner's local tensor (so inputs are views);
+- a block's chunks are some of its owner's, in the owner's local order (with the plain layouts a
+  run of neighbours, so inputs are views: tests/test_plans.py checks that);
 - every send has its receive in the same step, and no rank sends to itself;
 - nothing is used or sent before it is there (the timing rules in plan.py);
 - every partial result goes home exactly once.
@@ -11,19 +12,26 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .plan import INPUT_KINDS, Block, Payload, Plan, Steps, chunk_pair_work
+from .plan import INPUT_KINDS, Block, Payload, Plan, Steps
 
 
 def _is_run(chunks: tuple[int, ...], within: tuple[int, ...]) -> bool:
+    """A run of neighbours in ``within``."""
     n = len(chunks)
     return n > 0 and any(within[i:i + n] == chunks for i in range(len(within) - n + 1))
+
+
+def _in_order(chunks: tuple[int, ...], within: tuple[int, ...]) -> bool:
+    """Some of ``within``'s chunks, in its order."""
+    at = [within.index(c) if c in within else -1 for c in chunks]
+    return len(chunks) > 0 and min(at) >= 0 and at == sorted(set(at))
 
 
 def required_pairs(plan: Plan) -> Counter:
     pairs = Counter()
     for qc in range(plan.chunk_count):
         for kc in range(plan.chunk_count):
-            if chunk_pair_work(plan.causal, qc, kc):
+            if plan.work(qc, kc):
                 pairs[qc, kc] += 1
     return pairs
 
@@ -35,7 +43,7 @@ def computed_pairs(plan: Plan, steps: Steps) -> Counter:
             for b in rs.blocks:
                 for qc in b.q_chunks:
                     for kc in b.kv_chunks:
-                        if chunk_pair_work(plan.causal, qc, kc):
+                        if plan.work(qc, kc):
                             pairs[qc, kc] += 1
     return pairs
 
@@ -61,19 +69,19 @@ def _check_rank(plan: Plan, steps: Steps, rank: int, backward: bool) -> None:
         for tr in steps[s + 1][rank].sends if s + 1 < len(steps) else ():
             p = tr.payload
             if p.kind in INPUT_KINDS:
-                local = p.owner == rank and _is_run(p.chunks, plan.owned(rank))
+                local = p.owner == rank and _in_order(p.chunks, plan.owned(rank))
                 assert local or received.get(p, s + 1) <= s, f"step {s + 1}: rank {rank} sends {p} it lacks"
             else:
                 assert produced.get(p, s) <= s - 1, f"step {s + 1}: rank {rank} sends {p} before computing it"
                 assert p not in sent_results, f"rank {rank} sends {p} twice"
                 sent_results.add(p)
         for b in step[rank].blocks:
-            assert _is_run(b.q_chunks, plan.owned(b.q_owner)), f"{b}: q chunks not a run"
-            assert _is_run(b.kv_chunks, plan.owned(b.kv_owner)), f"{b}: kv chunks not a run"
+            assert _in_order(b.q_chunks, plan.owned(b.q_owner)), f"{b}: q chunks not the owner's, in order"
+            assert _in_order(b.kv_chunks, plan.owned(b.kv_owner)), f"{b}: kv chunks not the owner's, in order"
             if b.q_owner != rank:
                 assert received.get(Payload(q_kind, b.q_owner, b.q_chunks), s + 1) <= s, f"step {s}: {b} lacks q"
             if b.kv_owner != rank:
-                assert any(p.kind == "kv" and p.owner == b.kv_owner and _is_run(b.kv_chunks, p.chunks)
+                assert any(p.kind == "kv" and p.owner == b.kv_owner and _in_order(b.kv_chunks, p.chunks)
                            for p in received), f"step {s}: rank {rank} lacks kv for {b}"
             for r in _results_of(rank, b, backward):
                 assert r not in produced, f"rank {rank} produces {r} twice"

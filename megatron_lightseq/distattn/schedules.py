@@ -11,10 +11,12 @@ Schedules (see docs/schedules.md for the trade-offs and the ``auto`` rule):
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from functools import lru_cache
 
-from .layout import check_layout, owned_chunks
-from .plan import Block, Payload, Plan, RankStep, Shape, Steps, Transfer, chunk_pair_work
+from ..kernels.mask import Mask, make_mask
+from .layout import Layout, layout_of
+from .plan import Block, PairWork, Payload, Plan, RankStep, Shape, Steps, Transfer
 from .plan_check import check_plan
 
 SCHEDULES = ("ring", "lightseq")
@@ -22,15 +24,15 @@ SCHEDULE_CHOICES = SCHEDULES + ("auto",)  # what a user may ask for
 Task = tuple[int, int, Block]  # (step, executing rank, block)
 
 
-def pair_block(layout: str, world_size: int, causal: bool, q_owner: int, kv_owner: int) -> Block | None:
-    """The one block holding all the work between q_owner's queries and kv_owner's keys, or None.
+def pair_block(layout: Layout, work: PairWork, q_owner: int, kv_owner: int) -> Block | None:
+    """The one block holding all the work between q_owner's queries and kv_owner's keys (only
+    the chunks with work on either side), or None when the mask leaves none.
 
-    With both layouts every such block is full or a causal diagonal aligned at its top-left, so a
-    single kernel call does it without wasted work.
+    With the plain layouts every such block is full or a causal diagonal aligned at its top-left,
+    so a single kernel call does it without wasted work.
     """
-    qs = owned_chunks(layout, q_owner, world_size)
-    ks = owned_chunks(layout, kv_owner, world_size)
-    need = [(qc, kc) for qc in qs for kc in ks if chunk_pair_work(causal, qc, kc)]
+    qs, ks = layout.owners[q_owner], layout.owners[kv_owner]
+    need = [(qc, kc) for qc in qs for kc in ks if work(qc, kc)]
     if not need:
         return None
     q_chunks = tuple(c for c in qs if any(qc == c for qc, _ in need))
@@ -38,34 +40,76 @@ def pair_block(layout: str, world_size: int, causal: bool, q_owner: int, kv_owne
     return Block(q_owner, q_chunks, kv_owner, kv_chunks)
 
 
-def _ring_tasks(layout: str, world_size: int, causal: bool) -> list[Task]:
+def _ring_tasks(layout: Layout, work: PairWork) -> list[Task]:
+    p = layout.world_size
     tasks = []
-    for t in range(world_size):
-        for r in range(world_size):
-            block = pair_block(layout, world_size, causal, r, (r - t) % world_size)
+    for t in range(p):
+        for r in range(p):
+            block = pair_block(layout, work, r, (r - t) % p)
             if block is not None:
                 tasks.append((t, r, block))
     return tasks
 
 
-def _lightseq_tasks(layout: str, world_size: int, causal: bool) -> list[Task]:
-    if layout != "contiguous" or not causal:
+def _lightseq_tasks(layout: Layout, work: PairWork) -> list[Task]:
+    if layout.name != "contiguous" or not work.causal:
         # Already balanced: every rank has one block per partner. Same steps as the ring.
-        return _ring_tasks(layout, world_size, causal)
-    p = world_size
-    tasks = [(0, r, pair_block(layout, p, causal, r, r)) for r in range(p)]
+        return _ring_tasks(layout, work)
+    p = layout.world_size
+    tasks = [(0, r, pair_block(layout, work, r, r)) for r in range(p)]
     for t in range(1, p // 2 + 1):
         for r in range(p):
             if r >= t:  # own queries against the keys of distance t
-                tasks.append((t, r, pair_block(layout, p, causal, r, r - t)))
+                tasks.append((t, r, pair_block(layout, work, r, r - t)))
             elif 2 * t != p:  # helper: queries at distance p-t against own keys
-                tasks.append((t, r, pair_block(layout, p, causal, r + p - t, r)))
+                tasks.append((t, r, pair_block(layout, work, r + p - t, r)))
     return tasks
 
 
-def _route(tasks: list[Task], layout: str, world_size: int, ring: bool, backward: bool) -> Steps:
+def _masked_tasks(layout: Layout, work: PairWork, helpers: bool) -> list[Task]:
+    """Plans for documents and windows: one block per pair of ranks whose chunks share work,
+    computed by the queries' owner with only the needed K/V chunks sent to it, nearest partner
+    first (with a window a rank talks only to the ranks within it). With ``helpers`` (the
+    lightseq schedule) the most loaded ranks hand blocks to the K/V's owner, who receives the
+    queries and returns (out, lse), as long as that lowers the larger of the two loads."""
+    p = layout.world_size
+    blocks = {}
+    for x in range(p):
+        for d in range(p):
+            block = pair_block(layout, work, x, (x - d) % p)
+            if block is not None:
+                blocks[x, (x - d) % p] = block
+    sizes = {key: sum(work(qc, kc) for qc in b.q_chunks for kc in b.kv_chunks) for key, b in blocks.items()}
+    executor = {key: key[0] for key in blocks}
+    if helpers:
+        _hand_over(executor, sizes, p)
+    order = defaultdict(list)  # executor -> its blocks: own queries nearest first, then those it helps with
+    for (x, y), block in blocks.items():
+        order[executor[x, y]].append(((executor[x, y] != x, (x - y) % p, x), block))
+    return [(t, r, block) for r, mine in order.items() for t, (_, block) in enumerate(sorted(mine, key=lambda e: e[0]))]
+
+
+def _hand_over(executor: dict, sizes: dict, p: int) -> None:
+    """Move blocks from the most loaded rank to the K/V owners while the larger load drops."""
+    load = [0.0] * p
+    for key, rank in executor.items():
+        load[rank] += sizes[key]
+    while True:
+        x = max(range(p), key=lambda r: (load[r], -r))
+        moves = [(max(load[x] - sizes[key], load[key[1]] + sizes[key]), key) for key, rank in executor.items()
+                 if rank == x == key[0] and key[1] != x]
+        best = min(moves, default=None)
+        if best is None or best[0] >= load[x]:
+            return
+        key = best[1]
+        executor[key] = key[1]
+        load[x] -= sizes[key]
+        load[key[1]] += sizes[key]
+
+
+def _route(tasks: list[Task], layout: Layout, ring: bool, backward: bool) -> Steps:
     """Turn tasks into steps: add the transfer of every remote input and every partial result."""
-    p = world_size
+    p = layout.world_size
     q_kind, q_result = ("qg", "dq") if backward else ("q", "o")
     transfers: set[tuple[int, Transfer]] = set()
     for t, x, blk in tasks:
@@ -75,7 +119,7 @@ def _route(tasks: list[Task], layout: str, world_size: int, ring: bool, backward
         b = blk.kv_owner
         if b != x:
             if ring:  # the owner's whole K/V, forwarded hop by hop so it arrives for step t
-                payload = Payload("kv", b, owned_chunks(layout, b, p))
+                payload = Payload("kv", b, layout.owners[b])
                 hops = (x - b) % p
                 for i in range(1, hops + 1):
                     transfers.add((t - hops + i, Transfer((b + i - 1) % p, (b + i) % p, payload)))
@@ -84,47 +128,63 @@ def _route(tasks: list[Task], layout: str, world_size: int, ring: bool, backward
             if backward:
                 transfers.add((t + 2, Transfer(x, b, Payload("dkv", b, blk.kv_chunks))))
     n_steps = max([t for t, _, _ in tasks] + [s for s, _ in transfers]) + 1
-    steps = []
-    for s in range(n_steps):
-        here = sorted(tr for step, tr in transfers if step == s)
-        steps.append(tuple(
-            RankStep(
-                blocks=tuple(blk for t, x, blk in tasks if t == s and x == r),
-                sends=tuple(tr for tr in here if tr.src == r),
-                # Sorted like the sender's list, so paired ops are posted in the same order.
-                recvs=tuple(tr for tr in here if tr.dst == r),
-            )
-            for r in range(p)
-        ))
-    return tuple(steps)
+    blocks, sends, recvs = defaultdict(list), defaultdict(list), defaultdict(list)
+    for t, x, blk in tasks:
+        blocks[t, x].append(blk)
+    for s, tr in sorted(transfers):  # sorted: both sides list a pair's transfers in one order
+        sends[s, tr.src].append(tr)
+        recvs[s, tr.dst].append(tr)
+    return tuple(tuple(RankStep(tuple(blocks[s, r]), tuple(sends[s, r]), tuple(recvs[s, r])) for r in range(p))
+                 for s in range(n_steps))
 
 
-@lru_cache(maxsize=None)
-def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = True) -> Plan:
-    """The validated plan of ``schedule`` ("ring" or "lightseq") for this layout and world size."""
-    check_layout(layout)
+def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = True, cu_seqlens=None,
+               window_size=(-1, -1), tokens: int | None = None) -> Plan:
+    """The plan of ``schedule`` ("ring" or "lightseq") for this layout, world size and mask:
+    ``cu_seqlens`` document boundaries over the whole sequence and ``window_size`` (left, right)
+    as in flash-attn; ``tokens``, the sequence's length, is needed for a window without
+    documents and for the balanced layout without documents."""
+    mask = make_mask(causal, cu_seqlens, window_size)
+    problem = mask.problem()
+    if problem:
+        raise ValueError(problem)
+    return plan_for(schedule, layout_of(layout, world_size, mask, tokens), mask)
+
+
+@lru_cache(maxsize=128)
+def plan_for(schedule: str, layout: Layout, mask: Mask) -> Plan:
+    """The plan of ``schedule`` on a built layout; cached, since plans for documents are asked
+    for once per batch. Plans for plain masks are validated here (plan_check.py), once."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULE_CHOICES}, got {schedule!r}")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    tasks = (_ring_tasks if schedule == "ring" else _lightseq_tasks)(layout, world_size, causal)
-    ring = schedule == "ring"
-    plan = Plan(
-        schedule=schedule, layout=layout, world_size=world_size, causal=causal,
-        forward=_route(tasks, layout, world_size, ring, backward=False),
-        backward=_route(tasks, layout, world_size, ring, backward=True),
-    )
-    check_plan(plan)
+    work = PairWork(layout, mask)
+    if layout.padded_tokens is None:  # the plain layouts, any length
+        tasks = (_ring_tasks if schedule == "ring" else _lightseq_tasks)(layout, work)
+        ring = schedule == "ring"
+    else:
+        tasks, ring = _masked_tasks(layout, work, helpers=schedule == "lightseq"), False
+    plan = Plan(schedule, layout, mask, forward=_route(tasks, layout, ring, backward=False),
+                backward=_route(tasks, layout, ring, backward=True), work=work)
+    if layout.padded_tokens is None:
+        check_plan(plan)
     return plan
 
 
+def choose_schedule(layout: str, world_size: int, causal: bool, shape: Shape, cu_seqlens=None,
+                    window_size=(-1, -1)) -> str:
+    """The ``auto`` rule (:func:`auto_schedule`) for this layout, world size and mask."""
+    mask = make_mask(causal, cu_seqlens, window_size)
+    tokens = mask.cu_seqlens[-1] if mask.cu_seqlens else shape.seqlen_local * world_size
+    return auto_schedule(layout_of(layout, world_size, mask, tokens), mask, shape)
+
+
 @lru_cache(maxsize=256)
-def choose_schedule(layout: str, world_size: int, causal: bool, shape: Shape) -> str:
-    """The ``auto`` rule: least critical-path compute (``Plan.critical_work``), then least
+def auto_schedule(layout: Layout, mask: Mask, shape: Shape) -> str:
+    """Least critical-path compute (``Plan.critical_work``, the real unmasked work), then least
     critical-path traffic (``Plan.critical_bytes``), then the ring, whose neighbour-only traffic
     crosses node boundaries least."""
     def cost(name: str):
-        plan = build_plan(name, layout=layout, world_size=world_size, causal=causal)
+        plan = plan_for(name, layout, mask)
         return plan.critical_work, plan.critical_bytes(shape), SCHEDULES.index(name)
 
     return min(SCHEDULES, key=cost)

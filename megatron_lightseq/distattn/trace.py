@@ -16,11 +16,13 @@ _open: list["Trace"] = []
 
 @dataclass(eq=False)  # traces are told apart by identity
 class Trace:
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # by the plan's point-to-point transfers
     bytes_received: int = 0
     forward_calls: int = 0
     backward_calls: int = 0
-    blocks: int = 0
+    blocks: int = 0  # kernel calls
+    collectives: int = 0  # besides the plan's transfers (the input agreement)
+    host_reads: int = 0  # values read back from a collective's result (a device sync on GPUs)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -30,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _oracle(args, dtype):
     """Inputs (in ``dtype``) and the float64 whole-sequence (out, dq, dk, dv), same on every rank."""
+    from ..kernels.mask import Mask
     from ..kernels.math import MathKernel
 
     g = torch.Generator().manual_seed(0)
@@ -37,7 +38,7 @@ def _oracle(args, dtype):
     q, dout = (torch.randn(1, n, h, d, generator=g, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(1, n, hkv, d, generator=g, dtype=torch.float64) for _ in range(2))
     q, k, v, dout = (x.to(dtype).double() for x in (q, k, v, dout))  # the oracle sees what we see
-    whole = dict(q_span=((0, n),), k_span=((0, n),), causal=args.causal, scale=d ** -0.5)
+    whole = dict(q_span=((0, n),), k_span=((0, n),), mask=Mask(causal=args.causal), scale=d ** -0.5)
     out, lse = MathKernel().forward(q, k, v, **whole)
     grads = MathKernel().backward(dout, q, k, v, out, lse, **whole)
     return (q, k, v, dout), (out, *grads)

@@ -4,17 +4,22 @@ A process is placed by Slurm (srun, one task per GPU), by torchrun, or by :func:
 starts N processes on this machine (the jobs without a launcher, and the tests). Everything reads
 the :class:`Place`, nothing else reads the environment.
 
-run_local's workers send their verdict (return value, or traceback) through a pipe, pass a
-barrier of their process group if they made one, and leave with ``os._exit``: a gloo abort during
-teardown cannot turn a pass into a failure, while an error, a missing verdict or a timeout
-always fails the run, naming the rank.
+run_local's workers send their verdict (return value, or traceback) through a pipe, wait until
+every rank has sent its own (so that none leaves while a peer still needs it; through a file
+store of the launcher's, which works whatever state the job left its process groups in), and
+leave with ``os._exit``: a gloo abort during teardown cannot turn a pass into a failure, while
+an error, a missing verdict or a timeout always fails the run, naming the rank. Verdicts are
+pickled by value (torch's multiprocessing pickler would share tensors through the worker, which
+is gone by the time they are read).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import subprocess
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -53,19 +58,20 @@ class RanksFailed(RuntimeError):
     """Some local rank raised, died or hung; the message has each one's story."""
 
 
-def _worker(target, place: Place, args: tuple, conn) -> None:
+def _worker(target, place: Place, args: tuple, conn, done_path: str) -> None:
     try:
         verdict = ("ok", target(place, *args))
     except BaseException:  # noqa: BLE001 - the parent reports it
         verdict = ("error", traceback.format_exc())
     try:
-        conn.send(verdict)
+        conn.send_bytes(pickle.dumps(verdict))
         conn.close()
-        import torch.distributed as dist
+        from torch.distributed import FileStore
 
-        if verdict[0] == "ok" and dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        done = FileStore(done_path, place.world_size)
+        done.add("verdicts", 1)
+        while done.add("verdicts", 0) < place.world_size:  # the parent kills us if a rank never gets here
+            time.sleep(0.01)
     finally:
         os._exit(0)
 
@@ -76,11 +82,11 @@ def run_local(target, world_size: int, *args, timeout: float = 3600.0, start_met
     or gives no verdict within ``timeout`` seconds."""
     ctx = mp.get_context(start_method)
     with tempfile.TemporaryDirectory() as tmp:
-        store = f"file://{os.path.join(tmp, 'store')}"
+        store, done = f"file://{os.path.join(tmp, 'store')}", os.path.join(tmp, "done")
         procs, pipes = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_worker, args=(target, Place(rank, world_size, rank, store), args, child))
+            p = ctx.Process(target=_worker, args=(target, Place(rank, world_size, rank, store), args, child, done))
             p.start()
             child.close()
             procs.append(p)
@@ -91,7 +97,7 @@ def run_local(target, world_size: int, *args, timeout: float = 3600.0, start_met
                 if not conn.poll(timeout):
                     raise RanksFailed(f"rank {rank} gave no verdict within {timeout:.0f}s (hang?)")
                 try:
-                    verdicts.append(conn.recv())
+                    verdicts.append(pickle.loads(conn.recv_bytes()))
                 except EOFError:
                     procs[rank].join(5)
                     raise RanksFailed(f"rank {rank} died without a verdict (exit code {procs[rank].exitcode})") from None

@@ -4,14 +4,15 @@ Shapes (legend used across the package): B batch, S tokens, H query heads, G key
 (H a multiple of G), D head dim. Tensors are ``_BSHD`` like flash-attn; the LSE is ``_BHS``.
 
 A block knows where its tokens sit in the whole sequence: ``q_span`` and ``k_span`` are tuples
-of (start, stop) token ranges, concatenated in row order. With ``causal`` a query at position i
-sees keys at positions <= i. That covers any block of any layout; :func:`mask_kind` tells a
-kernel when the cheap forms (no mask, top-left causal) are exact.
+of (start, stop) token ranges, concatenated in row order. ``mask`` (mask.py) says which keys a
+query may see: for a query at position i, the keys at positions in ``mask.bounds(i)``. That
+covers any block of any layout and any mask; :func:`mask_kind` tells a kernel when the cheap
+forms (no mask, top-left causal) are exact.
 
-``forward(q, k, v, *, q_span, k_span, causal, scale) -> (out_BSHD, lse_BHS)``:
+``forward(q, k, v, *, q_span, k_span, mask, scale) -> (out_BSHD, lse_BHS)``:
     out in q's dtype; lse float32 (float64 for float64 inputs), -inf on rows that see no key
     (their out is 0).
-``backward(dout, q, k, v, out, lse, *, q_span, k_span, causal, scale) -> (dq, dk, dv)``:
+``backward(dout, q, k, v, out, lse, *, q_span, k_span, mask, scale) -> (dq, dk, dv)``:
     from the *merged* out and lse of the whole row, so the block's gradients are exact parts of
     the full gradients; grads in the inputs' dtypes, dk/dv with G heads.
 ``forward_into(q, k, v, out_acc, lse_acc, ...)``: the block merged into running accumulators
@@ -23,9 +24,11 @@ A kernel that cannot produce an LSE must not be registered: it never returns a m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import lru_cache
 
 import torch
 
+from .mask import Mask
 from .merge import merge_into
 
 Span = tuple[tuple[int, int], ...]
@@ -38,15 +41,15 @@ class BlockKernel(ABC):
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool: ...
 
     @abstractmethod
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float): ...
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float): ...
 
     @abstractmethod
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool,
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask,
                  scale: float): ...
 
-    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, causal: bool,
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: Mask,
                      scale: float) -> None:
-        merge_into(out_acc, lse_acc, *self.forward(q, k, v, q_span=q_span, k_span=k_span, causal=causal, scale=scale))
+        merge_into(out_acc, lse_acc, *self.forward(q, k, v, q_span=q_span, k_span=k_span, mask=mask, scale=scale))
 
 
 def span_of(chunks: tuple[int, ...], chunk_len: int) -> Span:
@@ -61,12 +64,16 @@ def span_of(chunks: tuple[int, ...], chunk_len: int) -> Span:
     return tuple(ranges)
 
 
-def mask_kind(q_span: Span, k_span: Span, causal: bool) -> str:
+@lru_cache(maxsize=4096)
+def mask_kind(q_span: Span, k_span: Span, mask: Mask) -> str:
     """"full" (no mask), "causal" (lower triangle from the top-left) or "general"."""
-    if not causal or max(stop for _, stop in k_span) - 1 <= min(start for start, _ in q_span):
+    if mask.plain:
+        if not mask.causal or max(stop for _, stop in k_span) - 1 <= min(start for start, _ in q_span):
+            return "full"
+        return "causal" if q_span == k_span else "general"  # same increasing positions: the plain triangle
+    lo, hi = mask.bounds(positions(q_span, torch.device("cpu")))
+    if int(lo.max()) <= min(a for a, _ in k_span) and int(hi.min()) >= max(b for _, b in k_span) - 1:
         return "full"
-    if q_span == k_span:  # same increasing positions on both sides: the plain triangle
-        return "causal"
     return "general"
 
 
@@ -74,9 +81,11 @@ def positions(span: Span, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(a, b, device=device) for a, b in span])
 
 
-def allowed_mask(q_span: Span, k_span: Span, device: torch.device) -> torch.Tensor:
-    """Bool [Sq, Sk]: True where a query may see a key (causal by position)."""
-    return positions(k_span, device)[None, :] <= positions(q_span, device)[:, None]
+def allowed_mask(q_span: Span, k_span: Span, mask: Mask, device: torch.device) -> torch.Tensor:
+    """Bool [Sq, Sk]: True where a query may see a key."""
+    lo, hi = mask.bounds(positions(q_span, device))
+    kp = positions(k_span, device)
+    return (kp[None, :] >= lo[:, None]) & (kp[None, :] <= hi[:, None])
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockKernel, Span, accum_dtype, allowed_mask
+from .base import BlockKernel, Span, accum_dtype, allowed_mask, mask_kind
+from .mask import Mask
 
 
-def _scores(q, k, q_span, k_span, causal, scale):
+def _scores(q, k, q_span, k_span, mask, scale):
     """Scores [B, G, H/G, Sq, Sk] in the accumulation dtype, masked with -inf."""
     b, sq, h, d = q.shape
     g = k.shape[2]
     dt = accum_dtype(q.dtype)
     q5 = q.to(dt).view(b, sq, g, h // g, d)
     s = torch.einsum("bqgnd,bkgd->bgnqk", q5, k.to(dt)) * scale
-    if causal:
-        s = s.masked_fill(~allowed_mask(q_span, k_span, q.device), float("-inf"))
+    if mask_kind(q_span, k_span, mask) != "full":
+        s = s.masked_fill(~allowed_mask(q_span, k_span, mask, q.device), float("-inf"))
     return s
 
 
@@ -32,20 +33,20 @@ class MathKernel(BlockKernel):
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         return q.is_floating_point()
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float):
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
         b, sq, h, d = q.shape
         g = k.shape[2]
-        s = _scores(q, k, q_span, k_span, causal, scale)
+        s = _scores(q, k, q_span, k_span, mask, scale)
         lse = torch.logsumexp(s, dim=-1)  # [B, G, H/G, Sq]; -inf where the row is all masked
         p = _probs(s, lse)
         out = torch.einsum("bgnqk,bkgd->bqgnd", p, v.to(p.dtype)).reshape(b, sq, h, d)
         return out.to(q.dtype), lse.reshape(b, h, sq)
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool,
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask,
                  scale: float):
         b, sq, h, d = q.shape
         g = k.shape[2]
-        s = _scores(q, k, q_span, k_span, causal, scale)
+        s = _scores(q, k, q_span, k_span, mask, scale)
         p = _probs(s, lse.to(s.dtype).view(b, g, h // g, sq))
         dt = s.dtype
         do5 = dout.to(dt).view(b, sq, g, h // g, d)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import Span, allowed_mask, mask_kind
+from .mask import Mask
 from .vendor import FixedMaskKernel, bhsd, repeat_kv, sum_repeated
 
 aten = torch.ops.aten
@@ -19,12 +20,12 @@ _CUDA_DTYPES = (torch.bfloat16, torch.float16)
 _NO_RNG = torch.zeros((), dtype=torch.int64)  # the op's philox seed/offset; unread without dropout
 
 
-def _cpu_mask(q_span: Span, k_span: Span, causal: bool, q: torch.Tensor):
+def _cpu_mask(q_span: Span, k_span: Span, mask: Mask, q: torch.Tensor):
     """(is_causal, additive mask or None, rows that see no key or None) for the CPU op."""
-    kind = mask_kind(q_span, k_span, causal)
+    kind = mask_kind(q_span, k_span, mask)
     if kind != "general":
         return kind == "causal", None, None
-    allowed = allowed_mask(q_span, k_span, q.device)
+    allowed = allowed_mask(q_span, k_span, mask, q.device)
     additive = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
     return False, additive, ~allowed.any(-1)
 
@@ -37,26 +38,26 @@ class TorchSdpaKernel(FixedMaskKernel):
             return q.dtype in _CPU_DTYPES
         return q.device.type == "cuda" and q.dtype in _CUDA_DTYPES and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float):
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
         if q.device.type != "cpu":
-            return super().forward(q, k, v, q_span=q_span, k_span=k_span, causal=causal, scale=scale)
-        is_causal, mask, blind_rows = _cpu_mask(q_span, k_span, causal, q)
+            return super().forward(q, k, v, q_span=q_span, k_span=k_span, mask=mask, scale=scale)
+        is_causal, additive, blind_rows = _cpu_mask(q_span, k_span, mask, q)
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            bhsd(q), bhsd(k), bhsd(v), 0.0, is_causal, attn_mask=mask, scale=scale)
+            bhsd(q), bhsd(k), bhsd(v), 0.0, is_causal, attn_mask=additive, scale=scale)
         if blind_rows is not None:  # the op reports lse 0 for a row with no key; it is -inf
             lse = lse.masked_fill(blind_rows, float("-inf"))
         return bhsd(out), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool, scale: float):
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
         if q.device.type != "cpu":
-            return super().backward(dout, q, k, v, out, lse, q_span=q_span, k_span=k_span, causal=causal,
+            return super().backward(dout, q, k, v, out, lse, q_span=q_span, k_span=k_span, mask=mask,
                                     scale=scale)
-        is_causal, mask, blind_rows = _cpu_mask(q_span, k_span, causal, q)
+        is_causal, additive, blind_rows = _cpu_mask(q_span, k_span, mask, q)
         if blind_rows is not None:  # exp(-inf - -inf) would be NaN; any finite lse gives p = 0
             lse = lse.masked_fill(torch.isneginf(lse), 0.0)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             bhsd(dout), bhsd(q), bhsd(k), bhsd(v), bhsd(out), lse.contiguous(), 0.0, is_causal,
-            attn_mask=mask, scale=scale)
+            attn_mask=additive, scale=scale)
         return bhsd(dq), bhsd(dk), bhsd(dv)
 
     def _forward(self, q, k, v, causal: bool, scale: float):

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .base import BlockKernel, Span, positions
+from .mask import Mask
 
 GRANULE = 16
 
@@ -315,6 +316,12 @@ def merge_into(out_BSHD: torch.Tensor, lse_BHS: torch.Tensor, part_BSHD: torch.T
         *part_BSHD.stride()[:3], *part_lse_BHS.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
 
 
+def _plain_causal(mask: Mask) -> bool:
+    if not mask.plain:
+        raise NotImplementedError("the Triton kernels do not take document or window masks yet")
+    return mask.causal
+
+
 class TritonKernel(BlockKernel):
     name = "triton"
 
@@ -322,13 +329,14 @@ class TritonKernel(BlockKernel):
         on_device = q.device.type == "cuda" or _interpreted()
         return on_device and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
 
-    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, causal: bool, scale: float,
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: Mask, scale: float,
                      merge: bool = True):
         """Merge this block into the running fp32 (out_acc [B,S,H,D], lse_acc [B,H,S]) in place;
         with ``merge=False`` overwrite them instead (out_acc may then have any float dtype)."""
         b, sq, h, d = q.shape
         q, k, v = (x.contiguous() for x in (q, k, v))
         assert out_acc.stride(-1) == 1 and lse_acc.stride(-1) == 1
+        causal = _plain_causal(mask)
         qp, kp, kv_end, kv_full, _, _ = tile_tables(q_span, k_span, causal, q.device)
         _launch("fwd", sq, b * h, q, k, v, qp, kp, kv_end, kv_full, out_acc, lse_acc,
                 scale, sq, k.shape[1], h, h // k.shape[2],
@@ -336,14 +344,14 @@ class TritonKernel(BlockKernel):
                 out_acc.stride(0), out_acc.stride(1), out_acc.stride(2), lse_acc.stride(0), lse_acc.stride(1),
                 CAUSAL=causal, MERGE=merge, D=d, BLOCK_D=_block_d(d))
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float):
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
         b, sq, h, _ = q.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
-        self.forward_into(q, k, v, out, lse, q_span=q_span, k_span=k_span, causal=causal, scale=scale, merge=False)
+        self.forward_into(q, k, v, out, lse, q_span=q_span, k_span=k_span, mask=mask, scale=scale, merge=False)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool, scale: float):
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
         b, sq, h, d = q.shape
         sk, g = k.shape[1], k.shape[2]
         # q and dout share strides in the kernels; out is read row by row (its last dim must be dense).
@@ -353,6 +361,7 @@ class TritonKernel(BlockKernel):
         block_s = _rows_per_program(d)
         _delta[(triton.cdiv(sq, block_s), b * h)](out, dout, delta, sq, h, *out.stride()[:3], *dout.stride()[:3],
                                                   *delta.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
+        causal = _plain_causal(mask)
         qp, kp, kv_end, kv_full, q_lo, q_full = tile_tables(q_span, k_span, causal, q.device)
         dq = torch.empty_like(q)  # the kernels store in the inputs' dtype
         # dK/dV per query head: straight into the result for MHA, else fp32 to sum over shared heads.

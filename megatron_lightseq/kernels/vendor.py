@@ -13,6 +13,7 @@ import functools
 import torch
 
 from .base import BlockKernel, Span, mask_kind
+from .mask import Mask
 from .math import MathKernel
 
 
@@ -52,15 +53,15 @@ class FixedMaskKernel(BlockKernel):
     and ``_backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)`` for full or top-left
     causal blocks, tensors [B, S, H, D] (K/V with G heads)."""
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, causal: bool, scale: float):
-        kind = mask_kind(q_span, k_span, causal)
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+        kind = mask_kind(q_span, k_span, mask)
         if kind == "general":
-            return _any_mask_kernel(q, k).forward(q, k, v, q_span=q_span, k_span=k_span, causal=causal, scale=scale)
+            return _any_mask_kernel(q, k).forward(q, k, v, q_span=q_span, k_span=k_span, mask=mask, scale=scale)
         return self._forward(q, k, v, kind == "causal", scale)
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, causal: bool, scale: float):
-        kind = mask_kind(q_span, k_span, causal)
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+        kind = mask_kind(q_span, k_span, mask)
         if kind == "general":
             return _any_mask_kernel(q, k).backward(dout, q, k, v, out, lse, q_span=q_span, k_span=k_span,
-                                               causal=causal, scale=scale)
+                                               mask=mask, scale=scale)
         return self._backward(dout, q, k, v, out, lse, kind == "causal", scale)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from ..distattn.api import DEFAULT_TIMEOUT
 from ..distattn.layout import LAYOUTS
 from ..distattn.schedules import SCHEDULE_CHOICES
 from ..kernels import kernel_names
@@ -28,12 +29,17 @@ class LightSeqConfig:
     remat: bool = True
     """Under Megatron's activation recompute, reuse the first pass's attention output and LSE
     instead of running the attention forward again (--lightseq-no-remat turns it off)."""
+    timeout: float = DEFAULT_TIMEOUT
+    """Seconds a rank waits for one step's transfers before it fails, naming the ranks and the layer
+    (docs/reliability.md); well below Megatron's process-group timeout."""
 
     def __post_init__(self) -> None:
         choices = {"schedule": SCHEDULE_CHOICES, "layout": LAYOUTS, "kernel": kernel_names()}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--lightseq-{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < float("inf")):
+            raise ValueError(f"--lightseq-timeout must be a positive number of seconds, got {self.timeout!r}")
 
 
 class _RaisingParser(argparse.ArgumentParser):
@@ -54,21 +60,25 @@ def add_lightseq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--lightseq-no-remat", dest="lightseq_remat", action="store_false",
                        help="under activation recompute, run the attention forward again (Megatron's plain "
                             "behaviour) instead of reusing the first pass's output and LSE")
+    group.add_argument("--lightseq-timeout", type=float, default=defaults.timeout, metavar="SECONDS",
+                       help=f"fail a rank that waits this long for one attention step's transfers, naming the "
+                            f"ranks it waits for and the layer (default {defaults.timeout:g})")
     return parser
 
 
 def config_from_namespace(ns: argparse.Namespace) -> LightSeqConfig:
     return LightSeqConfig(schedule=ns.lightseq_schedule, layout=ns.lightseq_layout, kernel=ns.lightseq_kernel,
-                          remat=ns.lightseq_remat)
+                          remat=ns.lightseq_remat, timeout=ns.lightseq_timeout)
 
 
 def parse_lightseq_args(argv: list[str]) -> tuple[LightSeqConfig, list[str]]:
     """(config, the other arguments): takes the ``--lightseq-*`` flags out of ``argv``."""
-    ns, rest = add_lightseq_args(_RaisingParser(add_help=False, allow_abbrev=False)).parse_known_args(argv)
+    parser = add_lightseq_args(_RaisingParser(add_help=False, allow_abbrev=False))
+    ns, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("--lightseq")]
     if unknown:
-        raise ValueError(f"megatron-lightseq flags: unknown {unknown}; known: --lightseq-schedule, "
-                         "--lightseq-layout, --lightseq-kernel, --lightseq-no-remat")
+        known = [flag for action in parser._actions for flag in action.option_strings]
+        raise ValueError(f"megatron-lightseq flags: unknown {unknown}; known: {', '.join(known)}")
     return config_from_namespace(ns), rest
 
 

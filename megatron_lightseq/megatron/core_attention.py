@@ -51,7 +51,8 @@ class LightSeqAttention(MegatronModule):
         s = self.settings
         q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, s, heads, hn] views
         options = dict(group=self.cp_group, layout=s.layout, schedule=s.schedule,
-                       causal=mask_type == AttnMaskType.causal, softmax_scale=self.softmax_scale, kernel=s.kernel)
+                       causal=mask_type == AttnMaskType.causal, softmax_scale=self.softmax_scale, kernel=s.kernel,
+                       timeout=s.timeout, label=f"layer {self.layer_number}")
         if s.remat and is_checkpointing() and not torch.is_grad_enabled():  # first pass of a checkpoint
             out_BSHD, lse = dist_attn(q, k, v, return_lse=True, **options)
             self.stash.push(q, k, v, out_BSHD, lse)

@@ -8,7 +8,7 @@ remat skips the attention forward in the recompute, the others repeat it.
 """
 from __future__ import annotations
 
-from ..distattn.plan import Plan, chunk_pair_work, payload_bytes
+from ..distattn.plan import Plan, payload_bytes
 from ..distattn.schedules import build_plan
 from .model import Machine, ModelSpec
 from .traffic import attention_shape, tp_collectives, _ring_bytes
@@ -23,7 +23,7 @@ def _block_seconds(plan: Plan, block, chunk: int, model: ModelSpec, m: Machine) 
     tokens = chunk * len(block.q_chunks)
     for qc in block.q_chunks:
         for kc in block.kv_chunks:
-            work = chunk_pair_work(plan.causal, qc, kc)
+            work = plan.work(qc, kc)
             if work:
                 flops = 3.5 * 4 * chunk * chunk * model.headdim * model.heads * work
                 seconds += flops / (m.attn_tflops(tokens, diagonal=work < 1) * 1e12)

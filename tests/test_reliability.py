@@ -1,0 +1,172 @@
+"""Failures inside the exchange on local gloo ranks: no rank waits past its deadline, every error
+names where it happened; the agreement is skipped in steady state; results are bitwise repeatable.
+Each failure case runs in fresh processes (a failure aborts the group) under the harness's own
+timeout, which fails the test on a hang."""
+import re
+import time
+
+import pytest
+import torch
+
+import megatron_lightseq as mls
+from harness import run_ranks
+
+VICTIM = 1  # the rank that fails, stalls or skips
+CHUNK = 2  # tokens per chunk
+
+
+def _qkv(world_size, rank, *, requires_grad=True, tokens=CHUNK, seed=0):
+    g = torch.Generator().manual_seed(seed + rank)
+    q = torch.randn(1, 2 * tokens, 4, 8, generator=g)
+    k, v = (torch.randn(1, 2 * tokens, 2, 8, generator=g) for _ in range(2))
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+class _Faulty(mls.kernels.get_kernel("math").__class__):
+    """The math kernel, except on VICTIM at its ``at``-th call of ``phase``: raise, or sleep."""
+
+    name = "faulty"
+    mode, phase, at = "raise", "forward", 1
+
+    def __init__(self):
+        self.calls = {"forward": 0, "backward": 0}
+
+    def _maybe_fail(self, phase):
+        import torch.distributed as dist
+
+        self.calls[phase] += 1
+        if dist.get_rank() == VICTIM and phase == self.phase and self.calls[phase] == self.at:
+            if self.mode == "raise":
+                raise RuntimeError("injected kernel fault")
+            time.sleep(4)  # past the 2 s deadline and the grace that follows it
+
+    def forward(self, *args, **kwargs):
+        self._maybe_fail("forward")
+        return super().forward(*args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        self._maybe_fail("backward")
+        return super().backward(*args, **kwargs)
+
+
+def _failure(rank, world_size, mode, phase):
+    """Run one forward+backward that fails on VICTIM; (error message, seconds until it came)."""
+    _Faulty.mode, _Faulty.phase = mode, phase
+    mls.kernels.register_kernel("faulty", _Faulty)
+    q, k, v = _qkv(world_size, rank)
+    timeout = 2.0 if mode != "raise" else 60.0  # a raised fault must travel at once, not at the deadline
+    start = time.monotonic()
+    try:
+        out = mls.dist_attn(q, k, v, kernel="faulty", schedule="lightseq", timeout=timeout, label="test call")
+        if mode == "skip" and rank == VICTIM:
+            return None, 0.0  # this rank never runs its backward
+        out.sum().backward()
+    except mls.DistAttnError as e:
+        return str(e), time.monotonic() - start
+    return None, time.monotonic() - start
+
+
+CASES = [("raise", "forward"), ("raise", "backward"), ("stall", "forward"), ("stall", "backward"),
+         ("skip", "backward")]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("mode,phase", CASES, ids=[f"{m}-{p}" for m, p in CASES])
+def test_a_failing_rank_stops_every_rank_promptly_by_name(world_size, mode, phase):
+    results = run_ranks(world_size, _failure, mode, phase, timeout=60)
+    for rank, (message, seconds) in enumerate(results):
+        if mode == "skip" and rank == VICTIM:
+            continue
+        assert message is not None, f"rank {rank} finished although rank {VICTIM} {mode}ed"
+        # this rank's own phase may come later: a rank that needs nothing more of VICTIM's forward stops in backward
+        assert re.search(rf"rank {rank} of {world_size} \((forward|backward) step \d+, test call\)", message), message
+        first = re.search(r"rank (\d+) of \d+ \((forward|backward) step \d+, test call\): (.*)$", message)
+        assert first, message
+        if mode == "raise":
+            assert (first.group(1), first.group(2)) == (str(VICTIM), phase), message
+            assert "RuntimeError: injected kernel fault" in message, message
+            assert seconds < 20, f"rank {rank} took {seconds:.1f}s: the fault did not travel"
+        else:  # the first to fail timed out, maybe in a later phase, waiting for VICTIM or for ranks waiting for it
+            missing = re.search(r"timed out waiting for rank\(s\) \[.*; missing: rank\(s\) \[([\d, ]+)\]", first.group(3))
+            assert missing and str(VICTIM) in missing.group(1).split(", "), message
+            if rank != VICTIM:
+                assert seconds < 2.0 + 4.0, f"rank {rank} took {seconds:.1f}s for a 2 s deadline"
+
+
+def _agreement(rank, world_size):
+    """Disagreements raise on every rank and leave the group usable; the steady state makes no
+    collective and reads nothing back; a bad input after agreement stops the peers by name."""
+    q, k, v = _qkv(world_size, rank)
+    scale = q.shape[-1] ** -0.5
+    differing = {  # field -> (options of rank 0, options of the others), and the words expected
+        "scale": (dict(softmax_scale=0.5), dict(softmax_scale=0.25), "softmax_scale: rank 0=0.5, rank 1=0.25"),
+        "causal": (dict(causal=True), dict(causal=False), "causal: rank 0=True, rank 1=False"),
+        "kernel": (dict(kernel="math"), dict(kernel="torch"), "kernel: rank 0=math, rank 1=torch"),
+        "schedule": (dict(schedule="ring"), dict(schedule="lightseq"), "schedule: rank 0=ring, rank 1=lightseq"),
+        "layout": (dict(layout="zigzag"), dict(layout="contiguous"), "layout: rank 0=zigzag, rank 1=contiguous"),
+    }
+    for field, (mine, others, words) in differing.items():
+        with pytest.raises(ValueError, match=re.escape(words)):
+            mls.dist_attn(q, k, v, **({"schedule": "ring"} | (mine if rank == 0 else others)))
+    no_grad = [x.detach() for x in (q, k, v)]
+    with pytest.raises(ValueError, match=re.escape("backward: rank 0=True, rank 1=False")):
+        mls.dist_attn(*((q, k, v) if rank == 0 else no_grad))
+    # the same effective scale, given or not: agreed
+    mls.dist_attn(q, k, v, softmax_scale=scale if rank == 0 else None).sum().backward()
+    with mls.trace() as warm:
+        mls.dist_attn(q, k, v).sum().backward()
+    with mls.trace() as steady:
+        for _ in range(100):
+            mls.dist_attn(q, k, v).sum().backward()
+    assert (steady.collectives, steady.host_reads, steady.forward_calls) == (0, 0, 100), steady
+    bigger = _qkv(world_size, rank, tokens=2 * CHUNK)
+    with mls.trace() as new_shapes:
+        mls.dist_attn(*bigger).sum().backward()
+    assert (new_shapes.collectives, new_shapes.host_reads) == (1, 1), new_shapes
+    # new shapes on one rank only, all of them new: caught by the agreement
+    with pytest.raises(ValueError, match="seqlen_local"):
+        mls.dist_attn(*(_qkv(world_size, rank, tokens=3 * CHUNK) if rank == 0 else _qkv(world_size, rank,
+                                                                                      tokens=4 * CHUNK)))
+    # a bad input on one rank while the others' call is agreed: the others stop at once, by name
+    start = time.monotonic()
+    try:
+        mls.dist_attn(q.double() if rank == VICTIM else q, k, v, timeout=60)
+    except (ValueError, mls.DistAttnError) as e:
+        return type(e).__name__, str(e), time.monotonic() - start, warm.collectives
+    return None
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_agreement_steady_state_and_disagreements(world_size):
+    for rank, (kind, message, seconds, warm_collectives) in enumerate(run_ranks(world_size, _agreement, timeout=120)):
+        assert warm_collectives == 0  # the call before was agreed already (same signature)
+        assert seconds < 20, f"rank {rank} waited {seconds:.1f}s"
+        if rank == VICTIM:
+            assert kind == "ValueError" and "share one dtype" in message, message
+        else:
+            assert kind == "DistAttnError" and f"failed first on rank {VICTIM} of {world_size}" in message, message
+            assert "ValueError: q, k and v must share one dtype" in message, message
+
+
+def _results(rank, world_size, kernels):
+    """Every CPU kernel's out and grads, twice in this launch."""
+    runs = []
+    for kernel in kernels:
+        for _ in range(2):
+            q, k, v = _qkv(world_size, rank, tokens=8)
+            out = mls.dist_attn(q, k, v, kernel=kernel, schedule="lightseq")
+            out.backward(torch.ones_like(out))
+            runs.append((kernel, out.detach(), q.grad, k.grad, v.grad))
+    return runs
+
+
+def test_results_are_bitwise_repeatable_within_and_across_launches():
+    kernels = [n for n in ("math", "torch", "triton") if n in mls.kernels.kernel_names()]
+    launches = [run_ranks(3, _results, kernels) for _ in range(2)]
+    for rank in range(3):
+        runs = launches[0][rank] + launches[1][rank]
+        for kernel in kernels:
+            same = [r[1:] for r in runs if r[0] == kernel]
+            assert len(same) == 4
+            for other in same[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(same[0], other)), f"{kernel} on rank {rank}"
