@@ -11,6 +11,7 @@ import torch
 import megatron_lightseq as mls
 from harness import run_ranks
 from megatron_lightseq.distattn.plan import Shape
+from mask_cases import dense_allowed, documents, masked_reference
 from oracle import reference_attention, reference_with_grads
 
 WORLD_SIZES = [1, 2, 3, 4, 8]
@@ -28,14 +29,27 @@ def _full_inputs(world_size, nheads, nheads_kv, headdim, dtype, tokens_per_chunk
     return [x.to(dtype) for x in (q, k, v, dout)]
 
 
-def _run_local(rank, world_size, full, layout, **options):
-    """This rank's (out, lse, dq, dk, dv) and its trace."""
-    q, k, v, dout = (mls.shard(x, layout=layout, rank=rank, world_size=world_size) for x in full)
+def _run_local(rank, world_size, full, layout, mask=None, **options):
+    """This rank's (out, lse, dq, dk, dv) and its trace; ``mask``: causal, cu_seqlens, window_size."""
+    mask = mask or {}
+    q, k, v, dout = (mls.shard(x, layout=layout, rank=rank, world_size=world_size, **mask) for x in full)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     with mls.trace() as t:
-        out, lse = mls.dist_attn(q, k, v, layout=layout, return_lse=True, **options)
+        out, lse = mls.dist_attn(q, k, v, layout=layout, return_lse=True, **mask, **options)
         grads = torch.autograd.grad(out, (q, k, v), dout)
     return (out.detach(), lse, *grads), t
+
+
+def _check_trace(t, rank, world_size, plan, got, heads, headdim, label):
+    """The counters: bytes as the plan says, one forward and backward, the plan's blocks, at most
+    one agreement (none when an earlier case had the same signature, auto resolving alike)."""
+    sizes = dict(batch=2, seqlen_local=got[0].shape[1], nheads=heads[0], nheads_kv=heads[1], headdim=headdim,
+                 dtype=torch.float64)
+    blocks = sum(len(step[rank].blocks) for step in plan.forward + plan.backward)
+    assert t.as_dict() == dict(
+        bytes_sent=plan.bytes_sent(rank, **sizes), bytes_received=plan.bytes_received(rank, **sizes),
+        forward_calls=1, backward_calls=1, blocks=blocks, collectives=t.collectives, host_reads=t.collectives), label
+    assert t.collectives <= (world_size > 1), label
 
 
 def _exact_matrix(rank, world_size):
@@ -54,20 +68,46 @@ def _exact_matrix(rank, world_size):
         if schedule == "auto":
             schedule = mls.choose_schedule(layout, world_size, causal, Shape.of(got[0], got[3]))
         plan = mls.build_plan(schedule, layout=layout, world_size=world_size, causal=causal)
-        sizes = dict(batch=2, seqlen_local=got[0].shape[1], nheads=h, nheads_kv=hkv, headdim=d, dtype=torch.float64)
-        blocks = sum(len(step[rank].blocks) for step in plan.forward + plan.backward)
-        assert t.as_dict() == dict(
-            bytes_sent=plan.bytes_sent(rank, **sizes), bytes_received=plan.bytes_received(rank, **sizes),
-            forward_calls=1, backward_calls=1, blocks=blocks,
-            # one agreement unless an earlier case had the same signature (auto resolving alike)
-            collectives=t.collectives, host_reads=t.collectives), label
-        assert t.collectives <= (world_size > 1), label
+        _check_trace(t, rank, world_size, plan, got, (h, hkv), d, label)
+    return len(cases) + _mask_matrix(rank, world_size)
+
+
+def _mask_matrix(rank, world_size):
+    """Documents and windows on real ranks (tests/test_masks.py sweeps them wider, emulated)."""
+    from megatron_lightseq.distattn import layout as layouts
+
+    layouts.MIN_CHUNK_TOKENS = 2  # 8 chunks a rank in short sequences too (this process only)
+    p = world_size
+    cases = [("contiguous", True, "long-tailed", (-1, -1), 16 * p + 5), ("zigzag", False, "odd", (-1, -1), 16 * p + 3),
+             ("balanced", True, "short", (-1, -1), 6 * p + 1), ("contiguous", True, None, (5, 0), 16 * p),
+             ("balanced", False, "one", (7, 3), 16 * p + 2), ("zigzag", True, "long-tailed", (9, 0), 16 * p + 7)]
+    for i, (layout, causal, docs, window, tokens) in enumerate(cases):
+        h, hkv = HEADS[i % 3]
+        kernel, schedule = ("math", "torch")[i % 2], ("ring", "lightseq", "auto")[i % 3]
+        cu = documents(docs, tokens, seed=i) if docs else None
+        mask = dict(causal=causal, cu_seqlens=cu, window_size=window)
+        label = f"{layout} {schedule} causal={causal} docs={docs} window={window} heads=({h},{hkv}) {kernel}"
+        g = torch.Generator().manual_seed(i)
+        full = [torch.randn(2, tokens, n, 16, generator=g, dtype=torch.float64) for n in (h, hkv, hkv, h)]
+        expected = masked_reference(*full, dense_allowed(tokens, **mask))
+        got, t = _run_local(rank, world_size, full, layout, mask, schedule=schedule, kernel=kernel)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+            dim = 2 if name == "lse" else 1
+            part = mls.shard(b, layout=layout, rank=rank, world_size=world_size, dim=dim, **mask)
+            real = mls.positions(layout=layout, rank=rank, world_size=world_size, tokens=tokens,
+                                 **mask) < tokens  # padding rows: whatever they hold is never read
+            pick = (lambda x: x[:, :, real]) if dim == 2 else (lambda x: x[:, real])
+            torch.testing.assert_close(pick(a), pick(part), **F64, msg=lambda m: f"{label}: {name}: {m}")
+        if schedule == "auto":
+            schedule = mls.choose_schedule(layout, world_size, shape=Shape.of(got[0], got[3]), **mask)
+        plan = mls.build_plan(schedule, layout=layout, world_size=world_size, tokens=tokens, **mask)
+        _check_trace(t, rank, world_size, plan, got, (h, hkv), 16, label)
     return len(cases)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_exact_against_float64_oracle(world_size):
-    assert run_ranks(world_size, _exact_matrix) == [108] * world_size
+    assert run_ranks(world_size, _exact_matrix) == [108 + 6] * world_size
 
 
 def _max_errors(got, expected):
@@ -116,6 +156,11 @@ def _errors_raised(rank, world_size, case):
     if case == "odd_zigzag":
         q, k, v = (x[:, :3] for x in (q, k, v))
         kwargs["layout"] = "zigzag"
+    if case.startswith("cu_"):  # 3 ranks x 4 tokens: documents over 12 tokens
+        kwargs["cu_seqlens"] = {"cu_not_increasing": [0, 5, 5, 12], "cu_wrong_total": [0, 5, 40],
+                                "cu_differs": [0, 5 + rank, 12]}[case]
+    if case == "window_right_causal":
+        kwargs["window_size"] = (4, 2)
     try:
         mls.dist_attn(q, k, v, **kwargs)
     except ValueError as e:
@@ -130,6 +175,12 @@ def _errors_raised(rank, world_size, case):
     ("seqlen_mismatch", "every rank must pass the same sizes", "seqlen_local: rank 0=4, rank 1=2"),
     ("dtype_on_rank0", "share one dtype, got torch.float32, torch.float64", "rank(s) [0] of the group rejected"),
     ("odd_zigzag", "positive multiple of 2, got 3", "positive multiple of 2, got 3"),
+    ("cu_not_increasing", "strictly increasing (documents are not empty), got 5 then 5 at index 2",
+     "strictly increasing"),
+    ("cu_wrong_total", "so seqlen_local must be 14, got 4", "so seqlen_local must be 14, got 4"),
+    ("cu_differs", "cu_seqlens: rank 0=(0, 5, 12), rank 1=<another>, rank 2=<another>",
+     "cu_seqlens: rank 0=<another>, rank 1="),  # each rank shows its own, the others' as another
+    ("window_right_causal", "window_size right must be 0 or -1, got 2", "window_size right must be 0 or -1, got 2"),
 ])
 def test_bad_input_raises_on_every_rank(case, rank0, rank1):
     messages = run_ranks(3, _errors_raised, case, timeout=120)

@@ -99,3 +99,15 @@ def test_plan_command_table_json_and_plot(tmp_path, capsys):
 def test_plan_command_errors(argv, message):
     run = subprocess.run([sys.executable, "-m", "megatron_lightseq", "plan", *argv], capture_output=True, text=True)
     assert run.returncode == 2 and message in run.stderr
+
+
+def test_plan_command_reports_documents_and_windows(tmp_path, capsys):
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("3000 100 7000 12000 500\n")
+    assert plan_main(["--seq", "32k", "--gpus", "8", "--docs", str(lengths), "--window", "2k"]) == 0
+    out = capsys.readouterr().out
+    assert "Megatron THD would pad" in out and "window 2048" in out
+    masked = [line for line in out.splitlines() if line.strip().startswith(("balanced", "zigzag ", "contiguous"))]
+    assert len(masked) == 7 and all(line.split()[-1] == "0" for line in masked)  # the plain row too; 32K: no padding
+    assert plan_main(["--seq", "32k", "--gpus", "8", "--docs", "lognormal:median=2k,mean=1k"]) == 2
+    assert "at least the median" in capsys.readouterr().err

@@ -95,15 +95,15 @@ def test_checker_catches_broken_plans():
     fwd = [list(step) for step in plan.forward]
     # 1. a block computed twice
     dup = [list(s) for s in fwd]
-    dup[2][3] = dataclasses.replace(dup[2][3], blocks=dup[2][3].blocks * 2)
+    dup[2][3] = dup[2][3]._replace(blocks=dup[2][3].blocks * 2)
     # 2. a receive dropped
     norecv = [list(s) for s in fwd]
-    norecv[1][1] = dataclasses.replace(norecv[1][1], recvs=())
+    norecv[1][1] = norecv[1][1]._replace(recvs=())
     # 3. a send of something the rank does not have
     ghost = Transfer(1, 2, Payload("kv", 3, (3,)))
     bad_send = [list(s) for s in fwd]
-    bad_send[1][1] = dataclasses.replace(bad_send[1][1], sends=bad_send[1][1].sends + (ghost,))
-    bad_send[1][2] = dataclasses.replace(bad_send[1][2], recvs=bad_send[1][2].recvs + (ghost,))
+    bad_send[1][1] = bad_send[1][1]._replace(sends=bad_send[1][1].sends + (ghost,))
+    bad_send[1][2] = bad_send[1][2]._replace(recvs=bad_send[1][2].recvs + (ghost,))
     # 4. a helper result that never goes home
     lost = [list(s) for s in fwd[:-1]]
     for steps in (dup, norecv, bad_send, lost):

@@ -14,7 +14,7 @@ DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for one step's transfers; well b
 
 def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, layout: str = "contiguous",
               schedule: str = "auto", causal: bool = True, cu_seqlens=None, window_size=(-1, -1),
-              softmax_scale: float | None = None, kernel: str = "auto", return_lse: bool = False,
+              cu_seqlens_padded=None, softmax_scale: float | None = None, kernel: str = "auto", return_lse: bool = False,
               timeout: float = DEFAULT_TIMEOUT, label: str | None = None):
     """Attention of this rank's queries against the keys of the whole sequence.
 
@@ -24,7 +24,9 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     puts a whole-sequence tensor there). The mask: ``causal``; ``cu_seqlens``, document
     boundaries over the whole sequence as in flash-attn's varlen functions (0 first, the real
     length last, the same on every rank; a query sees only its own document); ``window_size``
-    (left, right), flash-attn's sliding window, -1 unbounded. ``group``: the
+    (left, right), flash-attn's sliding window, -1 unbounded; ``cu_seqlens_padded``:
+    TransformerEngine's convention, where document d starts at cu_seqlens_padded[d] and is
+    padded up to the next one (the padding sees nothing). ``group``: the
     sequence-parallel process group (None: the default group, or a single process when
     torch.distributed is not initialised). ``schedule``: "ring", "lightseq" or "auto"
     (docs/schedules.md). ``kernel``: a name from :func:`megatron_lightseq.kernels.kernel_names`.
@@ -39,13 +41,14 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     """
     exchange = GroupExchange(group, timeout=timeout, label=label)
     call = checked_call(q, k, v, exchange=exchange, layout=layout, schedule=schedule, causal=causal,
-                        cu_seqlens=cu_seqlens, window_size=window_size, softmax_scale=softmax_scale, kernel=kernel)
+                        cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
+                        softmax_scale=softmax_scale, kernel=kernel)
     out, lse = DistAttnFunction.apply(q, k, v, call, exchange, None)
     return (out, lse) if return_lse else out
 
 
 def dist_attn_from_saved(q, k, v, out, lse, *, group=None, layout: str = "contiguous", schedule: str = "auto",
-                         causal: bool = True, cu_seqlens=None, window_size=(-1, -1),
+                         causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None,
                          softmax_scale: float | None = None, kernel: str = "auto",
                          timeout: float = DEFAULT_TIMEOUT, label: str | None = None):
     """``dist_attn``'s ``out`` for inputs whose forward already ran and gave ``(out, lse)``: nothing
@@ -53,5 +56,6 @@ def dist_attn_from_saved(q, k, v, out, lse, *, group=None, layout: str = "contig
     options must be the ones that forward ran with. Rematerialization-aware checkpointing uses it."""
     exchange = GroupExchange(group, timeout=timeout, label=label)
     call = resolve_call(q, k, world_size=exchange.world_size, layout=layout, schedule=schedule,
-                        mask=make_mask(causal, cu_seqlens, window_size), softmax_scale=softmax_scale, kernel=kernel)
+                        mask=make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded), softmax_scale=softmax_scale,
+                        kernel=kernel)
     return DistAttnFunction.apply(q, k, v, call, exchange, (out, lse))[0]

@@ -29,7 +29,7 @@ class Call:
 def resolve_plan(shape: Shape, *, world_size: int, layout: str, schedule: str, mask: Mask) -> Plan:
     """The plan for local tensors of ``shape``; ValueError if their length does not fit the mask."""
     seqlen = shape.seqlen_local * world_size
-    lay = layout_of(layout, world_size, mask, mask.cu_seqlens[-1] if mask.cu_seqlens else seqlen)
+    lay = layout_of(layout, world_size, mask, mask.length or seqlen)
     if lay.padded_tokens is not None and lay.padded_tokens != seqlen:
         raise ValueError(
             f"the {layout} layout pads {lay.tokens} tokens to {lay.padded_tokens} ({lay.chunk_count} chunks) over "

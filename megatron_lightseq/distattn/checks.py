@@ -90,12 +90,13 @@ def _signature(q, k, call: Call, backward: bool) -> tuple[float, ...]:
     b, s, h, d = q.shape
     plan, mask = call.plan, call.mask
     return (0.0, b, s, h, k.shape[2], d, _crc(str(q.dtype)), _crc(plan.layout.name), _crc(plan.schedule),
-            float(mask.causal), _crc(str(mask.cu_seqlens)), _crc(str(mask.window)), call.scale,
+            float(mask.causal), _crc(str((mask.cu_seqlens, mask.cu_seqlens_padded))), _crc(str(mask.window)), call.scale,
             _crc(call.kernel.name), float(backward))
 
 
 def _show(field: str, value: float, call: Call) -> str:
-    mine = {"kernel": call.kernel.name, "cu_seqlens": str(call.mask.cu_seqlens), "window_size": str(call.mask.window)}
+    mine = {"kernel": call.kernel.name, "cu_seqlens": str((call.mask.cu_seqlens, call.mask.cu_seqlens_padded)),
+            "window_size": str(call.mask.window)}
     names = {"kernel": (*kernel_names(), mine["kernel"])}.get(field, _FIELDS[field])
     if field in ("cu_seqlens", "window_size"):
         return mine[field] if _crc(mine[field]) == value else "<another>"
@@ -107,12 +108,12 @@ def _show(field: str, value: float, call: Call) -> str:
 
 
 def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_seqlens=None, window_size=(-1, -1),
-                 softmax_scale, kernel) -> Call:
+                 cu_seqlens_padded=None, softmax_scale, kernel) -> Call:
     """The resolved call, once every rank of the exchange's group has passed its checks and all
     agree on the signature; else ValueError on every rank together."""
     call, problem = None, None
     try:
-        mask = make_mask(causal, cu_seqlens, window_size)
+        mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
     except (TypeError, ValueError) as e:
         problem = f"cu_seqlens must be a sequence of ints and window_size a pair of ints, got {cu_seqlens!r} and " \
                   f"{window_size!r} ({e})"

@@ -31,17 +31,17 @@ def _lockstep(generators) -> list:
 
 
 def emulate_dist_attn(q, k, v, dout=None, *, world_size: int, layout: str = "contiguous", schedule: str = "auto",
-                      causal: bool = True, cu_seqlens=None, window_size=(-1, -1), softmax_scale: float | None = None,
-                      kernel: str = "auto"):
+                      causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None,
+                      softmax_scale: float | None = None, kernel: str = "auto"):
     """(out, lse) of dist_attn over ``world_size`` virtual ranks, plus (dq, dk, dv) when ``dout``
     is given; whole-sequence tensors in, whole-sequence tensors out."""
-    mask = dict(causal=causal, cu_seqlens=cu_seqlens, window_size=window_size)
+    mask = dict(causal=causal, cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded)
     parts = lambda x, dim=1: [shard(x, layout=layout, rank=r, world_size=world_size, dim=dim, **mask)
                               for r in range(world_size)]
     whole = lambda xs, dim=1: unshard(xs, layout=layout, dim=dim, **mask)
     qs, ks, vs = parts(q), parts(k), parts(v)
     call = resolve_call(qs[0], ks[0], world_size=world_size, layout=layout, schedule=schedule,
-                        mask=make_mask(causal, cu_seqlens, window_size), softmax_scale=softmax_scale, kernel=kernel)
+                        mask=make_mask(**mask), softmax_scale=softmax_scale, kernel=kernel)
     mailbox = Mailbox()
     exchanges = [VirtualExchange(mailbox, r, world_size) for r in range(world_size)]
     fwd = _lockstep([forward_steps(call, exchanges[r], qs[r], ks[r], vs[r]) for r in range(world_size)])

@@ -82,16 +82,17 @@ def chunks_per_rank(name: str, world_size: int, mask: Mask, tokens: int | None) 
 def layout_of(name: str, world_size: int, mask: Mask = Mask(), tokens: int | None = None) -> Layout:
     """The layout ``name`` over ``world_size`` ranks for ``mask`` and a sequence of ``tokens``
     real tokens (needed unless the mask is plain and the layout contiguous or zigzag; with
-    documents it is ``cu_seqlens[-1]``)."""
+    documents it is the length they cover, ``Mask.length``)."""
     check_layout(name)
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if mask.plain and name != "balanced":
         return Layout(name, _contiguous(world_size, 1) if name == "contiguous" else _zigzag(world_size, 2))
     if mask.cu_seqlens is not None:
-        if tokens is not None and tokens != mask.cu_seqlens[-1]:
-            raise ValueError(f"cu_seqlens must end at the sequence's length {tokens}, got {mask.cu_seqlens[-1]}")
-        tokens = mask.cu_seqlens[-1]
+        if tokens is not None and tokens != mask.length:
+            raise ValueError(f"cu_seqlens{'_padded' if mask.cu_seqlens_padded else ''} must end at the sequence's "
+                             f"length {tokens}, got {mask.length}")
+        tokens = mask.length
     if not tokens:
         raise ValueError(f"the {name} layout for this mask needs the sequence's length, got {tokens!r}")
     m = chunks_per_rank(name, world_size, mask, tokens)
@@ -109,10 +110,10 @@ def layout_of(name: str, world_size: int, mask: Mask = Mask(), tokens: int | Non
     return Layout(name, owners, tokens, padded)
 
 
-def _mask_of(causal: bool, cu_seqlens, window_size) -> Mask:
+def _mask_of(causal: bool, cu_seqlens, window_size, cu_seqlens_padded) -> Mask:
     from ..kernels.mask import make_mask
 
-    mask = make_mask(causal, cu_seqlens, window_size)
+    mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
     problem = mask.problem()
     if problem:
         raise ValueError(problem)
@@ -120,12 +121,12 @@ def _mask_of(causal: bool, cu_seqlens, window_size) -> Mask:
 
 
 def shard(full: torch.Tensor, *, layout: str, rank: int, world_size: int, dim: int = 1, causal: bool = True,
-          cu_seqlens=None, window_size=(-1, -1)) -> torch.Tensor:
+          cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None) -> torch.Tensor:
     """This rank's part of a full-sequence tensor (sequence along ``dim``), as a new tensor;
     zero-padded to whole chunks where the layout pads (module docstring)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    lay = layout_of(layout, world_size, _mask_of(causal, cu_seqlens, window_size), full.shape[dim])
+    lay = layout_of(layout, world_size, _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded), full.shape[dim])
     chunk = _chunk_len(lay, full.shape[dim], f"the sequence (dim {dim})")
     if lay.padded_tokens and lay.padded_tokens > full.shape[dim]:
         pad = list(full.shape)
@@ -135,7 +136,7 @@ def shard(full: torch.Tensor, *, layout: str, rank: int, world_size: int, dim: i
 
 
 def unshard(parts: Sequence[torch.Tensor], *, layout: str, dim: int = 1, causal: bool = True, cu_seqlens=None,
-            window_size=(-1, -1)) -> torch.Tensor:
+            window_size=(-1, -1), cu_seqlens_padded=None) -> torch.Tensor:
     """The full-sequence tensor from every rank's part, given in rank order (padding dropped)."""
     world_size = len(parts)
     if world_size == 0:
@@ -143,9 +144,9 @@ def unshard(parts: Sequence[torch.Tensor], *, layout: str, dim: int = 1, causal:
     lengths = {p.shape[dim] for p in parts}
     if len(lengths) != 1:
         raise ValueError(f"every rank's part must have the same length along dim {dim}, got {sorted(lengths)}")
-    mask = _mask_of(causal, cu_seqlens, window_size)
+    mask = _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
     seqlen = lengths.pop() * world_size
-    lay = layout_of(layout, world_size, mask, mask.cu_seqlens[-1] if mask.cu_seqlens else seqlen)
+    lay = layout_of(layout, world_size, mask, mask.length or seqlen)
     chunk = _chunk_len(lay, seqlen, f"the parts (dim {dim})")
     if lay.padded_tokens is not None and lay.padded_tokens != seqlen:
         raise ValueError(f"expected parts of {lay.padded_tokens // world_size} tokens along dim {dim} for this "
@@ -157,12 +158,12 @@ def unshard(parts: Sequence[torch.Tensor], *, layout: str, dim: int = 1, causal:
 
 
 def positions(*, layout: str, rank: int, world_size: int, tokens: int | None = None, causal: bool = True,
-              cu_seqlens=None, window_size=(-1, -1), device=None) -> torch.Tensor:
+              cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None, device=None) -> torch.Tensor:
     """Each of this rank's local tokens' position in the whole sequence (int64), e.g. for RoPE;
     padding tokens get the positions past the end. ``tokens``: the sequence's real length (with
-    documents, ``cu_seqlens[-1]`` by default)."""
-    mask = _mask_of(causal, cu_seqlens, window_size)
-    tokens = mask.cu_seqlens[-1] if tokens is None and mask.cu_seqlens else tokens
+    documents, the length they cover by default)."""
+    mask = _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
+    tokens = mask.length if tokens is None else tokens
     if tokens is None:
         raise ValueError("positions needs tokens (the sequence's length) or cu_seqlens")
     lay = layout_of(layout, world_size, mask, tokens)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 
@@ -37,22 +38,21 @@ RESULT_KINDS = ("o", "dq", "dkv")
 PHASES = ("forward", "backward", "both")
 
 
-@dataclass(frozen=True, order=True)
-class Payload:
+# The plan's parts are named tuples: a P = 64 plan for documents has ten thousand of them, built
+# per batch, and tuples hash, compare and construct in C.
+class Payload(NamedTuple):
     kind: str
     owner: int
     chunks: tuple[int, ...]
 
 
-@dataclass(frozen=True, order=True)
-class Transfer:
+class Transfer(NamedTuple):
     src: int
     dst: int
     payload: Payload
 
 
-@dataclass(frozen=True)
-class Block:
+class Block(NamedTuple):
     """One kernel call: queries of ``q_chunks`` (owned by q_owner) against keys of ``kv_chunks``."""
 
     q_owner: int
@@ -61,8 +61,7 @@ class Block:
     kv_chunks: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class RankStep:
+class RankStep(NamedTuple):
     blocks: tuple[Block, ...] = ()
     sends: tuple[Transfer, ...] = ()
     recvs: tuple[Transfer, ...] = ()
@@ -94,21 +93,47 @@ class PairWork:
     a causal diagonal; other masks: the exact unmasked area (work.py)."""
 
     def __init__(self, layout: Layout, mask: Mask) -> None:
-        self.causal = mask.causal
-        self._area = None
-        if layout.padded_tokens is not None:  # a layout cut for one length: areas exact
+        self.causal, self.layout = mask.causal, layout
+        self.area = None  # numpy [chunks, chunks], in full chunk pairs, where the layout was cut for a length
+        if layout.padded_tokens is not None:
             from .work import chunk_pair_area
 
-            area = chunk_pair_area(mask, layout.padded_tokens, layout.chunk_count)
             full = (layout.padded_tokens // layout.chunk_count) ** 2
-            self._area = (area.double() / full).tolist()
+            self.area = chunk_pair_area(mask, layout.padded_tokens, layout.chunk_count) / full
+            self._rows = self.area.tolist()
 
     def __call__(self, q_chunk: int, kv_chunk: int) -> float:
-        if self._area is not None:
-            return self._area[q_chunk][kv_chunk]
+        if self.area is not None:
+            return self._rows[q_chunk][kv_chunk]
         if not self.causal or kv_chunk < q_chunk:
             return 1.0
         return 0.5 if kv_chunk == q_chunk else 0.0
+
+    @cached_property
+    def blocks(self) -> dict[tuple[int, int], "Block"]:
+        """(q owner, kv owner) -> the one block holding all the work between their chunks (only
+        the chunks with work on either side); pairs without work are absent."""
+        owners = self.layout.owners
+        p = len(owners)
+        if self.area is None:
+            return {(x, y): b for x in range(p) for y in range(p) if (b := self._pair(owners, x, y))}
+        import numpy as np
+
+        index = np.array(owners)  # [P, m] chunk ids
+        has = self.area[index[:, :, None, None], index[None, None, :, :]] > 0  # [P, m, P, m]
+        q_need, kv_need = has.any(3), has.any(1)  # [P, m, P], [P, P, m]
+        found = {}
+        for x, y in zip(*np.nonzero(has.any((1, 3)))):
+            found[int(x), int(y)] = Block(int(x), tuple(int(c) for c in index[x][q_need[x, :, y]]), int(y),
+                                          tuple(int(c) for c in index[y][kv_need[x, y]]))
+        return found
+
+    def _pair(self, owners, x: int, y: int) -> "Block | None":
+        need = [(qc, kc) for qc in owners[x] for kc in owners[y] if self(qc, kc)]
+        if not need:
+            return None
+        return Block(x, tuple(c for c in owners[x] if any(qc == c for qc, _ in need)), y,
+                     tuple(c for c in owners[y] if any(kc == c for _, kc in need)))
 
 
 def payload_tensors(kind: str, tokens: int, s: Shape) -> tuple[tuple[tuple[int, ...], torch.dtype, int], ...]:

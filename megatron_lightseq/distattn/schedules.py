@@ -25,19 +25,10 @@ Task = tuple[int, int, Block]  # (step, executing rank, block)
 
 
 def pair_block(layout: Layout, work: PairWork, q_owner: int, kv_owner: int) -> Block | None:
-    """The one block holding all the work between q_owner's queries and kv_owner's keys (only
-    the chunks with work on either side), or None when the mask leaves none.
-
-    With the plain layouts every such block is full or a causal diagonal aligned at its top-left,
-    so a single kernel call does it without wasted work.
-    """
-    qs, ks = layout.owners[q_owner], layout.owners[kv_owner]
-    need = [(qc, kc) for qc in qs for kc in ks if work(qc, kc)]
-    if not need:
-        return None
-    q_chunks = tuple(c for c in qs if any(qc == c for qc, _ in need))
-    kv_chunks = tuple(c for c in ks if any(kc == c for _, kc in need))
-    return Block(q_owner, q_chunks, kv_owner, kv_chunks)
+    """The one block holding all the work between q_owner's queries and kv_owner's keys, or None
+    (PairWork.blocks). With the plain layouts every such block is full or a causal diagonal
+    aligned at its top-left, so a single kernel call does it without wasted work."""
+    return work.blocks.get((q_owner, kv_owner))
 
 
 def _ring_tasks(layout: Layout, work: PairWork) -> list[Task]:
@@ -73,13 +64,9 @@ def _masked_tasks(layout: Layout, work: PairWork, helpers: bool) -> list[Task]:
     lightseq schedule) the most loaded ranks hand blocks to the K/V's owner, who receives the
     queries and returns (out, lse), as long as that lowers the larger of the two loads."""
     p = layout.world_size
-    blocks = {}
-    for x in range(p):
-        for d in range(p):
-            block = pair_block(layout, work, x, (x - d) % p)
-            if block is not None:
-                blocks[x, (x - d) % p] = block
-    sizes = {key: sum(work(qc, kc) for qc in b.q_chunks for kc in b.kv_chunks) for key, b in blocks.items()}
+    blocks = work.blocks
+    area = work.area  # numpy, in full chunk pairs
+    sizes = {key: float(area[list(b.q_chunks)][:, list(b.kv_chunks)].sum()) for key, b in blocks.items()}
     executor = {key: key[0] for key in blocks}
     if helpers:
         _hand_over(executor, sizes, p)
@@ -131,20 +118,23 @@ def _route(tasks: list[Task], layout: Layout, ring: bool, backward: bool) -> Ste
     blocks, sends, recvs = defaultdict(list), defaultdict(list), defaultdict(list)
     for t, x, blk in tasks:
         blocks[t, x].append(blk)
-    for s, tr in sorted(transfers):  # sorted: both sides list a pair's transfers in one order
+    # Sorted, so that both sides list a pair's transfers in one order (by plain tuples: fast).
+    order = lambda e: (e[0], e[1].src, e[1].dst, e[1].payload.kind, e[1].payload.owner, e[1].payload.chunks)
+    for s, tr in sorted(transfers, key=order):
         sends[s, tr.src].append(tr)
         recvs[s, tr.dst].append(tr)
-    return tuple(tuple(RankStep(tuple(blocks[s, r]), tuple(sends[s, r]), tuple(recvs[s, r])) for r in range(p))
-                 for s in range(n_steps))
+    none = ()
+    return tuple(tuple(RankStep(tuple(blocks.get((s, r), none)), tuple(sends.get((s, r), none)),
+                                tuple(recvs.get((s, r), none))) for r in range(p)) for s in range(n_steps))
 
 
 def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = True, cu_seqlens=None,
-               window_size=(-1, -1), tokens: int | None = None) -> Plan:
+               window_size=(-1, -1), cu_seqlens_padded=None, tokens: int | None = None) -> Plan:
     """The plan of ``schedule`` ("ring" or "lightseq") for this layout, world size and mask:
     ``cu_seqlens`` document boundaries over the whole sequence and ``window_size`` (left, right)
     as in flash-attn; ``tokens``, the sequence's length, is needed for a window without
     documents and for the balanced layout without documents."""
-    mask = make_mask(causal, cu_seqlens, window_size)
+    mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
     problem = mask.problem()
     if problem:
         raise ValueError(problem)
@@ -171,10 +161,10 @@ def plan_for(schedule: str, layout: Layout, mask: Mask) -> Plan:
 
 
 def choose_schedule(layout: str, world_size: int, causal: bool, shape: Shape, cu_seqlens=None,
-                    window_size=(-1, -1)) -> str:
+                    window_size=(-1, -1), cu_seqlens_padded=None) -> str:
     """The ``auto`` rule (:func:`auto_schedule`) for this layout, world size and mask."""
-    mask = make_mask(causal, cu_seqlens, window_size)
-    tokens = mask.cu_seqlens[-1] if mask.cu_seqlens else shape.seqlen_local * world_size
+    mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
+    tokens = mask.length or shape.seqlen_local * world_size
     return auto_schedule(layout_of(layout, world_size, mask, tokens), mask, shape)
 
 

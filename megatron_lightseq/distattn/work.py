@@ -10,44 +10,52 @@ of the interval lengths and of lo make each (query chunk, boundary) sum O(1): th
 """
 from __future__ import annotations
 
-import heapq
 from functools import lru_cache
 
-import torch
+import numpy as np
 
 from ..kernels.mask import Mask
 
 
 @lru_cache(maxsize=64)
-def chunk_pair_area(mask: Mask, tokens: int, chunk_count: int) -> torch.Tensor:
+def chunk_pair_area(mask: Mask, tokens: int, chunk_count: int) -> np.ndarray:
     """int64 [chunks, chunks]: how many (query, key) pairs of query chunk i and key chunk j the
     mask lets through, for a sequence of ``tokens`` cut into ``chunk_count`` equal chunks."""
     length = tokens // chunk_count
-    lo, hi = mask.bounds(torch.arange(tokens, dtype=torch.int64))
-    end = torch.minimum(hi + 1, torch.tensor(tokens))  # keys exist only up to the end
-    size = (end - lo).clamp(min=0)
-    zero = torch.zeros(1, dtype=torch.int64)
-    sizes, los = torch.cat([zero, size.cumsum(0)]), torch.cat([zero, lo.cumsum(0)])
-    bounds = torch.arange(chunk_count + 1, dtype=torch.int64) * length
-    whole = torch.searchsorted(end.contiguous(), bounds, right=True)  # before it: intervals end by b
-    started = torch.maximum(torch.searchsorted(lo.contiguous(), bounds), whole)  # before it: start before b
-    first = (torch.arange(chunk_count, dtype=torch.int64) * length)[:, None]
-    r1 = whole[None, :].clamp(min=first, max=first + length)
-    r2 = started[None, :].clamp(min=first, max=first + length)
+    lo, hi = mask.bounds(np.arange(tokens, dtype=np.int64))
+    end = np.minimum(hi + 1, tokens)  # keys exist only up to the end
+    size = np.maximum(end - lo, 0)
+    sizes, los = np.concatenate([[0], size.cumsum()]), np.concatenate([[0], lo.cumsum()])
+    bounds = np.arange(chunk_count + 1, dtype=np.int64) * length
+    whole = np.searchsorted(end, bounds, side="right")  # before it: intervals end by b
+    started = np.maximum(np.searchsorted(lo, bounds), whole)  # before it: start before b
+    first = (np.arange(chunk_count, dtype=np.int64) * length)[:, None]
+    r1 = np.clip(whole[None, :], first, first + length)
+    r2 = np.clip(started[None, :], first, first + length)
     below = (sizes[r1] - sizes[first]) + (r2 - r1) * bounds[None, :] - (los[r2] - los[r1])
     return below[:, 1:] - below[:, :-1]
 
 
 def deal_chunks(mask: Mask, tokens: int, world_size: int, per_rank: int) -> tuple[tuple[int, ...], ...]:
-    """The balanced layout: chunks dealt out, the most work first, each to the least loaded rank
-    that has room (ties to the lower rank); each rank's chunks in sequence order."""
-    work = chunk_pair_area(mask, tokens, world_size * per_rank).sum(1).tolist()
-    order = sorted(range(len(work)), key=lambda c: (-work[c], c))
-    ranks = [(0, r) for r in range(world_size)]  # (load, rank), a heap of ranks with room
-    owned: list[list[int]] = [[] for _ in range(world_size)]
-    for c in order:
-        load, r = heapq.heappop(ranks)
-        owned[r].append(c)
-        if len(owned[r]) < per_rank:
-            heapq.heappush(ranks, (load + work[c], r))
-    return tuple(tuple(sorted(o)) for o in owned)
+    """The balanced layout: start from the contiguous one (neighbouring chunks, mostly of the same
+    documents, on one rank: what they exchange stays local) and swap a chunk of the busiest rank
+    for a lighter one of another rank, the swap that leaves the busier of the two least loaded,
+    until no swap lowers the busiest rank's load; each rank's chunks in sequence order."""
+    work = chunk_pair_area(mask, tokens, world_size * per_rank).sum(1).astype(np.float64)
+    owner = np.repeat(np.arange(world_size), per_rank)  # chunk -> rank
+    load = np.bincount(owner, weights=work, minlength=world_size)
+    for _ in range(4 * len(work) if world_size > 1 else 0):
+        x = int(np.argmax(load))
+        mine, others = np.nonzero(owner == x)[0], np.nonzero(owner != x)[0]
+        moved = work[mine][:, None] - work[others][None, :]  # [m, chunks elsewhere]
+        after = np.maximum(load[x] - moved, load[owner[others]][None, :] + moved)
+        after[moved <= 0] = np.inf
+        i, j = np.unravel_index(int(np.argmin(after)), after.shape)
+        if after[i, j] >= load[x]:
+            break
+        a, b = mine[i], others[j]
+        y = owner[b]
+        owner[a], owner[b] = y, x
+        load[x] -= moved[i, j]
+        load[y] += moved[i, j]
+    return tuple(tuple(int(c) for c in np.nonzero(owner == r)[0]) for r in range(world_size))

@@ -3,7 +3,9 @@
 For every combination the keys a query at position i may see form one interval of positions,
 [lo(i), hi(i)]:
 - documents (``cu_seqlens``, flash-attn's varlen boundaries over the whole sequence: 0 first,
-  the real length last): the query's document;
+  the real length last): the query's document; with ``cu_seqlens_padded`` (TransformerEngine's
+  convention) document d starts at cu_seqlens_padded[d] and its last tokens up to the next
+  padded boundary are padding;
 - ``causal``: up to i;
 - ``window`` (left, right), flash-attn's convention, -1 unbounded: i - left .. i + right;
 - a padding token (at or past the last boundary) is a document of its own that sees nothing:
@@ -13,6 +15,7 @@ and both ends only grow with i, which is what lets kernels and plans skip whole 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,33 +28,48 @@ class Mask:
     causal: bool = True
     cu_seqlens: tuple[int, ...] | None = None
     window: tuple[int, int] = (-1, -1)
+    cu_seqlens_padded: tuple[int, ...] | None = None
 
     @property
     def plain(self) -> bool:
         """No documents and no window: causal or nothing."""
         return self.cu_seqlens is None and self.window == (-1, -1)
 
-    def bounds(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lo, hi) int64, per query position: the first and last key position it may see."""
-        p = positions.to(torch.int64)
-        lo = torch.zeros_like(p)
-        hi = torch.full_like(p, UNBOUNDED)
+    @property
+    def length(self) -> int | None:
+        """The sequence length the documents cover (their padding included), or None."""
+        cu = self.cu_seqlens_padded or self.cu_seqlens
+        return None if cu is None else cu[-1]
+
+    def bounds(self, positions):
+        """(lo, hi) per query position: the first and last key position it may see. Works alike on
+        an int64 torch tensor (any device) and an int64 numpy array (the plans use numpy: their
+        arrays are small enough that torch's threads cost more than they bring)."""
+        p = positions
+        lib = torch if isinstance(p, torch.Tensor) else sys.modules.get("numpy") or __import__("numpy")
+        lo = lib.zeros_like(p)
+        hi = lib.full_like(p, UNBOUNDED)
         if self.causal:
-            hi = torch.minimum(hi, p)
+            hi = lib.minimum(hi, p)
         left, right = self.window
         if left >= 0:
-            lo = torch.maximum(lo, p - left)
+            lo = lib.maximum(lo, p - left)
         if right >= 0:
-            hi = torch.minimum(hi, p + right)
+            hi = lib.minimum(hi, p + right)
         if self.cu_seqlens is not None:
-            cu = torch.tensor(self.cu_seqlens, dtype=torch.int64, device=p.device)
-            doc = torch.searchsorted(cu, p, right=True) - 1
-            padding = p >= cu[-1]
-            doc = doc.clamp(max=len(cu) - 2)
-            lo = torch.maximum(lo, cu[doc])
-            hi = torch.minimum(hi, cu[doc + 1] - 1)
-            lo = torch.where(padding, p + 1, lo)
-            hi = torch.where(padding, p, hi)
+            starts = self.cu_seqlens_padded or self.cu_seqlens
+            ends = [a + b - c for a, b, c in zip(starts, self.cu_seqlens[1:], self.cu_seqlens)]  # real ends
+            as_array = (lambda x: torch.tensor(x, dtype=torch.int64, device=p.device)) if lib is torch else (
+                lambda x: lib.asarray(x, dtype=lib.int64))
+            starts, ends = as_array(starts), as_array(ends)
+            if lib is torch:
+                doc = torch.searchsorted(starts, p, right=True) - 1
+            else:
+                doc = lib.searchsorted(starts, p, side="right") - 1
+            doc = doc.clip(min=0, max=len(ends) - 1)
+            padding = p >= ends[doc]  # past its document's real end, or past the last document
+            lo = lib.where(padding, p + 1, lib.maximum(lo, starts[doc]))
+            hi = lib.where(padding, p, lib.minimum(hi, ends[doc] - 1))
         return lo, hi
 
     def problem(self) -> str | None:
@@ -73,13 +91,27 @@ class Mask:
             if bad is not None:
                 return (f"cu_seqlens must be strictly increasing (documents are not empty), got "
                         f"{cu[bad - 1]} then {cu[bad]} at index {bad}")
+        padded = self.cu_seqlens_padded
+        if padded is not None:
+            if cu is None:
+                return "cu_seqlens_padded needs cu_seqlens (the documents' real boundaries)"
+            if not (isinstance(padded, tuple) and len(padded) == len(cu) and padded[0] == 0):
+                return (f"cu_seqlens_padded must start at 0 and have one boundary per cu_seqlens entry ({len(cu)}), "
+                        f"got {padded!r}")
+            short = next((d for d in range(len(cu) - 1) if padded[d + 1] - padded[d] < cu[d + 1] - cu[d]), None)
+            if short is not None:
+                return (f"cu_seqlens_padded must leave each document at least its real length: document {short} "
+                        f"has {cu[short + 1] - cu[short]} tokens but {padded[short + 1] - padded[short]} padded")
         return None
 
 
-def make_mask(causal: bool = True, cu_seqlens=None, window_size=(-1, -1)) -> Mask:
-    """A Mask from the user's arguments (cu_seqlens may be a list or an int tensor)."""
-    if isinstance(cu_seqlens, torch.Tensor):
-        cu_seqlens = cu_seqlens.tolist()
+def make_mask(causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None) -> Mask:
+    """A Mask from the user's arguments (boundaries may be lists or int tensors)."""
+    def boundaries(cu):
+        if isinstance(cu, torch.Tensor):
+            cu = cu.tolist()
+        return None if cu is None else tuple(int(x) for x in cu)
+
     window = tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
-    return Mask(causal=causal, cu_seqlens=None if cu_seqlens is None else tuple(int(x) for x in cu_seqlens),
-                window=window)
+    return Mask(causal=causal, cu_seqlens=boundaries(cu_seqlens), window=window,
+                cu_seqlens_padded=boundaries(cu_seqlens_padded))

@@ -1,15 +1,19 @@
 """``python -m megatron_lightseq plan``: traffic, steps, time, memory and the longest sequence per
-GPU for LightSeq schedules against Megatron TP(+SP) and Megatron CP, and the flags to use.
+GPU for LightSeq schedules against Megatron TP(+SP) and Megatron CP, and the flags to use; with
+``--docs`` or ``--window``, what packed documents or a sliding window do to each layout's plan.
 
     python -m megatron_lightseq plan --model llama-7b [--kv-heads 8] --seq 32k..512k --gpus 16 \\
-        --gpus-per-node 8 [--json] [--plot out.png]
+        --gpus-per-node 8 [--docs lognormal:median=2k,mean=8k | --docs lengths.txt] [--window 4k] \\
+        [--json] [--plot out.png]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import sys
 
+from .masks import documents, mask_rows, mask_table
 from .model import MODELS, Machine
 from .report import recommend, rows_for
 
@@ -48,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--ib-gbs", type=float, default=Machine.ib_gbs)
     p.add_argument("--fsdp", action="store_true",
                    help="shard params and grads too (Megatron-FSDP), not only the optimizer state")
+    p.add_argument("--docs", metavar="SPEC", help="packed documents: a file of lengths, or lognormal:median=2k,"
+                                                  "mean=8k, or fixed:4k (planner/masks.py)")
+    p.add_argument("--window", type=parse_tokens, default=-1, help="a sliding window of this many tokens")
+    p.add_argument("--seed", type=int, default=0, help="for synthetic documents")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--plot", metavar="PNG", help="draw time and traffic per system with matplotlib")
     args = p.parse_args(argv)
@@ -110,14 +118,26 @@ def _plot(path: str, by_seq, model) -> None:
 def main(argv=None) -> int:
     args, model, machine = parse_args(argv)
     by_seq = {seq: rows_for(model, seq, args.gpus, args.gpus_per_node, machine, fsdp=args.fsdp) for seq in args.seq}
+    masked = {}
+    if args.docs or args.window >= 0:
+        try:
+            cus = {seq: documents(args.docs, seq, args.seed) if args.docs else None for seq in args.seq}
+        except (OSError, ValueError) as e:
+            print(f"error: --docs {args.docs}: {e}", file=sys.stderr)
+            return 2
+        masked = {seq: (cus[seq], mask_rows(model, seq, args.gpus, cu_seqlens=cus[seq], window=args.window))
+                  for seq in args.seq}
     if args.json:
         print(json.dumps({"model": dataclasses.asdict(model), "machine": dataclasses.asdict(machine),
                           "gpus": args.gpus, "gpus_per_node": args.gpus_per_node,
                           "rows": [dataclasses.asdict(r) for rows in by_seq.values() for r in rows],
-                          "recommended": {seq: recommend(rows, machine).system for seq, rows in by_seq.items()}},
+                          "recommended": {seq: recommend(rows, machine).system for seq, rows in by_seq.items()},
+                          "masks": {seq: [dataclasses.asdict(r) for r in rows] for seq, (_, rows) in masked.items()}},
                          indent=1))
     else:
         print(_table(model, args, machine, by_seq))
+        for seq, (cu, rows) in masked.items():
+            print(mask_table(model, seq, args.gpus, rows, cu, args.window))
     if args.plot:
         _plot(args.plot, by_seq, model)
         if not args.json:
