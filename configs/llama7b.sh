@@ -11,7 +11,7 @@ ARGS+=(
   --micro-batch-size 1             # one long sequence per GPU group per microbatch
   --global-batch-size 8
   --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2 --weight-decay 0.1 --clip-grad 1.0
-  --train-iters 20 --eval-iters 0 --log-interval 1
+  --train-iters 20 --eval-iters 0 --eval-interval 1000 --log-interval 1  # (Megatron needs an interval even with no eval)
   --tokenizer-type NullTokenizer --vocab-size 32000  # mock data needs no tokenizer files
   --use-distributed-optimizer      # shard Adam states over the DP x CP ranks
   --recompute-granularity full --recompute-method uniform --recompute-num-layers 1

@@ -1,5 +1,6 @@
-"""``python -m megatron_lightseq.run SCRIPT [args]``: run a Megatron-LM training script (e.g.
-pretrain_gpt.py) with the lightseq backend available and no patch to the script."""
+"""``python -m megatron_lightseq.run [--cpu] SCRIPT [args]``: run a Megatron-LM training script (e.g.
+pretrain_gpt.py) with the lightseq backend available and no patch to the script. ``--cpu``: a CPU
+smoke run of the same command (gloo, CUDA calls redirected: megatron_lightseq/jobs/megatron_cpu.py)."""
 from __future__ import annotations
 
 import os
@@ -9,21 +10,29 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    cpu = bool(argv) and argv[0] == "--cpu"
+    argv = argv[1:] if cpu else argv
     if not argv or argv[0].startswith("-"):
         print(__doc__.strip())
         return 2
-    from .megatron import setup
-
     script = argv[0]
     sys.argv = [script, *argv[1:]]
+    # The script's own directory first on the path, as when Python runs it directly (pretrain_gpt.py
+    # imports gpt_builders and model_provider from beside itself), and before anything imports
+    # megatron.core: in a Megatron-LM checkout, megatron.core must come from beside the script
+    # too, not from an installed megatron-core of another version.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    if cpu:  # a job-side harness, loaded only on request: the plugin never imports it
+        from .jobs.megatron_cpu import install
+
+        install(sys.argv)
+    from .megatron import setup
+
     try:
         setup(sys.argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # The script's own directory first on the path, as when Python runs it directly (pretrain_gpt.py
-    # imports gpt_builders and model_provider from beside itself).
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
     return 0
 

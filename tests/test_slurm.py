@@ -1,6 +1,7 @@
 """The repository's own sbatch scripts, submitted to a real single-node Slurm in CPU mode: the job
 completes and its losses equal the same run without Slurm. Skipped where Slurm is not installed
-(.ci/run installs it)."""
+(.ci/run installs it). With MEGATRON_LM (a Megatron-LM checkout), the scripts also run the real
+pretrain_gpt.py through the CPU mode."""
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ def test_sbatch_cpu_mode_matches_a_run_without_slurm(tmp_path):
     reference = json.loads(direct.read_text())["results"]
     with slurm_cluster(str(tmp_path / "slurm")) as env:
         env = dict(env, MODE="cpu", REPO=ROOT, PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+        env.pop("MEGATRON_LM", None)  # the plugin's tiny GPT
         for script, backend in (("lightseq.sbatch", "lightseq"), ("tp_baseline.sbatch", "tp")):
             out, log = tmp_path / f"{backend}.json", tmp_path / f"{backend}.out"
             job = subprocess.run(
@@ -33,3 +35,28 @@ def test_sbatch_cpu_mode_matches_a_run_without_slurm(tmp_path):
             assert job.returncode == 0, f"{script}: {job.stdout}{job.stderr}\n{log.read_text() if log.exists() else ''}"
             losses = json.loads(out.read_text())["results"][backend]["losses"]
             assert losses == pytest.approx(reference[backend]["losses"], rel=1e-6, abs=1e-6), script
+
+
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM"), reason="MEGATRON_LM is not set (a Megatron-LM checkout)")
+def test_sbatch_cpu_mode_runs_megatrons_pretrain_gpt(tmp_path):
+    from pretrain_gpt_runs import checkout_copy, loss_lines
+
+    checkout = checkout_copy(os.environ["MEGATRON_LM"], str(tmp_path / "megatron-lm"))  # Megatron builds in it
+    losses = {}
+    with slurm_cluster(str(tmp_path / "slurm")) as env:
+        env = dict(env, MODE="cpu", REPO=ROOT, MEGATRON_LM=checkout,
+                   PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+        for script, parallel in (("lightseq.sbatch", "lightseq"), ("tp_baseline.sbatch", "tp")):
+            log = tmp_path / f"{parallel}.out"
+            job = subprocess.run(
+                ["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0",
+                 f"--output={log}", f"--chdir={ROOT}", os.path.join(ROOT, "scripts", script)],
+                env=dict(env, CONFIGS=f"llama7b heads/gqa seq/32k parallel/{parallel}"), capture_output=True,
+                text=True, timeout=900)
+            output = log.read_text() if log.exists() else ""
+            assert job.returncode == 0, f"{script}: {job.stdout}{job.stderr}\n{output[-6000:]}"
+            assert "CPU SMOKE RUN" in output
+            losses[parallel] = loss_lines(output)
+    assert sorted(losses["lightseq"]) == [1, 2, 3]
+    # configs/llama7b.sh trains in bf16: CP = 2 and TP = 2 agree to bf16's precision, not to the bit
+    assert losses["lightseq"] == pytest.approx(losses["tp"], rel=2e-2)

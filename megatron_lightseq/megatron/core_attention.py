@@ -74,3 +74,12 @@ class LightSeqAttention(MegatronModule):
             return out_BSHD[0].reshape(query.shape[0], -1)
         sq, b, np_, hn = query.shape
         return out_BSHD.transpose(0, 1).reshape(sq, b, np_ * hn)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint written with TransformerEngine's core attention in this slot holds its FP8
+        # metadata under <prefix>_extra_state (an empty tensor without FP8; torch checkpoint format,
+        # torch_dist leaves it out): nothing this attention keeps, so a strict load drops it rather
+        # than call it unexpected. The other way needs nothing: TE's DotProductAttention forgives a
+        # missing core_attention._extra_state itself.
+        state_dict.pop(prefix + "_extra_state", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
