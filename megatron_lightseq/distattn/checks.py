@@ -90,13 +90,17 @@ def _signature(q, k, call: Call, backward: bool) -> tuple[float, ...]:
     b, s, h, d = q.shape
     plan, mask = call.plan, call.mask
     return (0.0, b, s, h, k.shape[2], d, _crc(str(q.dtype)), _crc(plan.layout.name), _crc(plan.schedule),
-            float(mask.causal), _crc(str((mask.cu_seqlens, mask.cu_seqlens_padded))), _crc(str(mask.window)), call.scale,
+            float(mask.causal), _crc(_documents(mask)), _crc(str(mask.window)), call.scale,
             _crc(call.kernel.name), float(backward))
 
 
+def _documents(mask: Mask) -> str:
+    padded = f" padded as {mask.cu_seqlens_padded}" if mask.cu_seqlens_padded else ""
+    return f"{mask.cu_seqlens}{padded}"
+
+
 def _show(field: str, value: float, call: Call) -> str:
-    mine = {"kernel": call.kernel.name, "cu_seqlens": str((call.mask.cu_seqlens, call.mask.cu_seqlens_padded)),
-            "window_size": str(call.mask.window)}
+    mine = {"kernel": call.kernel.name, "cu_seqlens": _documents(call.mask), "window_size": str(call.mask.window)}
     names = {"kernel": (*kernel_names(), mine["kernel"])}.get(field, _FIELDS[field])
     if field in ("cu_seqlens", "window_size"):
         return mine[field] if _crc(mine[field]) == value else "<another>"

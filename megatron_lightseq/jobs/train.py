@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backends", default="lightseq,tp", help="comma list of lightseq, tp")
+    p.add_argument("--packed", metavar="SPEC", help="pack each sequence with documents, lengths from a file or a "
+                   "distribution (e.g. lognormal:median=48,mean=96; planner/masks.py), a new draw every step")
     p.add_argument("--json", help="write the results here (rank 0)")
     p.add_argument("--plot", default="lightseq_vs_tp.png", help="the PNG of losses and traffic (rank 0; '' for none)")
     args, rest = p.parse_known_args(argv)
@@ -68,10 +70,35 @@ def _data(args, device):
     return tokens.to(device)
 
 
+def _documents(args, step: int):
+    """This step's cu_seqlens (shared by the batch's sequences), or None without --packed."""
+    from ..planner.masks import documents
+
+    return documents(args.packed, args.seq, seed=step) if args.packed else None
+
+
+def _packed_inputs(backend: str, cu, args, device):
+    """How each backend is told about the documents: lightseq through packed_seq_params (qkv_format
+    "sbhd": RoPE over the whole sequence, as Megatron's local attention applies it), Megatron's
+    local attention through a dense attention_mask (True: hidden)."""
+    if cu is None:
+        return None, None
+    if backend == "tp":
+        doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu).diff())
+        allowed = (doc[:, None] == doc[None, :]) & torch.ones(args.seq, args.seq, dtype=torch.bool).tril()
+        return None, ~allowed[None, None].to(device)
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    bounds = torch.tensor(cu, dtype=torch.int32, device=device)
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds), None
+
+
 def _run(place: Place, args, backend: str, device) -> dict:
     import megatron_lightseq as mls
     import megatron_lightseq.megatron as mlm
     from megatron.core import parallel_state as ps
+
+    from ..megatron.config import layout_for
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -110,14 +137,19 @@ def _run(place: Place, args, backend: str, device) -> dict:
     data = _data(args, device)
     with mls.trace() as t, (counter or contextlib.nullcontext()):
         for step in steps:
-            batch = {"tokens": data[step, :, :-1], "labels": data[step, :, 1:], "position_ids": positions}
-            if backend == "lightseq":
-                batch = mlm.get_batch_on_this_cp_rank(dict(batch), layout=args.lightseq.layout)
+            batch = {"tokens": data[step, :, :-1], "labels": data[step, :, 1:], "position_ids": positions,
+                     "loss_mask": torch.ones(args.batch, args.seq, device=device)}
+            cu = _documents(args, step)
+            packed, attention_mask = _packed_inputs(backend, cu, args, device)
+            if backend == "lightseq":  # the sequence's padding, if the layout pads, gets loss mask 0
+                batch = mlm.get_batch_on_this_cp_rank(dict(batch), layout=layout_for(args.lightseq, cu is not None),
+                                                      cu_seqlens=cu)
             dist.barrier()
             start = time.perf_counter()
             opt.zero_grad()
-            local = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
-            loss = local / (args.batch * args.seq)
+            per_token = model(batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"],
+                              packed_seq_params=packed)
+            loss = (per_token * batch["loss_mask"]).sum() / (args.batch * args.seq)
             loss.backward()
             if cp > 1:  # what Megatron's data/context-parallel grad reduction does
                 for p in model.parameters():
@@ -161,19 +193,39 @@ def _rank_main(place: Place, args):
 
 
 def _predicted(args, world: int) -> dict:
+    """Bytes per GPU per layer per step: lightseq's from each step's plan (the busiest rank over the
+    run, as measured), TP's from the planner's count of one layer's collectives."""
     from ..distattn.call import resolve_plan
     from ..distattn.plan import Shape
+    from ..kernels.mask import make_mask
+    from ..megatron.config import layout_for
     from ..planner.model import ModelSpec
-    from ..planner.traffic import lightseq_traffic, tp_traffic
+    from ..planner.traffic import tp_traffic
 
     model = ModelSpec("train", layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
                       ffn=4 * args.hidden, vocab=args.vocab, dtype_bytes=4)
-    shape = Shape(args.batch, args.seq // world, args.heads, args.kv_heads, args.hidden // args.heads, torch.float32)
-    schedule = resolve_plan(shape, world_size=world, layout=args.lightseq.layout, schedule=args.lightseq.schedule,
-                            causal=True).schedule
-    ls = lightseq_traffic(model, args.seq, world, args.lightseq.layout, schedule, recompute=False).total
-    return {"lightseq": ls * args.batch, "tp": tp_traffic(model, args.seq, world, sequence_parallel=False,
-                                                          recompute=False).total * args.batch}
+    per_rank = [0] * world
+    for step in range(args.steps):
+        cu = _documents(args, step)
+        mask = make_mask(True, cu)
+        padded = layout_of_run(args, world, mask)
+        shape = Shape(args.batch, padded // world, args.heads, args.kv_heads, args.hidden // args.heads,
+                      torch.float32)
+        plan = resolve_plan(shape, world_size=world, layout=layout_for(args.lightseq, cu is not None),
+                            schedule=args.lightseq.schedule, mask=mask)
+        for r in range(world):
+            per_rank[r] += plan.traffic(r, shape)
+    return {"lightseq": max(per_rank) / args.steps, "tp": tp_traffic(model, args.seq, world, sequence_parallel=False,
+                                                                     recompute=False).total * args.batch}
+
+
+def layout_of_run(args, world: int, mask) -> int:
+    """The sequence's length as the lightseq ranks hold it (padded to whole chunks with documents)."""
+    from ..distattn.layout import layout_of
+    from ..megatron.config import layout_for
+
+    lay = layout_of(layout_for(args.lightseq, mask.cu_seqlens is not None), world, mask, args.seq)
+    return lay.padded_tokens or args.seq
 
 
 def main(argv=None) -> int:
@@ -185,7 +237,8 @@ def main(argv=None) -> int:
     predicted = _predicted(args, world)
     print(f"tiny GPT: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, "
           f"{args.batch} x {args.seq} tokens per step, {world} ranks; lightseq = CP {world} "
-          f"({args.lightseq.layout}/{args.lightseq.schedule}), tp = Megatron TP {world}")
+          f"({args.lightseq.layout}/{args.lightseq.schedule}), tp = Megatron TP {world}"
+          + (f"; packed documents ({args.packed}), a new packing every step" if args.packed else ""))
     names = list(results)
     print(f"{'step':>4} " + " ".join(f"{n + ' loss':>14}" for n in names))
     for step in range(args.steps):
