@@ -153,11 +153,11 @@ def test_chunk_pair_areas_are_exact():
     """work.py's prefix-sum count against the dense mask, over random masks of every kind."""
     import random
 
-    from megatron_lightseq.distattn.work import chunk_pair_area
+    from megatron_lightseq.distattn.work import _Pieces, _Tokens, area_from
     from megatron_lightseq.kernels.mask import make_mask
 
     rng = random.Random(0)
-    for _ in range(200):
+    for _ in range(400):
         real = rng.randint(1, 40)
         kind = rng.choice(DOCUMENTS + ("padded", None))
         mask = _documents(kind, real, rng.randint(1, 3), seed=rng.randint(0, 99))
@@ -168,6 +168,9 @@ def test_chunk_pair_areas_are_exact():
         window = (rng.choice((-1, 0, 1, 3, 50)), rng.choice((-1, 0)) if causal else rng.choice((-1, 0, 2, 50)))
         want = dense_allowed(tokens, causal=causal, window_size=window, **mask)
         want = want.view(chunks, tokens // chunks, chunks, tokens // chunks).sum((1, 3))
-        got = chunk_pair_area(make_mask(causal, mask.get("cu_seqlens"), window, mask.get("cu_seqlens_padded")),
-                              tokens, chunks)
-        assert (torch.from_numpy(got) == want).all(), (kind, mask, causal, window, tokens, chunks)
+        made = make_mask(causal, mask.get("cu_seqlens"), window, mask.get("cu_seqlens_padded"))
+        pieces = _Pieces.of(made, tokens)
+        assert pieces is not None, (made, tokens)  # the fast way knows every mask's edges
+        for sums in (pieces, _Tokens(made, tokens)):
+            got = area_from(sums, tokens, chunks)
+            assert (torch.from_numpy(got) == want).all(), (type(sums), kind, mask, causal, window, tokens, chunks)

@@ -3,10 +3,12 @@
 For every mask the keys a query at position i sees are one interval [lo_i, end_i) of positions
 (kernels/mask.py), and both ends only grow with i. So the number of keys before a boundary b
 that query i sees is clip(min(end_i, b) - lo_i, 0), and summed over a chunk of queries it splits
-at two points found by binary search: queries whose interval ends by b count their whole
-interval, queries whose interval starts before b count b - lo_i, the rest nothing. Prefix sums
-of the interval lengths and of lo make each (query chunk, boundary) sum O(1): the whole
-[chunks x chunks] area matrix costs O(tokens + chunks^2), not O(tokens x chunks).
+at two points found by counting: queries whose interval ends by b count their whole interval,
+queries whose interval starts before b count b - lo_i, the rest nothing. Prefix sums of the
+interval lengths and of lo make each (query chunk, boundary) sum O(1). Those sums come from the
+pieces on which lo and end are linear (a few per document), so the whole [chunks x chunks] area
+matrix costs O(documents x chunks + chunks^2), not O(tokens x chunks); every token's interval is
+the fallback for a mask whose pieces are not known.
 """
 from __future__ import annotations
 
@@ -21,19 +23,103 @@ from ..kernels.mask import Mask
 def chunk_pair_area(mask: Mask, tokens: int, chunk_count: int) -> np.ndarray:
     """int64 [chunks, chunks]: how many (query, key) pairs of query chunk i and key chunk j the
     mask lets through, for a sequence of ``tokens`` cut into ``chunk_count`` equal chunks."""
+    return area_from(_Pieces.of(mask, tokens) or _Tokens(mask, tokens), tokens, chunk_count)
+
+
+def area_from(sums: "_Tokens | _Pieces", tokens: int, chunk_count: int) -> np.ndarray:
+    """chunk_pair_area from either way of summing (both are tested against a dense mask)."""
     length = tokens // chunk_count
-    lo, hi = mask.bounds(np.arange(tokens, dtype=np.int64))
-    end = np.minimum(hi + 1, tokens)  # keys exist only up to the end
-    size = np.maximum(end - lo, 0)
-    sizes, los = np.concatenate([[0], size.cumsum()]), np.concatenate([[0], lo.cumsum()])
     bounds = np.arange(chunk_count + 1, dtype=np.int64) * length
-    whole = np.searchsorted(end, bounds, side="right")  # before it: intervals end by b
-    started = np.maximum(np.searchsorted(lo, bounds), whole)  # before it: start before b
+    whole = sums.ending_by(bounds)  # before it: intervals end by b
+    started = np.maximum(sums.starting_before(bounds), whole)  # before it: start before b
     first = (np.arange(chunk_count, dtype=np.int64) * length)[:, None]
     r1 = np.clip(whole[None, :], first, first + length)
     r2 = np.clip(started[None, :], first, first + length)
-    below = (sizes[r1] - sizes[first]) + (r2 - r1) * bounds[None, :] - (los[r2] - los[r1])
+    below = (sums.size(r1) - sums.size(first)) + (r2 - r1) * bounds[None, :] - (sums.lo(r2) - sums.lo(r1))
     return below[:, 1:] - below[:, :-1]
+
+
+class _Tokens:
+    """The sums chunk_pair_area needs, from every token's interval: O(tokens)."""
+
+    def __init__(self, mask: Mask, tokens: int) -> None:
+        lo, hi = mask.bounds(np.arange(tokens, dtype=np.int64))
+        self._lo, self._end = lo, np.minimum(hi + 1, tokens)  # keys exist only up to the end
+        zero = np.zeros(1, dtype=np.int64)
+        self._sizes = np.concatenate([zero, np.maximum(self._end - lo, 0).cumsum()])
+        self._los = np.concatenate([zero, lo.cumsum()])
+
+    def size(self, k):  # sum of interval sizes of the first k tokens
+        return self._sizes[k]
+
+    def lo(self, k):  # sum of lo of the first k tokens
+        return self._los[k]
+
+    def ending_by(self, b):  # how many tokens' intervals end by b
+        return np.searchsorted(self._end, b, side="right")
+
+    def starting_before(self, b):  # how many start before b
+        return np.searchsorted(self._lo, b)
+
+
+class _Pieces:
+    """The same sums from the pieces on which lo and end are linear (slope 0 or 1): between the
+    documents' edges and where a window's reach meets them, so O(documents), not O(tokens)."""
+
+    @classmethod
+    def of(cls, mask: Mask, tokens: int) -> "_Pieces | None":
+        left, right = mask.window
+        edges = {0, left, tokens - right - 1}
+        if mask.cu_seqlens is not None:
+            starts = mask.cu_seqlens_padded or mask.cu_seqlens
+            for d in range(len(mask.cu_seqlens) - 1):
+                real_end = starts[d] + mask.cu_seqlens[d + 1] - mask.cu_seqlens[d]
+                edges.update((starts[d], real_end, starts[d] + left, real_end - right - 1))
+        begin = np.array(sorted(e for e in edges if 0 <= e < tokens), dtype=np.int64)
+        stop = np.append(begin[1:], tokens)
+        probes = [mask.bounds(x) for x in (begin, np.minimum(begin + 1, stop - 1), stop - 1)]  # each increasing
+        lo = [p[0] for p in probes]
+        end = [np.minimum(p[1] + 1, tokens) for p in probes]
+        lo_step, end_step, last = lo[1] - lo[0], end[1] - end[0], stop - 1 - begin
+        if not (np.array_equal(lo[2], lo[0] + lo_step * last) and np.array_equal(end[2], end[0] + end_step * last)):
+            return None  # a piece that is not linear: a mask this does not know the edges of
+        return cls(begin, stop, lo[0], lo_step, end[0] - lo[0], end_step - lo_step, end[0], end_step)
+
+    def __init__(self, begin, stop, lo0, lo_step, size0, size_step, end0, end_step) -> None:
+        self._begin, self._n = begin, stop - begin
+        self._lo, self._size, self._end = (lo0, lo_step), (size0, size_step), (end0, end_step)
+        self._lo_sums, self._size_sums = (np.concatenate([[0], self._piece_sum(*v, self._n).cumsum()])
+                                          for v in (self._lo, self._size))
+
+    @staticmethod
+    def _piece_sum(v0, step, m):
+        """Sum of v0 + step * t for t < m."""
+        return m * v0 + step * m * (m - 1) // 2
+
+    def _prefix(self, values, sums, k):
+        piece = np.clip(np.searchsorted(self._begin, k, side="right") - 1, 0, len(self._begin) - 1)
+        m = k - self._begin[piece]
+        return sums[piece] + self._piece_sum(values[0][piece], values[1][piece], m)
+
+    def size(self, k):
+        return self._prefix(self._size, self._size_sums, k)
+
+    def lo(self, k):
+        return self._prefix(self._lo, self._lo_sums, k)
+
+    def _count(self, values, b, strict: bool):
+        """How many positions have value <= b (or < b), summed over the pieces."""
+        v0, step = (x[:, None] for x in values)
+        n, b = self._n[:, None], b[None, :] - strict
+        flat = np.where(v0 <= b, n, 0)
+        rising = np.clip(b - v0 + 1, 0, n)
+        return np.where(step == 0, flat, rising).sum(0)
+
+    def ending_by(self, b):
+        return self._count(self._end, b, strict=False)
+
+    def starting_before(self, b):
+        return self._count(self._lo, b, strict=True)
 
 
 def deal_chunks(mask: Mask, tokens: int, world_size: int, per_rank: int) -> tuple[tuple[int, ...], ...]:

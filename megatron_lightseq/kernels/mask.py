@@ -43,8 +43,9 @@ class Mask:
 
     def bounds(self, positions):
         """(lo, hi) per query position: the first and last key position it may see. Works alike on
-        an int64 torch tensor (any device) and an int64 numpy array (the plans use numpy: their
-        arrays are small enough that torch's threads cost more than they bring)."""
+        an int64 torch tensor (any device) and an int64 numpy array of increasing positions (the
+        plans use numpy: their arrays are small enough that torch's threads cost more than they
+        bring)."""
         p = positions
         lib = torch if isinstance(p, torch.Tensor) else sys.modules.get("numpy") or __import__("numpy")
         lo = lib.zeros_like(p)
@@ -63,13 +64,13 @@ class Mask:
                 lambda x: lib.asarray(x, dtype=lib.int64))
             starts, ends = as_array(starts), as_array(ends)
             if lib is torch:
-                doc = torch.searchsorted(starts, p, right=True) - 1
-            else:
-                doc = lib.searchsorted(starts, p, side="right") - 1
-            doc = doc.clip(min=0, max=len(ends) - 1)
+                doc = (torch.searchsorted(starts, p, right=True) - 1).clip(min=0, max=len(ends) - 1)
+            else:  # numpy: increasing positions (the plans' whole sequences): a search per document, not per token
+                doc = lib.repeat(lib.arange(len(ends)), lib.diff(lib.searchsorted(p, starts[:-1]), append=len(p)))
             padding = p >= ends[doc]  # past its document's real end, or past the last document
-            lo = lib.where(padding, p + 1, lib.maximum(lo, starts[doc]))
-            hi = lib.where(padding, p, lib.minimum(hi, ends[doc] - 1))
+            lo, hi = lib.maximum(lo, starts[doc]), lib.minimum(hi, ends[doc] - 1)
+            if lib is torch or padding.any():  # (numpy only: a host read is free there)
+                lo, hi = lib.where(padding, p + 1, lo), lib.where(padding, p, hi)
         return lo, hi
 
     def problem(self) -> str | None:
