@@ -1,10 +1,12 @@
-"""Masks for the tests: documents from several distributions, windows of several reaches, and an
-oracle built densely from document ids and window arithmetic (not from Mask.bounds)."""
+"""Masks for the tests: documents from several distributions and TransformerEngine's per-document
+padding; whole-sequence views of the oracle's dense masks (document ids and window arithmetic,
+not Mask.bounds)."""
 from __future__ import annotations
 
 import random
 
 import torch
+from oracle import allowed_by_hand, block_reference
 
 
 def documents(kind: str, tokens: int, seed: int = 0) -> tuple[int, ...]:
@@ -38,36 +40,12 @@ def padded(cu_seqlens: tuple[int, ...], world_size: int) -> tuple[int, ...]:
 
 def dense_allowed(tokens: int, *, causal: bool, cu_seqlens=None, window_size=(-1, -1),
                   cu_seqlens_padded=None) -> torch.Tensor:
-    """Bool [tokens, tokens]: query i may see key j. With ``cu_seqlens_padded``, document d starts
-    at cu_seqlens_padded[d] and its tokens past its real length are padding (see nothing, seen by
-    nothing)."""
-    i, j = torch.arange(tokens)[:, None], torch.arange(tokens)[None, :]
-    allowed = torch.ones(tokens, tokens, dtype=torch.bool)
-    if causal:
-        allowed &= j <= i
-    left, right = window_size
-    if left >= 0:
-        allowed &= i - j <= left
-    if right >= 0:
-        allowed &= j - i <= right
-    if cu_seqlens is not None:
-        starts = cu_seqlens_padded or cu_seqlens
-        doc = torch.full((tokens,), -1, dtype=torch.long)  # -1: padding
-        for d in range(len(cu_seqlens) - 1):
-            doc[starts[d]:starts[d] + cu_seqlens[d + 1] - cu_seqlens[d]] = d
-        allowed &= (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0)
-    return allowed
+    """Bool [tokens, tokens]: query i may see key j (oracle.allowed_by_hand over the sequence)."""
+    whole = ((0, tokens),)
+    return allowed_by_hand(whole, whole, causal=causal, cu_seqlens=cu_seqlens, window=window_size,
+                           cu_seqlens_padded=cu_seqlens_padded)
 
 
-def masked_reference(q, k, v, dout, allowed: torch.Tensor, scale: float | None = None):
-    """Whole-sequence (out, lse, dq, dk, dv) under a dense mask; rows that see nothing give out 0,
-    lse -inf and zero gradients. Differentiated by autograd."""
-    rep = q.shape[2] // k.shape[2]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    s = torch.einsum("bqhd,bkhd->bhqk", leaves[0], leaves[1].repeat_interleave(rep, 2)) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]) * torch.isfinite(lse)[..., None]
-    out = torch.einsum("bhqk,bkhd->bqhd", p, leaves[2].repeat_interleave(rep, 2))
-    return (out.detach(), lse.detach(), *torch.autograd.grad(out, leaves, dout))
+def masked_reference(q, k, v, dout, allowed: torch.Tensor):
+    """Whole-sequence (out, lse, dq, dk, dv) under a dense mask (oracle.block_reference)."""
+    return block_reference(q, k, v, dout, allowed, q.shape[-1] ** -0.5)

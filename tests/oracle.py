@@ -28,11 +28,13 @@ def positions_of(span) -> torch.Tensor:
     return torch.tensor([p for a, b in span for p in range(a, b)], dtype=torch.int64)
 
 
-def allowed_by_hand(q_span, k_span, *, causal: bool = True, cu_seqlens=None, window=(-1, -1)) -> torch.Tensor:
+def allowed_by_hand(q_span, k_span, *, causal: bool = True, cu_seqlens=None, window=(-1, -1),
+                    cu_seqlens_padded=None) -> torch.Tensor:
     """Bool [Sq, Sk], whether a query may see a key, from explicit arithmetic on positions (not
     the package's Mask): causal k <= q; window (left, right) q - k <= left, k - q <= right (-1
     unbounded); documents: equal document ids, a token's id being how many boundaries after the
-    first it has reached, and a padding query (at or past the last boundary) sees nothing."""
+    first it has reached, and a padding token (at or past the last boundary, or with
+    ``cu_seqlens_padded`` past its document's real length) sees nothing and is seen by nothing."""
     qp, kp = positions_of(q_span)[:, None], positions_of(k_span)[None, :]
     ok = torch.ones(qp.shape[0], kp.shape[1], dtype=torch.bool)
     if causal:
@@ -43,8 +45,12 @@ def allowed_by_hand(q_span, k_span, *, causal: bool = True, cu_seqlens=None, win
     if right >= 0:
         ok &= kp - qp <= right
     if cu_seqlens is not None:
-        doc = lambda p: sum((p >= edge).long() for edge in cu_seqlens[1:])
-        ok &= (doc(qp) == doc(kp)) & (qp < cu_seqlens[-1])
+        starts = cu_seqlens_padded or cu_seqlens
+        lengths = torch.tensor(cu_seqlens).diff()
+        doc = lambda p: sum((p >= edge).long() for edge in starts[1:])  # noqa: E731
+        real = lambda p: (p < starts[-1]) & (p - torch.tensor(starts)[doc(p).clamp(max=len(lengths) - 1)]  # noqa: E731
+                                             < lengths[doc(p).clamp(max=len(lengths) - 1)])
+        ok &= (doc(qp) == doc(kp)) & real(qp) & real(kp)
     return ok
 
 
