@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.mask import make_mask
 from .autograd import DistAttnFunction
 from .call import resolve_call
 from .checks import checked_call
 from .exchange import GroupExchange
-from ..kernels.mask import make_mask
-
-DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for one step's transfers; well below Megatron's 10 min
+from .failures import DEFAULT_TIMEOUT
 
 
 def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, layout: str = "contiguous",

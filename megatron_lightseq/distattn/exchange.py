@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-from .failures import DistAttnError, GroupState, describe, record_failure, watched_wait
+from .failures import DEFAULT_TIMEOUT, DistAttnError, GroupState, describe, record_failure, watched_wait
 from .trace import count
 
 Batch = Sequence[tuple[int, Sequence[torch.Tensor]]]  # (group rank of the peer, tensors)
@@ -45,7 +45,7 @@ class Pending:
 class Exchange(ABC):
     rank: int
     world_size: int
-    timeout: float = 300.0  # seconds, per step
+    timeout: float = DEFAULT_TIMEOUT  # seconds, per step
     label: str | None = None  # names the call in errors, e.g. "layer 3"
     failure: str | None = None  # the group's first failure, once this rank knows of one
 
@@ -77,7 +77,7 @@ class Exchange(ABC):
         return where + (f", {self.label}" if self.label else "")
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=None)  # per group, for the group's life
 def _global_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
     """Global rank of each group rank; looked up once per group, not on every call."""
     if group is None:  # single process, nothing to talk to
@@ -85,7 +85,7 @@ def _global_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
     return tuple(dist.get_global_rank(group, r) for r in range(dist.get_world_size(group)))
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=None)  # never evicted: every rank must remember the same signatures
 def group_state(group: dist.ProcessGroup | None) -> GroupState:
     return GroupState()
 
@@ -106,7 +106,8 @@ class GroupExchange(Exchange):
     """Over ``group``; None means the default group, or a single process when torch.distributed
     is not initialised."""
 
-    def __init__(self, group: dist.ProcessGroup | None, *, timeout: float = 300.0, label: str | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, *, timeout: float = DEFAULT_TIMEOUT,
+                 label: str | None = None) -> None:
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
         self.group, self.timeout, self.label = group, timeout, label
@@ -115,8 +116,9 @@ class GroupExchange(Exchange):
         self.world_size = len(self._global)
         self.state = group_state(group)
         self.agreed = self.state.agreed
+        self._backend = None if group is None else dist.get_backend(group)
         # gloo waits on the host, so a wait can be watched; NCCL's only orders streams (failures.py).
-        self._host_waits = group is not None and dist.get_backend(group) == "gloo"
+        self._host_waits = self._backend == "gloo"
 
     @property
     def store(self):
@@ -141,7 +143,7 @@ class GroupExchange(Exchange):
         if self.world_size == 1:
             return [list(values)]
         # NCCL gathers only device tensors; gloo only host ones.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else "cpu"
+        device = torch.device("cuda", torch.cuda.current_device()) if self._backend == "nccl" else "cpu"
         mine = torch.tensor(values, dtype=torch.float64, device=device)
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         work = dist.all_gather(every, mine, group=self.group, async_op=True)

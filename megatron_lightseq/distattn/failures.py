@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for one step's transfers; well below Megatron's 10 min
 FAILURE_KEY = "megatron_lightseq/first_failure"
 WAITING_KEY = "megatron_lightseq/waiting/{rank}"  # "peer,peer|where" of a rank that timed out
 POLL_SECONDS = 0.05  # how often a waiting rank looks at the store

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..distattn.api import DEFAULT_TIMEOUT
+from ..distattn.failures import DEFAULT_TIMEOUT
 from ..distattn.layout import LAYOUTS
 
 LAYOUT_CHOICES = LAYOUTS + ("auto",)
