@@ -34,11 +34,16 @@ class Leg:
         stamp = ROOT / self.venv / f".installed-{recipe}"
         if stamp.exists():
             return
+        print(f"dev.py: installing the pinned dependencies into {self.venv} (first run only)", flush=True)
         if not self.python.exists():
             venv.create(ROOT / self.venv, with_pip=True)
         for step in self.steps:
-            subprocess.run([str(self.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                            *step], check=True, cwd=ROOT)
+            # pip's notes about this machine's package indexes are kept for a failure, not printed
+            done = subprocess.run([str(self.python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                                   *step], cwd=ROOT, capture_output=True, text=True)
+            if done.returncode:
+                sys.stderr.write(done.stdout + done.stderr)
+                raise SystemExit(f"dev.py: pip install {' '.join(step)} failed (exit {done.returncode})")
         stamp.touch()
 
 
