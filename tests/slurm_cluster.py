@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import re
 import subprocess
 import time
 
@@ -84,3 +85,24 @@ def slurm_cluster(directory: str):
         for pid_file in pid_files:
             with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
                 os.kill(int(open(pid_file).read().strip()), signal.SIGTERM)
+
+
+def sbatch_and_wait(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``sbatch args`` and wait for the job: the result's returncode is the job's exit code.
+    Polls every half second: ``sbatch --wait`` backs off to about 40 s per job on a job that
+    finishes in ten."""
+    submit = subprocess.run(["sbatch", "--parsable", *args], env=env, capture_output=True, text=True, timeout=60)
+    if submit.returncode != 0:
+        return submit
+    job = submit.stdout.strip().split(";")[0]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True).stdout
+        state = re.search(r"JobState=(\S+)", shown)
+        if state and state.group(1) not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            code = int(re.search(r"ExitCode=(\d+)", shown).group(1))
+            return subprocess.CompletedProcess(submit.args, code or (state.group(1) != "COMPLETED"),
+                                               submit.stdout, f"job {job} ended {state.group(1)}\n{shown}")
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], env=env)
+    raise TimeoutError(f"slurm job {job} ran past {timeout} s")

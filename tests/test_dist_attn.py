@@ -56,6 +56,8 @@ def _exact_matrix(rank, world_size):
     cases = [(lay, sch, c, h, d, ker) for lay, sch, c, h, d, ker in itertools.product(
         ("contiguous", "zigzag"), ("ring", "lightseq"), (True, False), HEADS, (64, 80), ("math", "torch"))]
     cases += [(lay, "auto", c, h, 64, "auto") for lay, c, h in itertools.product(("contiguous", "zigzag"), (True, False), HEADS)]
+    if world_size >= 8:  # every third case, each value still met: here the point is many peers at once;
+        cases = cases[::3]  # test_emulate.py and test_masks.py sweep P = 8 case by case, in one process
     for i, (layout, schedule, causal, (h, hkv), d, kernel) in enumerate(cases):
         label = f"{layout} {schedule} causal={causal} heads=({h},{hkv}) d={d} kernel={kernel}"
         full = _full_inputs(world_size, h, hkv, d, torch.float64, tokens_per_chunk=3, seed=i)
@@ -107,7 +109,7 @@ def _mask_matrix(rank, world_size):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_exact_against_float64_oracle(world_size):
-    assert run_ranks(world_size, _exact_matrix) == [108 + 6] * world_size
+    assert run_ranks(world_size, _exact_matrix) == [(108 if world_size < 8 else 36) + 6] * world_size
 
 
 def _max_errors(got, expected):
@@ -123,12 +125,12 @@ def _bf16_errors(rank, world_size):
     full64 = _full_inputs(world_size, 4, 2, 64, torch.float64, tokens_per_chunk=32, seed=7)
     full16 = [x.to(torch.bfloat16) for x in full64]
     dims = (1, 2, 1, 1, 1)  # out, lse, dq, dk, dv
+    exact_full, plain_full = (reference_with_grads(*full, causal=True) for full in (full64, full16))
     results = []
     for layout, schedule, kernel in BF16_CASES:
         local = lambda xs: [mls.shard(x, layout=layout, rank=rank, world_size=world_size, dim=d)
                             for x, d in zip(xs, dims)]
-        exact = local(reference_with_grads(*full64, causal=True))
-        plain = local(reference_with_grads(*full16, causal=True))
+        exact, plain = local(exact_full), local(plain_full)
         got, _ = _run_local(rank, world_size, full16, layout, schedule=schedule, causal=True, kernel=kernel)
         results.append((_max_errors(got, exact), _max_errors(plain, exact)))
     return results

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from slurm_cluster import available, slurm_cluster
+from slurm_cluster import available, sbatch_and_wait, slurm_cluster
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.skipif(not available(), reason="slurm-wlm and munge are not installed")
@@ -28,10 +28,10 @@ def test_sbatch_cpu_mode_matches_a_run_without_slurm(tmp_path):
         env.pop("MEGATRON_LM", None)  # the plugin's tiny GPT
         for script, backend in (("lightseq.sbatch", "lightseq"), ("tp_baseline.sbatch", "tp")):
             out, log = tmp_path / f"{backend}.json", tmp_path / f"{backend}.out"
-            job = subprocess.run(
-                ["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0",
-                 f"--output={log}", f"--chdir={ROOT}", os.path.join(ROOT, "scripts", script),
-                 "--json", str(out), *TRAIN], env=env, capture_output=True, text=True, timeout=600)
+            job = sbatch_and_wait(
+                ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0", f"--output={log}",
+                 f"--chdir={ROOT}", os.path.join(ROOT, "scripts", script), "--json", str(out), *TRAIN],
+                env=env, timeout=600)
             assert job.returncode == 0, f"{script}: {job.stdout}{job.stderr}\n{log.read_text() if log.exists() else ''}"
             losses = json.loads(out.read_text())["results"][backend]["losses"]
             assert losses == pytest.approx(reference[backend]["losses"], rel=1e-6, abs=1e-6), script
@@ -48,11 +48,10 @@ def test_sbatch_cpu_mode_runs_megatrons_pretrain_gpt(tmp_path):
                    PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
         for script, parallel in (("lightseq.sbatch", "lightseq"), ("tp_baseline.sbatch", "tp")):
             log = tmp_path / f"{parallel}.out"
-            job = subprocess.run(
-                ["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0",
-                 f"--output={log}", f"--chdir={ROOT}", os.path.join(ROOT, "scripts", script)],
-                env=dict(env, CONFIGS=f"llama7b heads/gqa seq/32k parallel/{parallel}"), capture_output=True,
-                text=True, timeout=900)
+            job = sbatch_and_wait(
+                ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0", f"--output={log}",
+                 f"--chdir={ROOT}", os.path.join(ROOT, "scripts", script)],
+                env=dict(env, CONFIGS=f"llama7b heads/gqa seq/32k parallel/{parallel}"), timeout=900)
             output = log.read_text() if log.exists() else ""
             assert job.returncode == 0, f"{script}: {job.stdout}{job.stderr}\n{output[-6000:]}"
             assert "CPU SMOKE RUN" in output
