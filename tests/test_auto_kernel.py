@@ -73,6 +73,24 @@ def test_auto_forward_into_merges_like_forward_then_merge():
     assert set(auto.choices().values()) == {"torch"}
 
 
+def test_auto_times_only_any_mask_kernels_on_general_blocks():
+    """torch's flash op hands a block off the diagonal to another kernel: it is not timed there."""
+    timed = []
+
+    def timer(fn, device):
+        timed.append(fn.__defaults__[0].name)
+        return device_time(fn, device)
+
+    auto = AutoKernel([get_kernel("torch"), get_kernel("math")], timer=timer)
+    q, k, v, _ = (x.float() for x in _inputs(8, 8, 4, 2, 64))
+    general = dict(q_span=((4, 12),), k_span=((0, 8),), mask=CAUSAL, scale=0.125)
+    torch.testing.assert_close(auto.forward(q, k, v, **general), get_kernel("math").forward(q, k, v, **general),
+                               rtol=0, atol=0)
+    assert timed == ["math"]
+    auto.forward(q, k, v, q_span=((8, 16),), k_span=((8, 16),), mask=CAUSAL, scale=0.125)  # causal: both
+    assert timed == ["math", "torch", "math"]
+
+
 def test_auto_on_cpu_is_torchs_flash_op_without_measuring():
     q, k, _, _ = _inputs(8, 8, 4, 2, 64)
     assert resolve_kernel("auto", q, k) is get_kernel("torch")

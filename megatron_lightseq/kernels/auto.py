@@ -102,6 +102,10 @@ class AutoKernel(BlockKernel):
         rand = lambda shape, dt=dtype: torch.randn(shape, generator=gen, dtype=dt, device=device)
         q, k, v = rand(q_shape), rand(k_shape), rand(k_shape)
         able = [c for c in self.candidates if c.supports(q, k)]
+        if mask_kind(block["q_span"], block["k_span"], block["mask"]) == "general":
+            # Vendor adapters hand these blocks on to a kernel that takes any mask: timing them
+            # would time that kernel again under another name.
+            able = [c for c in able if c.any_mask] or able
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         if call == "forward_into":  # a running result as after a first block: finite lse, out ~ 1
             args = (q, k, v, rand(q_shape, acc), rand((q_shape[0], q_shape[2], q_shape[1]), acc))

@@ -36,6 +36,9 @@ Span = tuple[tuple[int, int], ...]
 
 class BlockKernel(ABC):
     name: str
+    # False for a kernel that computes only the vendor masks itself and hands "general" blocks
+    # to another kernel (vendor.py): ``auto`` does not time it on those blocks.
+    any_mask: bool = True
 
     @abstractmethod
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool: ...

@@ -53,6 +53,8 @@ class FixedMaskKernel(BlockKernel):
     and ``_backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)`` for full or top-left
     causal blocks, tensors [B, S, H, D] (K/V with G heads)."""
 
+    any_mask = False
+
     def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
         kind = mask_kind(q_span, k_span, mask)
         if kind == "general":
