@@ -135,6 +135,20 @@ def test_balanced_layout_balances_the_unmasked_area():
     assert 0 < plan.layout.padded_tokens - tokens < plan.chunk_count  # only the sequence is padded
 
 
+def test_balanced_layout_on_one_document_sends_what_zigzag_sends():
+    """One document is the causal problem, which zigzag's pairing balances: the balanced layout
+    (which also starts its swaps from the zigzag cut) sends and receives no more than it."""
+    p, tokens = 8, 4096
+    sizes = dict(batch=1, seqlen_local=tokens // p, nheads=4, nheads_kv=1, headdim=64, dtype=torch.bfloat16)
+    traffic = {}
+    for layout in ("balanced", "zigzag"):
+        plan = mls.build_plan("ring", layout=layout, world_size=p, cu_seqlens=[0, tokens])
+        traffic[layout] = max(plan.bytes_sent(r, **sizes) + plan.bytes_received(r, **sizes) for r in range(p))
+        per_rank = [plan.work.area[list(plan.owned(r))].sum() for r in range(p)]
+        assert max(per_rank) / (sum(per_rank) / p) <= 1.01, (layout, per_rank)
+    assert traffic["balanced"] <= traffic["zigzag"], traffic
+
+
 def test_shard_unshard_and_positions_for_every_layout():
     tokens, p = 203, 4
     cu = documents("odd", tokens)

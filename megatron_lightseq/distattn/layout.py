@@ -6,7 +6,7 @@ lists them.
 - ``zigzag``: 2P halves, rank r holds halves r and 2P-1-r, in that order. This is the layout
   Megatron-Core's ``get_batch_on_this_cp_rank`` produces, so a CP batch needs no reshuffle.
 - ``balanced``: for a mask, chunks dealt out so that every rank computes about the same unmasked
-  area (the most work first, each to the least loaded rank with room; work.py).
+  area, sending as few chunks as it can (swaps from the contiguous and zigzag cuts; work.py).
 
 With the plain masks (causal or none) the contiguous and zigzag layouts hold one and two chunks
 per rank, for any length. With documents or a window (and for ``balanced``) each rank holds
@@ -108,7 +108,8 @@ def layout_of(name: str, world_size: int, mask: Mask = Mask(), tokens: int | Non
     elif name == "balanced":
         from .work import deal_chunks  # work.py builds on Layout
 
-        owners = deal_chunks(mask, padded, world_size, m)
+        starts = [_contiguous(world_size, m)] + ([_zigzag(world_size, m)] if m % 2 == 0 else [])
+        owners = deal_chunks(mask, padded, starts)
     else:
         owners = _contiguous(world_size, m) if name == "contiguous" else _zigzag(world_size, m)
     return Layout(name, owners, tokens, padded)

@@ -122,13 +122,34 @@ class _Pieces:
         return self._count(self._lo, b, strict=True)
 
 
-def deal_chunks(mask: Mask, tokens: int, world_size: int, per_rank: int) -> tuple[tuple[int, ...], ...]:
-    """The balanced layout: start from the contiguous one (neighbouring chunks, mostly of the same
-    documents, on one rank: what they exchange stays local) and swap a chunk of the busiest rank
-    for a lighter one of another rank, the swap that leaves the busier of the two least loaded,
-    until no swap lowers the busiest rank's load; each rank's chunks in sequence order."""
-    work = chunk_pair_area(mask, tokens, world_size * per_rank).sum(1).astype(np.float64)
-    owner = np.repeat(np.arange(world_size), per_rank)  # chunk -> rank
+def deal_chunks(mask: Mask, tokens: int, starts: list[tuple[tuple[int, ...], ...]]) -> tuple[tuple[int, ...], ...]:
+    """The balanced layout. From each start (owners per rank: the contiguous cut, where neighbouring
+    chunks, mostly of the same documents, stay on one rank; the zigzag pairs, the causal pairing,
+    best when one document fills most of the sequence), swap chunks until the busiest rank's load
+    stops dropping; of the results within 1% of the lightest busiest rank, the one whose busiest
+    rank sends and receives the fewest chunks. Each rank's chunks in sequence order."""
+    world_size = len(starts[0])
+    area = chunk_pair_area(mask, tokens, world_size * len(starts[0][0]))
+    work = area.sum(1).astype(np.float64)
+    dealt = [_swap_until_balanced(work, _owner_of(start), world_size) for start in starts]
+    lightest = min(load.max() for _, load in dealt)
+    fits = [owner for owner, load in dealt if load.max() <= 1.01 * lightest]
+    owner = min(fits, key=lambda owner: _chunks_moved(area, owner, world_size))  # ties: the earlier start
+    return tuple(tuple(int(c) for c in np.nonzero(owner == r)[0]) for r in range(world_size))
+
+
+def _owner_of(owners: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """chunk -> rank, from the chunks of every rank."""
+    owner = np.empty(sum(map(len, owners)), dtype=np.int64)
+    for rank, chunks in enumerate(owners):
+        owner[list(chunks)] = rank
+    return owner
+
+
+def _swap_until_balanced(work: np.ndarray, owner: np.ndarray, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Swap a chunk of the busiest rank for a lighter one of another rank, the swap that leaves
+    the busier of the two least loaded, until no swap lowers the busiest rank's load; returns the
+    owners (``owner`` itself, changed) and the ranks' loads."""
     load = np.bincount(owner, weights=work, minlength=world_size)
     for _ in range(4 * len(work) if world_size > 1 else 0):
         x = int(np.argmax(load))
@@ -144,4 +165,15 @@ def deal_chunks(mask: Mask, tokens: int, world_size: int, per_rank: int) -> tupl
         owner[a], owner[b] = y, x
         load[x] -= moved[i, j]
         load[y] += moved[i, j]
-    return tuple(tuple(int(c) for c in np.nonzero(owner == r)[0]) for r in range(world_size))
+    return owner, load
+
+
+def _chunks_moved(area: np.ndarray, owner: np.ndarray, world_size: int) -> int:
+    """The busiest rank's K/V chunks in and out: each chunk goes once to every other rank with a
+    query chunk that sees some of it (what a masked plan sends, in chunks)."""
+    seen = np.zeros((world_size, len(owner)), dtype=bool)  # rank -> key chunks its queries see
+    np.logical_or.at(seen, owner, area > 0)
+    seen[owner, np.arange(len(owner))] = False  # its own chunks do not travel
+    received = seen.sum(1)
+    sent = np.bincount(owner, weights=seen.sum(0), minlength=world_size)
+    return int((received + sent).max())
