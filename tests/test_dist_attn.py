@@ -4,6 +4,8 @@ One process group per world size runs the whole matrix (forking a group per case
 more than the cases); a failing case names itself in the message.
 """
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -213,3 +215,14 @@ def _in_subgroups(rank, world_size):
 
 def test_process_subgroups_translate_ranks():
     assert run_ranks(4, _in_subgroups) == [0, 0, 1, 1]
+
+
+def test_attn_demo_job_runs_every_layout_and_schedule():
+    """README's check of dist_attn alone: every row within float32's error, bytes as predicted."""
+    done = subprocess.run([sys.executable, "-m", "megatron_lightseq", "attn-demo", "--world-size", "3", "--tokens",
+                           "96"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("contiguous", "zigzag"))]
+    assert len(rows) == 6, done.stdout
+    for row in rows:
+        assert float(row[3]) < 1e-5 and float(row[4]) < 1e-5 and row[-2] == "True", row

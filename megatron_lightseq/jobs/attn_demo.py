@@ -48,6 +48,7 @@ def _rank_main(place: Place, args) -> list[dict]:
     import megatron_lightseq as mls
     from ..distattn.call import resolve_plan
     from ..distattn.plan import Shape
+    from ..kernels.mask import Mask
 
     rank = place.rank
     torch.set_num_threads(1)
@@ -70,7 +71,7 @@ def _rank_main(place: Place, args) -> list[dict]:
                 seconds = time.perf_counter() - start
             errors = [(a.double() - local(b)).abs().max().item() for a, b in zip((out, *grads), expected)]
             plan = resolve_plan(Shape.of(q, k), world_size=args.world_size, layout=layout, schedule=schedule,
-                                causal=args.causal)
+                                mask=Mask(causal=args.causal))
             predicted = plan.bytes_sent(rank, batch=1, seqlen_local=q.shape[1], nheads=args.heads,
                                         nheads_kv=args.kv_heads, headdim=args.headdim, dtype=dtype)
             rows.append(dict(layout=layout, schedule=schedule if schedule != "auto" else f"auto={plan.schedule}",
