@@ -62,6 +62,26 @@ def test_flags_are_validated(argv, message):
         mlm.parse_lightseq_args(argv)
 
 
+def test_main_job_flags_are_checked_before_any_process_starts(capsys, monkeypatch):
+    """Each mistake is one flag error, not a traceback on every rank."""
+    from megatron_lightseq.jobs.train import parse_args
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for argv, message in [
+        (["--seq", "95", "--local-ranks", "2"], "--seq (95) must be a multiple of 4: the zigzag layout"),
+        (["--local-ranks", "3"], "--heads (8) and --kv-heads (4) must be multiples of 3"),
+        (["--hidden", "60"], "--hidden (60) must be a multiple of --heads (8)"),
+        (["--kv-heads", "3"], "--heads (8) must be a multiple of --kv-heads (3)"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--packed", "no-such-file.txt"], "--packed no-such-file.txt:"),
+        (["--plot", "/no/such/folder/p.png"], "the folder /no/such/folder does not exist"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err, argv
+    assert parse_args(["--backends", "lightseq", "--local-ranks", "3", "--seq", "96"]).seq == 96  # CP needs no head split
+
+
 def test_flags_are_taken_out_of_argv():
     config, rest = mlm.parse_lightseq_args(["--num-layers", "2", "--lightseq-schedule", "ring", "--lightseq-layout=contiguous"])
     assert rest == ["--num-layers", "2"]

@@ -61,7 +61,44 @@ def parse_args(argv=None):
     args.backends = [b for b in args.backends.split(",") if b]
     if not set(args.backends) <= {"lightseq", "tp"}:
         p.error(f"--backends takes lightseq and/or tp, got {args.backends}")
+    _check(p, args)
     return args
+
+
+def _check(p: argparse.ArgumentParser, args) -> None:
+    """The mistakes that would otherwise surface inside every rank, each as its own traceback, as
+    one flag error before any process starts."""
+    import os
+
+    from ..megatron.config import layout_for
+
+    for name in ("local_ranks", "steps", "seq", "batch", "layers", "hidden", "heads", "kv_heads", "vocab"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.hidden % args.heads:
+        p.error(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    world = int(os.environ.get("WORLD_SIZE", args.local_ranks))  # a launcher's, else the processes started here
+    if "tp" in args.backends and (args.heads % world or args.kv_heads % world):
+        p.error(f"Megatron TP over {world} ranks splits the heads: --heads ({args.heads}) and --kv-heads "
+                f"({args.kv_heads}) must be multiples of {world}")
+    if args.packed:
+        from ..planner.masks import documents
+
+        try:
+            documents(args.packed, args.seq, seed=0)
+        except (ValueError, OSError) as e:
+            p.error(f"--packed {args.packed}: {e}")
+    elif "lightseq" in args.backends:
+        layout = layout_for(args.lightseq, packed=False)
+        chunks = 2 * world if layout == "zigzag" else world
+        if args.seq % chunks:
+            p.error(f"--seq ({args.seq}) must be a multiple of {chunks}: the {layout} layout cuts it into {chunks} "
+                    f"equal chunks over {world} ranks")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
 
 
 def _data(args, device):
