@@ -7,8 +7,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"train": "megatron_lightseq.jobs.train", "plan": "megatron_lightseq.planner.cli",
                 "attn-demo": "megatron_lightseq.jobs.attn_demo"}
+    usage = f"usage: python -m megatron_lightseq {{{','.join(commands)}}} [options]   (COMMAND --help for its options)"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__}")
+        return 0
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m megatron_lightseq {{{','.join(commands)}}} [options]")
+        print(usage if not argv else f"{usage}\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
     import importlib
 

@@ -12,10 +12,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cpu = bool(argv) and argv[0] == "--cpu"
     argv = argv[1:] if cpu else argv
-    if not argv or argv[0].startswith("-"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
+        return 0
+    if not argv or argv[0].startswith("-"):
+        print(__doc__.strip(), file=sys.stderr)
         return 2
     script = argv[0]
+    if not os.path.isfile(script):
+        print(f"error: no script {script!r} (e.g. $MEGATRON_LM/pretrain_gpt.py from a Megatron-LM checkout)",
+              file=sys.stderr)
+        return 2
     sys.argv = [script, *argv[1:]]
     # The script's own directory first on the path, as when Python runs it directly (pretrain_gpt.py
     # imports gpt_builders and model_provider from beside itself), and before anything imports

@@ -12,20 +12,30 @@ import torch
 import torch.distributed as dist
 
 from ..distattn.schedules import SCHEDULE_CHOICES
+from ..kernels import kernel_names
 from .launch import Place, RanksFailed, run_local
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m megatron_lightseq attn-demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m megatron_lightseq attn-demo", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=4, help="local gloo ranks")
     p.add_argument("--tokens", type=int, default=2048, help="whole sequence length")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
-    p.add_argument("--kernel", default="auto")
+    p.add_argument("--kernel", default="auto", choices=kernel_names())
     p.add_argument("--no-causal", dest="causal", action="store_false")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("world_size", "tokens", "heads", "kv_heads", "headdim"):  # before any process starts
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.tokens % (2 * args.world_size):
+        p.error(f"--tokens ({args.tokens}) must be a multiple of {2 * args.world_size}: the zigzag layout cuts it "
+                f"into 2 x --world-size chunks")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    return args
 
 
 def _oracle(args, dtype):

@@ -36,7 +36,7 @@ QUIET = ("Apex is not installed", "Transformer Engine and Apex are not installed
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m megatron_lightseq train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m megatron_lightseq train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local-ranks", type=int, default=4, help="processes to start when no launcher did")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence")
