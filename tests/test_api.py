@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import megatron_lightseq as mls
+from megatron_lightseq.kernels import kernel_names
 from oracle import reference_attention
 
 
@@ -51,10 +52,21 @@ def _qkv(**over):
     ({}, dict(timeout=0), "timeout must be a positive number of seconds, got 0"),
     (dict(q=torch.randn(1, 3, 4, 8), k=torch.randn(1, 3, 2, 8), v=torch.randn(1, 3, 2, 8)), dict(layout="zigzag"),
      "positive multiple of 2, got 3"),
+    ({}, dict(cu_seqlens=[0, 1.5, 4]), r"cu_seqlens must be a sequence of at least two ints, got \(0, 1.5, 4\)"),
+    ({}, dict(cu_seqlens=torch.tensor([0.0, 2.0, 4.0])), "cu_seqlens must be a sequence of at least two ints"),
+    ({}, dict(cu_seqlens=[0, 1, 3]), r"cu_seqlens must cover the whole sequence: it ends at 3, .* got 4"),
 ])
 def test_bad_input_raises_value_error(inputs, options, message):
     with pytest.raises(ValueError, match=message):
         mls.dist_attn(*_qkv(**inputs), **options)
+
+
+def test_messages_say_what_to_do_instead():
+    with pytest.raises(ValueError, match="for 'auto', build the one choose_schedule"):
+        mls.build_plan("auto", layout="contiguous", world_size=8)
+    if "flash-attn" not in kernel_names():  # flash_attn does not import here
+        with pytest.raises(ValueError, match="'flash-attn' needs the flash_attn package"):
+            mls.dist_attn(*_qkv(), kernel="flash-attn")
 
 
 def test_single_process_call_and_trace_scope():

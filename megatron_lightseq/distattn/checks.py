@@ -18,7 +18,7 @@ import zlib
 
 import torch
 
-from ..kernels import kernel_names
+from ..kernels import kernel_names, unknown_kernel
 from ..kernels.mask import Mask, make_mask
 from .call import Call, resolve_call
 from .exchange import Exchange
@@ -66,7 +66,7 @@ def local_problem(q, k, v, *, layout, schedule, mask: Mask, softmax_scale, kerne
     if schedule not in SCHEDULE_CHOICES:
         return f"schedule must be one of {SCHEDULE_CHOICES}, got {schedule!r}"
     if kernel not in kernel_names():
-        return f"kernel must be one of {kernel_names()}, got {kernel!r}"
+        return unknown_kernel(kernel)
     if mask.problem():
         return mask.problem()
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)

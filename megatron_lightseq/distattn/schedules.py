@@ -145,6 +145,9 @@ def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = Tr
 def plan_for(schedule: str, layout: Layout, mask: Mask) -> Plan:
     """The plan of ``schedule`` on a built layout; cached, since plans for documents are asked
     for once per batch. Plans for plain masks are validated here (plan_check.py), once."""
+    if schedule == "auto":  # resolved by the caller (dist_attn does), since it depends on the shapes too
+        raise ValueError(f"a plan is of a named schedule, one of {SCHEDULES}: for 'auto', build the one "
+                         "choose_schedule(...) returns")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULE_CHOICES}, got {schedule!r}")
     work = PairWork(layout, mask)

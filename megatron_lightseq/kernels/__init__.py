@@ -39,13 +39,24 @@ def register_kernel(name: str, factory: Callable[[], BlockKernel], *, auto_rank:
         AUTO_ORDER.insert(auto_rank, name)
 
 
+# Kernels registered only where their package imports: what to tell a user who names one.
+OPTIONAL = {"flash-attn": "the flash_attn package (flash-attn 2.x, built for your CUDA and torch)",
+            "triton": "the triton package (pip install megatron-lightseq[triton])"}
+
+
 def kernel_names() -> tuple[str, ...]:
     return tuple(_FACTORIES) + ("auto",)
 
 
+def unknown_kernel(name: str) -> str:
+    """The error for a kernel name that is not registered here."""
+    needs = f": {name!r} needs {OPTIONAL[name]}, which does not import here" if name in OPTIONAL else ""
+    return f"kernel must be one of {kernel_names()}, got {name!r}{needs}"
+
+
 def get_kernel(name: str) -> BlockKernel:
     if name not in _FACTORIES:
-        raise ValueError(f"kernel must be one of {kernel_names()}, got {name!r}")
+        raise ValueError(unknown_kernel(name))
     if name not in _INSTANCES:
         _INSTANCES[name] = _FACTORIES[name]()
     return _INSTANCES[name]

@@ -15,6 +15,8 @@ and both ends only grow with i, which is what lets kernels and plans skip whole 
 """
 from __future__ import annotations
 
+import operator
+
 import sys
 from dataclasses import dataclass
 
@@ -111,7 +113,9 @@ def make_mask(causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seq
     def boundaries(cu):
         if isinstance(cu, torch.Tensor):
             cu = cu.tolist()
-        return None if cu is None else tuple(int(x) for x in cu)
+        # Integers of any kind become ints; anything else stays as given, for Mask.problem to name
+        # (int() would truncate 10.5 to a boundary nobody asked for).
+        return None if cu is None else tuple(operator.index(x) if hasattr(x, "__index__") else x for x in cu)
 
     window = tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
     return Mask(causal=causal, cu_seqlens=boundaries(cu_seqlens), window=window,
