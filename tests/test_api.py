@@ -26,6 +26,28 @@ def test_shard_errors():
         mls.shard(torch.zeros(1, 8), layout="zigzag", rank=0, world_size=3)
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
         mls.shard(torch.zeros(1, 8), layout="contiguous", rank=2, world_size=2)
+    with pytest.raises(ValueError, match="world_size must be a positive int, got 0"):
+        mls.shard(torch.zeros(1, 8), layout="contiguous", rank=0, world_size=0)
+    with pytest.raises(ValueError, match="dim must index the tensor's 2 dims, got 5"):
+        mls.shard(torch.zeros(1, 8), layout="contiguous", rank=0, world_size=2, dim=5)
+    with pytest.raises(ValueError, match=r"tokens \(the sequence's length, >= 1\) or cu_seqlens, got -4"):
+        mls.positions(layout="zigzag", rank=0, world_size=2, tokens=-4)
+
+
+@pytest.mark.parametrize("rank,sizes,message", [
+    (9, {}, r"rank must be in \[0, 8\), got 9"),
+    (1, dict(dtype="bf16"), "dtype must be a torch.dtype, got 'bf16'"),
+    (1, dict(seqlen_local=-1024), r"must be positive ints, got \(1, -1024, 4, 2, 8\)"),
+    (1, dict(seqlen_local=7), "seqlen_local must be a multiple of the 2 chunks a rank holds, got 7"),
+    (1, dict(nheads=30, nheads_kv=8), r"nheads \(30\) must be a multiple of nheads_kv \(8\)"),
+])
+def test_plan_bytes_check_their_arguments(rank, sizes, message):
+    plan = mls.build_plan("ring", layout="zigzag", world_size=8)
+    with pytest.raises(ValueError, match=message):
+        plan.bytes_sent(rank, **dict(dict(batch=1, seqlen_local=8, nheads=4, nheads_kv=2, headdim=8,
+                                          dtype=torch.float32), **sizes))
+    with pytest.raises(ValueError, match="shape must be a Shape"):
+        mls.choose_schedule("zigzag", 8, True, (1, 8, 4, 2, 8))
 
 
 def _qkv(**over):
@@ -55,6 +77,7 @@ def _qkv(**over):
     ({}, dict(cu_seqlens=[0, 1.5, 4]), r"cu_seqlens must be a sequence of at least two ints, got \(0, 1.5, 4\)"),
     ({}, dict(cu_seqlens=torch.tensor([0.0, 2.0, 4.0])), "cu_seqlens must be a sequence of at least two ints"),
     ({}, dict(cu_seqlens=[0, 1, 3]), r"cu_seqlens must cover the whole sequence: it ends at 3, .* got 4"),
+    ({}, dict(group="cp"), "group must be a torch.distributed ProcessGroup or None, got 'cp'"),
 ])
 def test_bad_input_raises_value_error(inputs, options, message):
     with pytest.raises(ValueError, match=message):

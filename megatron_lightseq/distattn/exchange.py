@@ -110,6 +110,8 @@ class GroupExchange(Exchange):
                  label: str | None = None) -> None:
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise ValueError(f"group must be a torch.distributed ProcessGroup or None, got {group!r}")
         self.group, self.timeout, self.label = group, timeout, label
         self._global = _global_ranks(group)
         self.rank = 0 if group is None else dist.get_rank(group)

@@ -129,8 +129,9 @@ def shard(full: torch.Tensor, *, layout: str, rank: int, world_size: int, dim: i
           cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None) -> torch.Tensor:
     """This rank's part of a full-sequence tensor (sequence along ``dim``), as a new tensor;
     zero-padded to whole chunks where the layout pads (module docstring)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    _check_place(rank, world_size)
+    if not -full.dim() <= dim < full.dim():
+        raise ValueError(f"dim must index the tensor's {full.dim()} dims, got {dim}")
     lay = layout_of(layout, world_size, _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded), full.shape[dim])
     chunk = _chunk_len(lay, full.shape[dim], f"the sequence (dim {dim})")
     if lay.padded_tokens and lay.padded_tokens > full.shape[dim]:
@@ -167,13 +168,21 @@ def positions(*, layout: str, rank: int, world_size: int, tokens: int | None = N
     """Each of this rank's local tokens' position in the whole sequence (int64), e.g. for RoPE;
     padding tokens get the positions past the end. ``tokens``: the sequence's real length (with
     documents, the length they cover by default)."""
+    _check_place(rank, world_size)
     mask = _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
     tokens = mask.length if tokens is None else tokens
-    if tokens is None:
-        raise ValueError("positions needs tokens (the sequence's length) or cu_seqlens")
+    if not (isinstance(tokens, int) and tokens >= 1):
+        raise ValueError(f"positions needs tokens (the sequence's length, >= 1) or cu_seqlens, got {tokens!r}")
     lay = layout_of(layout, world_size, mask, tokens)
     chunk = _chunk_len(lay, tokens, "the sequence")
     return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in lay.owners[rank]])
+
+
+def _check_place(rank: int, world_size: int) -> None:
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not (isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
 
 
 def _chunk_len(lay: Layout, length: int, what: str) -> int:

@@ -86,6 +86,20 @@ class Shape:
         b, s, h, d = q.shape
         return cls(batch=b, seqlen_local=s, nheads=h, nheads_kv=k.shape[2], headdim=d, dtype=q.dtype)
 
+    @staticmethod
+    def problem(shape) -> str | None:
+        """What is wrong with ``shape`` as a Shape a user gave, or None."""
+        if not isinstance(shape, Shape):
+            return f"shape must be a Shape(batch, seqlen_local, nheads, nheads_kv, headdim, dtype), got {shape!r}"
+        sizes = (shape.batch, shape.seqlen_local, shape.nheads, shape.nheads_kv, shape.headdim)
+        if not all(isinstance(x, int) and x >= 1 for x in sizes):
+            return f"batch, seqlen_local, nheads, nheads_kv and headdim must be positive ints, got {sizes}"
+        if shape.nheads % shape.nheads_kv:
+            return f"nheads ({shape.nheads}) must be a multiple of nheads_kv ({shape.nheads_kv})"
+        if not isinstance(shape.dtype, torch.dtype):
+            return f"dtype must be a torch.dtype, got {shape.dtype!r}"
+        return None
+
 
 class PairWork:
     """The share of a full chunk-by-chunk block each (query chunk, key chunk) pair computes, 0
@@ -214,6 +228,12 @@ class Plan:
         """Bytes ``rank`` sends (``side="sends"``) or receives (``"recvs"``) in ``phase``."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if not (isinstance(rank, int) and 0 <= rank < self.world_size):
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank!r}")
+        problem = Shape.problem(shape)
+        if problem or shape.seqlen_local % self.layout.chunks_per_rank:
+            raise ValueError(problem or f"seqlen_local must be a multiple of the {self.layout.chunks_per_rank} "
+                                        f"chunks a rank holds, got {shape.seqlen_local}")
         chunk = shape.seqlen_local // self.layout.chunks_per_rank
         phases = (self.forward, self.backward) if phase == "both" else (getattr(self, phase),)
         total = 0

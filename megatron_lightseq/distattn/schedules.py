@@ -167,6 +167,9 @@ def choose_schedule(layout: str, world_size: int, causal: bool, shape: Shape, cu
                     window_size=(-1, -1), cu_seqlens_padded=None) -> str:
     """The ``auto`` rule (:func:`auto_schedule`) for this layout, world size and mask."""
     mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
+    problem = mask.problem() or Shape.problem(shape)
+    if problem:
+        raise ValueError(problem)
     tokens = mask.length or shape.seqlen_local * world_size
     return auto_schedule(layout_of(layout, world_size, mask, tokens), mask, shape)
 
