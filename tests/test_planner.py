@@ -2,14 +2,13 @@
 the CLI's output and errors."""
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import megatron_lightseq as mls
 from harness import run_ranks
+from megatron_lightseq.__main__ import main as cli_main
 from megatron_lightseq.planner.cli import main as plan_main, parse_seq_range
 from megatron_lightseq.planner.memory import lightseq_memory, max_sequence, tp_memory
 from megatron_lightseq.planner.model import MODELS, Machine, ModelSpec
@@ -78,6 +77,7 @@ def test_memory_model_and_max_sequence():
 def test_seq_range_parsing():
     assert parse_seq_range("32k..256k") == [32768, 65536, 131072, 262144]
     assert parse_seq_range("4096") == [4096]
+    assert parse_seq_range("32k..32k") == [32768]
 
 
 def test_plan_command_table_json_and_plot(tmp_path, capsys):
@@ -94,11 +94,44 @@ def test_plan_command_table_json_and_plot(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--seq", "32x"], "expected a token count"),
     (["--seq", "1000", "--gpus", "8"], "multiple of 2 x gpus = 16"),
-    (["--heads", "5"], "must divide by heads"),
+    (["--seq", "32k..40k"], "40960 is not 32768 x 2^n"),  # the doubling would stop at 32K
+    (["--heads", "5"], "hidden (4096) must divide by heads (5)"),
+    (["--kv-heads", "5"], "heads (32) must divide by kv-heads (5)"),
+    (["--gpus", "0"], "argument --gpus: expected an integer > 0, got '0'"),
+    (["--gpus", "-4"], "argument --gpus: expected an integer > 0, got '-4'"),
+    (["--kv-heads", "0"], "argument --kv-heads: expected an integer > 0"),  # these four divided by zero
+    (["--heads", "0"], "argument --heads: expected an integer > 0"),
+    (["--gpus-per-node", "0"], "argument --gpus-per-node: expected an integer > 0"),
+    (["--nvlink-gbs", "0"], "argument --nvlink-gbs: expected a number > 0"),
+    (["--ib-gbs", "-1"], "argument --ib-gbs: expected a number > 0"),
+    (["--layers", "-2"], "argument --layers: expected an integer > 0"),
+    (["--gpu-memory-gib", "0"], "argument --gpu-memory-gib: expected a number > 0"),
+    (["--window", "-3"], "expected a window of >= 0 tokens, or -1 for none, got '-3'"),
+    (["--plot", "/nonexistent/dir/x.png"], "the folder /nonexistent/dir does not exist"),
+    (["--docs", "fixed:0"], "fixed: length must be >= 1 token, got 0"),  # used to loop forever
+    (["--docs", "fixed:-5"], "fixed: length must be >= 1 token, got -5"),
+    (["--docs", "lognormal:median=2k,mean=1k"], "at least the median"),
+    (["--docs", "lognormal:median=0"], "the median must be >= 1 token, got 0"),
+    (["--docs", "lognormal:median=abc"], "median: expected a token count like 2k or 2048, got 'abc'"),
+    (["--docs", "lognormal:median=2k=3"], "expected key=value pairs separated by commas, got 'median=2k=3'"),
+    (["--docs", "lognormal:median=2k,mean=8k,foo=1"], "unknown parameter 'foo'; it takes median, mean"),
+    (["--docs", "gauss:mean=2k"], "unknown distribution 'gauss' (known: lognormal, fixed), and no file named"),
+    (["--docs", "LENGTHS"], "line 2: expected positive integer document lengths separated by whitespace, got 'abc'"),
 ])
-def test_plan_command_errors(argv, message):
-    run = subprocess.run([sys.executable, "-m", "megatron_lightseq", "plan", *argv], capture_output=True, text=True)
-    assert run.returncode == 2 and message in run.stderr
+def test_plan_command_errors(argv, message, tmp_path, capsys):
+    # in-process through the command dispatcher: every error comes from parse_args, before any planning
+    lengths = tmp_path / "lengths.txt"
+    lengths.write_text("3000 100\nabc\n")
+    with pytest.raises(SystemExit) as exit:
+        cli_main(["plan", "--seq", "32k", "--gpus", "4", *[str(lengths) if a == "LENGTHS" else a for a in argv]])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_plan_command_recommends_nothing_that_does_not_fit(capsys):
+    assert plan_main(["--seq", "32k", "--gpus", "4", "--gpu-memory-gib", "1"]) == 0
+    assert "-> no LightSeq plan fits 1 GiB per GPU at 32K" in capsys.readouterr().out
+    assert plan_main(["--seq", "32k", "--gpus", "4", "--gpu-memory-gib", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recommended"] == {"32768": None}
 
 
 def test_plan_command_reports_documents_and_windows(tmp_path, capsys):
@@ -109,5 +142,7 @@ def test_plan_command_reports_documents_and_windows(tmp_path, capsys):
     assert "Megatron THD would pad" in out and "window 2048" in out
     masked = [line for line in out.splitlines() if line.strip().startswith(("balanced", "zigzag ", "contiguous"))]
     assert len(masked) == 7 and all(line.split()[-1] == "0" for line in masked)  # the plain row too; 32K: no padding
-    assert plan_main(["--seq", "32k", "--gpus", "8", "--docs", "lognormal:median=2k,mean=1k"]) == 2
-    assert "at least the median" in capsys.readouterr().err
+    # the flags follow the masked table, not the plain causal one: auto (balanced for packed documents)
+    # rather than a zigzag that would override it, and the model's window
+    recommended = next(line for line in out.splitlines() if "->" in line)
+    assert "--lightseq-layout auto" in recommended and recommended.endswith("--window-size 2048,0")

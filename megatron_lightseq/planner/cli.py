@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
-import sys
+import math
+import os
 
-from .masks import documents, mask_rows, mask_table
+from .masks import documents, mask_rows, mask_table, masked_choice
 from .model import MODELS, Machine
-from .report import recommend, rows_for
+from .report import lightseq_flags, recommend, rows_for
 
 
 def parse_tokens(text: str) -> int:
@@ -23,12 +25,37 @@ def parse_tokens(text: str) -> int:
     scale = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
     try:
         return int(float(text.rstrip("km")) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 'inf'
         raise argparse.ArgumentTypeError(f"expected a token count like 32k or 32768, got {text!r}") from None
 
 
+def parse_window(text: str) -> int:
+    """A window of >= 0 tokens, or -1: none (flash-attn's convention, as in ``window_size``)."""
+    window = parse_tokens(text)
+    if window < -1:
+        raise argparse.ArgumentTypeError(f"expected a window of >= 0 tokens, or -1 for none, got {text!r}")
+    return window
+
+
+def _positive(kind):
+    """An argparse type: ``kind`` (int or float) > 0; a zero or negative count, bandwidth or memory
+    would divide by zero or print negative times."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'} > 0, "
+                                             f"got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def parse_seq_range(text: str) -> list[int]:
-    """'32k..512k' -> 32K, 64K, ..., 512K (doubling); '32k' -> [32K]."""
+    """'32k..512k' -> 32K, 64K, ..., 512K (doubling); '32k' -> [32K]. HIGH must be LOW times a
+    power of two, so that the doubling reaches it rather than stopping short of it."""
     lo, _, hi = text.partition("..")
     lo, hi = parse_tokens(lo), parse_tokens(hi or lo)
     if lo <= 0 or hi < lo:
@@ -36,25 +63,34 @@ def parse_seq_range(text: str) -> list[int]:
     out = [lo]
     while out[-1] * 2 <= hi:
         out.append(out[-1] * 2)
+    if out[-1] != hi:
+        raise argparse.ArgumentTypeError(
+            f"expected LOW..HIGH with HIGH = LOW x a power of two (the lengths double from LOW), got {text!r}: "
+            f"{hi} is not {lo} x 2^n; the nearest ranges end at {out[-1]} or {out[-1] * 2}")
     return out
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m megatron_lightseq plan", description=__doc__.splitlines()[0])
+    # the docstring's first paragraph, not its first line, which stops mid-sentence
+    description = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
+    p = argparse.ArgumentParser(prog="python -m megatron_lightseq plan", description=description)
     p.add_argument("--model", choices=sorted(MODELS), default="llama-7b")
     for name in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab"):
-        p.add_argument(f"--{name}", type=int, help="override the model's value")
-    p.add_argument("--seq", type=parse_seq_range, default=parse_seq_range("32k..512k"))
-    p.add_argument("--gpus", type=int, default=8, help="GPUs in the sequence-parallel (or TP) group")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-memory-gib", type=float, default=Machine.gpu_memory_gib)
-    p.add_argument("--nvlink-gbs", type=float, default=Machine.nvlink_gbs)
-    p.add_argument("--ib-gbs", type=float, default=Machine.ib_gbs)
+        p.add_argument(f"--{name}", type=_positive(int), help="override the model's value")
+    p.add_argument("--seq", type=parse_seq_range, default=parse_seq_range("32k..512k"), metavar="LEN|LOW..HIGH",
+                   help="a sequence length (32k, 32768) or a range LOW..HIGH that doubles from LOW: 32k..128k is "
+                        "32K, 64K, 128K; HIGH must be LOW times a power of two (default 32k..512k)")
+    p.add_argument("--gpus", type=_positive(int), default=8, help="GPUs in the sequence-parallel (or TP) group")
+    p.add_argument("--gpus-per-node", type=_positive(int), default=8)
+    p.add_argument("--gpu-memory-gib", type=_positive(float), default=Machine.gpu_memory_gib)
+    p.add_argument("--nvlink-gbs", type=_positive(float), default=Machine.nvlink_gbs)
+    p.add_argument("--ib-gbs", type=_positive(float), default=Machine.ib_gbs)
     p.add_argument("--fsdp", action="store_true",
                    help="shard params and grads too (Megatron-FSDP), not only the optimizer state")
     p.add_argument("--docs", metavar="SPEC", help="packed documents: a file of lengths, or lognormal:median=2k,"
                                                   "mean=8k, or fixed:4k (planner/masks.py)")
-    p.add_argument("--window", type=parse_tokens, default=-1, help="a sliding window of this many tokens")
+    p.add_argument("--window", type=parse_window, default=-1,
+                   help="a sliding window of this many tokens before each token (default -1: none)")
     p.add_argument("--seed", type=int, default=0, help="for synthetic documents")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--plot", metavar="PNG", help="draw time and traffic per system with matplotlib")
@@ -65,17 +101,47 @@ def parse_args(argv=None):
     model = dataclasses.replace(MODELS[args.model], **overrides)
     if overrides.get("kv_heads"):
         model = dataclasses.replace(model, name=f"{args.model} ({model.kv_heads} KV heads)")
-    if model.hidden % model.heads or model.heads % model.kv_heads or args.gpus < 1:
-        p.error(f"hidden ({model.hidden}) must divide by heads ({model.heads}), heads by kv-heads "
-                f"({model.kv_heads}), and --gpus must be >= 1")
+    if model.hidden % model.heads:
+        p.error(f"hidden ({model.hidden}) must divide by heads ({model.heads})")
+    if model.heads % model.kv_heads:
+        p.error(f"heads ({model.heads}) must divide by kv-heads ({model.kv_heads})")
     bad = [s for s in args.seq if s % (2 * args.gpus)]
     if bad:
         p.error(f"every sequence length must be a multiple of 2 x gpus = {2 * args.gpus}, got {bad}")
+    if args.plot:  # found out before the planning, not after it
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            p.error(f"--plot {args.plot}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            p.error(f"--plot {args.plot}: the folder {folder} is not writable")
+        if importlib.util.find_spec("matplotlib") is None:
+            p.error("--plot needs matplotlib (pip install matplotlib)")
+    args.cu_seqlens = {}
+    if args.docs:  # drawn here so that a bad spec is an error before the planning
+        try:
+            args.cu_seqlens = {seq: documents(args.docs, seq, args.seed) for seq in args.seq}
+        except (OSError, ValueError) as e:
+            p.error(f"--docs {args.docs}: {e}")
     machine = Machine(gpu_memory_gib=args.gpu_memory_gib, nvlink_gbs=args.nvlink_gbs, ib_gbs=args.ib_gbs)
     return args, model, machine
 
 
-def _table(model, args, machine, by_seq) -> str:
+def _recommended(rows, args, machine, masked):
+    """(system, flags) to recommend, or None when no LightSeq plan fits. With documents or a window
+    the layout and schedule are the masked table's choice (masks.masked_choice), not the plain
+    causal one; for documents, a balanced choice is given as auto, which is balanced for packed
+    data (zigzag would override it)."""
+    best = recommend(rows, machine)  # memory does not depend on the layout: the same fits either way
+    if best is None or masked is None:
+        return best and (best.system, best.flags)
+    cu, mask = masked
+    pick = masked_choice(mask)
+    layout = "auto" if cu and pick.layout == "balanced" else pick.layout
+    return (f"lightseq {pick.layout}/{pick.schedule}",
+            lightseq_flags(args.gpus, layout, pick.schedule, fsdp=args.fsdp, window=args.window))
+
+
+def _table(model, args, machine, by_seq, recommended) -> str:
     lines = [f"{model.name}: {model.layers} layers, hidden {model.hidden}, {model.heads} heads, {model.kv_heads} KV "
              f"heads; {args.gpus} GPUs, {args.gpus_per_node} per node; batch 1, bf16, full recompute; "
              f"{'params+grads+optimizer sharded (FSDP)' if args.fsdp else 'optimizer sharded (distributed optimizer)'}",
@@ -86,8 +152,14 @@ def _table(model, args, machine, by_seq) -> str:
             fits = "" if r.memory_bytes <= machine.budget_bytes else " (OOM)"
             lines.append(f"{seq // 1024:>5}K {r.system:<26} {r.traffic_bytes / 2**20:>13.1f} {r.steps:>5} "
                          f"{r.seconds * 1e3:>9.2f} {r.memory_bytes / 2**30:>8.1f} {r.max_seq // 1024:>7}K{fits}")
-        best = recommend(rows, machine)
-        lines.append(f"{'':>6} -> {best.system}: {best.flags}")
+        best = recommended[seq]
+        if best:
+            what = ("documents and window" if args.docs and args.window >= 0 else "documents" if args.docs
+                    else "window" if args.window >= 0 else "")
+            lines.append(f"{'':>6} -> {best[0]}" + (f" (chosen from the {what} table below)" if what else "") + f": {best[1]}")
+        else:
+            lines.append(f"{'':>6} -> no LightSeq plan fits {args.gpu_memory_gib:g} GiB per GPU at {seq // 1024}K "
+                         f"(max seq: the longest that fits); use more GPUs, a shorter sequence" + ("" if args.fsdp else " or --fsdp"))
     return "\n".join(lines)
 
 
@@ -120,22 +192,20 @@ def main(argv=None) -> int:
     by_seq = {seq: rows_for(model, seq, args.gpus, args.gpus_per_node, machine, fsdp=args.fsdp) for seq in args.seq}
     masked = {}
     if args.docs or args.window >= 0:
-        try:
-            cus = {seq: documents(args.docs, seq, args.seed) if args.docs else None for seq in args.seq}
-        except (OSError, ValueError) as e:
-            print(f"error: --docs {args.docs}: {e}", file=sys.stderr)
-            return 2
-        masked = {seq: (cus[seq], mask_rows(model, seq, args.gpus, cu_seqlens=cus[seq], window=args.window))
+        cus = args.cu_seqlens  # drawn (and checked) by parse_args
+        masked = {seq: (cus.get(seq), mask_rows(model, seq, args.gpus, cu_seqlens=cus.get(seq), window=args.window))
                   for seq in args.seq}
+    recommended = {seq: _recommended(rows, args, machine, masked.get(seq)) for seq, rows in by_seq.items()}
     if args.json:
         print(json.dumps({"model": dataclasses.asdict(model), "machine": dataclasses.asdict(machine),
                           "gpus": args.gpus, "gpus_per_node": args.gpus_per_node,
                           "rows": [dataclasses.asdict(r) for rows in by_seq.values() for r in rows],
-                          "recommended": {seq: recommend(rows, machine).system for seq, rows in by_seq.items()},
+                          "recommended": {seq: best and best[0] for seq, best in recommended.items()},
+                          "recommended_flags": {seq: best and best[1] for seq, best in recommended.items()},
                           "masks": {seq: [dataclasses.asdict(r) for r in rows] for seq, (_, rows) in masked.items()}},
                          indent=1))
     else:
-        print(_table(model, args, machine, by_seq))
+        print(_table(model, args, machine, by_seq, recommended))
         for seq, (cu, rows) in masked.items():
             print(mask_table(model, seq, args.gpus, rows, cu, args.window))
     if args.plot:

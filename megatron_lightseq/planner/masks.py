@@ -22,32 +22,81 @@ MASKED_VARIANTS = [(layout, schedule) for layout in ("balanced", "zigzag", "cont
                    for schedule in ("ring", "lightseq")]
 
 
-def _tokens(text: str) -> int:
+DISTRIBUTIONS = {"lognormal": ("median", "mean"), "fixed": ()}  # kind -> its key=value parameters
+
+
+def _tokens(text: str, what: str) -> int:
+    """'4k' -> 4096; ValueError naming ``what`` (e.g. 'lognormal: median') on anything else."""
     text = text.strip().lower()
-    return int(float(text.rstrip("km")) * {"k": 1024, "m": 1024**2}.get(text[-1:], 1))
+    try:
+        return int(float(text.rstrip("km")) * {"k": 1024, "m": 1024**2}.get(text[-1:], 1))
+    except (ValueError, OverflowError):  # OverflowError: 'inf'
+        raise ValueError(f"{what}: expected a token count like 2k or 2048, got {text!r}") from None
+
+
+def _options(kind: str, params: str) -> dict[str, str]:
+    """'median=2k,mean=8k' -> {'median': '2k', 'mean': '8k'}, only the keys ``kind`` takes."""
+    allowed = DISTRIBUTIONS[kind]
+    options = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or "=" in value or not key:
+            raise ValueError(f"{kind}: expected key=value pairs separated by commas, got {item!r}")
+        if key not in allowed:
+            raise ValueError(f"{kind}: unknown parameter {key!r}; it takes {', '.join(allowed)}")
+        options[key] = value
+    return options
+
+
+def _file_lengths(path: str) -> list[int]:
+    lengths = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            for word in line.split():
+                try:
+                    length = int(word)
+                except ValueError:
+                    length = 0
+                if length < 1:
+                    raise ValueError(f"{path}, line {number}: expected positive integer document lengths "
+                                     f"separated by whitespace, got {word!r}")
+                lengths.append(length)
+    if not lengths:
+        raise ValueError(f"{path}: expected positive integer document lengths, the file has none")
+    return lengths
 
 
 def documents(spec: str, tokens: int, seed: int = 0) -> tuple[int, ...]:
     """cu_seqlens of a ``tokens``-long sequence packed with documents from ``spec``: a file of
     lengths (whitespace separated, used in turn from the start, cycling), or a distribution. The
-    last document is cut at the sequence's end, as packing does."""
-    kind, _, params = spec.partition(":")
-    options = dict(p.split("=") for p in params.split(",") if "=" in p)
+    last document is cut at the sequence's end, as packing does. A bad spec is a ValueError (a
+    missing file an OSError) before any document is drawn."""
+    kind, colon, params = spec.partition(":")
     rng = random.Random(seed)
     if kind == "lognormal":
-        median, mean = _tokens(options.get("median", "2k")), _tokens(options.get("mean", "8k"))
-        if mean < median:
+        options = _options(kind, params)
+        median = _tokens(options.get("median", "2k"), "lognormal: median")
+        mean = _tokens(options.get("mean", "8k"), "lognormal: mean")
+        if median < 1:  # log(median) below
+            raise ValueError(f"lognormal: the median must be >= 1 token, got {median}")
+        if mean < median:  # sigma^2 = 2 log(mean / median) must not be negative
             raise ValueError(f"lognormal: the mean ({mean}) must be at least the median ({median})")
         sigma, mu = math.sqrt(2 * math.log(mean / median)), math.log(median)
         draw = lambda: max(1, int(rng.lognormvariate(mu, sigma)))
     elif kind == "fixed":
-        length = _tokens(params)
+        length = _tokens(params, "fixed: length")
+        if length < 1:  # a length of 0 would never fill the sequence
+            raise ValueError(f"fixed: length must be >= 1 token, got {length}")
         draw = lambda: length
     else:
-        with open(spec) as f:
-            lengths = [int(x) for x in f.read().split()]
-        if not lengths or min(lengths) < 1:
-            raise ValueError(f"{spec}: expected positive document lengths, got {lengths[:5]}...")
+        try:
+            lengths = _file_lengths(spec)
+        except FileNotFoundError:
+            if not colon:
+                raise
+            # 'kind:params' with an unknown kind is more likely a typo than a file's name
+            raise ValueError(f"unknown distribution {kind!r} (known: {', '.join(DISTRIBUTIONS)}), "
+                             f"and no file named {spec!r}") from None
         draw = iter(lengths * (tokens // sum(lengths) + 1)).__next__
     cu = [0]
     while cu[-1] < tokens:
@@ -112,3 +161,13 @@ def mask_table(model: ModelSpec, seq: int, gpus: int, rows: list[MaskRow], cu_se
         lines.append(f"  {r.layout:<24} {r.schedule:<9} {r.balance:>8.3f} {r.steps:>5} "
                      f"{r.bytes_per_gpu / 2**20:>13.1f} {r.padding:>7}")
     return "\n".join(lines)
+
+
+def masked_choice(rows: list[MaskRow]) -> MaskRow:
+    """The masked layout and schedule to recommend: of those whose busiest rank's work is within
+    5% of the most even (compute waits for the busiest rank; the balanced layout aims at 1.05),
+    the fewest bytes, then the fewest steps. A window alone: contiguous, which talks only within
+    the window's reach."""
+    candidates = rows[1:]  # rows[0]: plain causal
+    even = min(r.balance for r in candidates)
+    return min((r for r in candidates if r.balance <= 1.05 * even), key=lambda r: (r.bytes_per_gpu, r.steps, r.balance))

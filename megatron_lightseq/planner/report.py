@@ -24,6 +24,15 @@ class Row:
     flags: str
 
 
+def lightseq_flags(gpus: int, layout: str, schedule: str, *, fsdp: bool = False, window: int = -1) -> str:
+    """Megatron's flags for a LightSeq run; ``layout`` may be auto (the plugin's: zigzag for plain
+    sequences, balanced for packed documents); a window is the model's own (--window-size)."""
+    return (f"--context-parallel-size {gpus} --attention-backend lightseq --lightseq-layout {layout} "
+            f"--lightseq-schedule {schedule} --attention-dropout 0 --recompute-granularity full "
+            f"--recompute-method uniform --recompute-num-layers 1" + (" --use-megatron-fsdp" if fsdp else "")
+            + (f" --window-size {window},0" if window >= 0 else ""))
+
+
 def rows_for(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machine, *, fsdp: bool = False) -> list[Row]:
     gran = 2 * gpus * 1024
     extra = " --use-megatron-fsdp" if fsdp else ""
@@ -35,9 +44,7 @@ def rows_for(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machi
             plan.compute_steps, lightseq_seconds(model, seq, gpus, gpus_per_node, m, layout, schedule),
             lightseq_memory(model, seq, gpus, fsdp=fsdp),
             max_sequence(lambda n: lightseq_memory(model, n, gpus, fsdp=fsdp), m, gran),
-            f"--context-parallel-size {gpus} --attention-backend lightseq --lightseq-layout {layout} "
-            f"--lightseq-schedule {schedule} --attention-dropout 0 --recompute-granularity full "
-            f"--recompute-method uniform --recompute-num-layers 1" + extra))
+            lightseq_flags(gpus, layout, schedule, fsdp=fsdp)))
     tp = tp_degree(model, gpus)
     for sp in (False, True):
         rows.append(Row(
@@ -57,9 +64,8 @@ def rows_for(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machi
     return rows
 
 
-def recommend(rows: list[Row], m: Machine) -> Row:
-    """The fastest LightSeq variant that fits (or the one that fits the longest sequence)."""
-    ours = [r for r in rows if r.system.startswith("lightseq")]
-    fitting = [r for r in ours if r.memory_bytes <= m.budget_bytes]
-    return min(fitting, key=lambda r: r.seconds) if fitting else max(ours, key=lambda r: r.max_seq)
+def recommend(rows: list[Row], m: Machine) -> Row | None:
+    """The fastest LightSeq variant that fits, or None when none does (no flags to give then)."""
+    fitting = [r for r in rows if r.system.startswith("lightseq") and r.memory_bytes <= m.budget_bytes]
+    return min(fitting, key=lambda r: r.seconds) if fitting else None
 
