@@ -168,7 +168,8 @@ def _run(place: Place, args, backend: str, device) -> dict:
             from tqdm import tqdm
 
             tqdm.set_lock(RLock())  # not tqdm's default multiprocessing lock, which os._exit would leak
-            steps = tqdm(steps, desc=f"{backend} x{world}", leave=False)
+            # disable=None: no bar where stderr is not a terminal (a Slurm log, CI), whose lines it would garble
+            steps = tqdm(steps, desc=f"{backend} x{world}", leave=False, disable=None)
         except ImportError:
             pass
     data = _data(args, device)
