@@ -97,11 +97,13 @@ def sbatch_and_wait(args: list[str], env: dict, timeout: float) -> subprocess.Co
     job = submit.stdout.strip().split(";")[0]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        shown = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True).stdout
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True,
+                               timeout=30).stdout
         state = re.search(r"JobState=(\S+)", shown)
-        if state and state.group(1) not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+        if state and state.group(1) not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED",
+                                             "REQUEUED", "RESIZING", "SIGNALING", "STAGE_OUT"):
             code = int(re.search(r"ExitCode=(\d+)", shown).group(1))
-            return subprocess.CompletedProcess(submit.args, code or (state.group(1) != "COMPLETED"),
+            return subprocess.CompletedProcess(submit.args, code or int(state.group(1) != "COMPLETED"),
                                                submit.stdout, f"job {job} ended {state.group(1)}\n{shown}")
         time.sleep(0.5)
     subprocess.run(["scancel", job], env=env)

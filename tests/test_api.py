@@ -1,4 +1,5 @@
 """Single-process API: layouts, input checks, trace scoping."""
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def test_zigzag_matches_megatron_cp_split():
 def test_shard_errors():
     with pytest.raises(ValueError, match="must be a multiple of 6; got 8"):
         mls.shard(torch.zeros(1, 8), layout="zigzag", rank=0, world_size=3)
-    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 2\), got 2"):
         mls.shard(torch.zeros(1, 8), layout="contiguous", rank=2, world_size=2)
     with pytest.raises(ValueError, match="world_size must be a positive int, got 0"):
         mls.shard(torch.zeros(1, 8), layout="contiguous", rank=0, world_size=0)
@@ -34,8 +35,23 @@ def test_shard_errors():
         mls.positions(layout="zigzag", rank=0, world_size=2, tokens=-4)
 
 
+def test_integers_of_any_kind_are_accepted():
+    """numpy and 0-d tensor integers, as sizes computed with them arrive; bools are not ranks."""
+    full = torch.arange(8)[None]
+    assert mls.shard(full, layout="zigzag", rank=np.int64(1), world_size=np.int32(2)).tolist() == [[2, 3, 4, 5]]
+    assert mls.positions(layout="zigzag", rank=1, world_size=2, tokens=torch.tensor(8)).tolist() == [2, 3, 4, 5]
+    plan = mls.build_plan("ring", layout="zigzag", world_size=2)
+    sizes = dict(batch=1, seqlen_local=8, nheads=4, nheads_kv=2, headdim=8, dtype=torch.float32)
+    assert plan.bytes_sent(np.int64(1), **dict(sizes, seqlen_local=np.int64(8))) == plan.bytes_sent(1, **sizes) > 0
+    q = torch.randn(1, 8, 2, 16, dtype=torch.float64)
+    torch.testing.assert_close(mls.dist_attn(q, q, q, cu_seqlens=[0, np.int64(3), torch.tensor(8)]),
+                               mls.dist_attn(q, q, q, cu_seqlens=[0, 3, 8]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rank must be an int in"):
+        mls.shard(full, layout="zigzag", rank=True, world_size=2)
+
+
 @pytest.mark.parametrize("rank,sizes,message", [
-    (9, {}, r"rank must be in \[0, 8\), got 9"),
+    (9, {}, r"rank must be an int in \[0, 8\), got 9"),
     (1, dict(dtype="bf16"), "dtype must be a torch.dtype, got 'bf16'"),
     (1, dict(seqlen_local=-1024), r"must be positive ints, got \(1, -1024, 4, 2, 8\)"),
     (1, dict(seqlen_local=7), "seqlen_local must be a multiple of the 2 chunks a rank holds, got 7"),

@@ -66,7 +66,8 @@ def test_main_job_flags_are_checked_before_any_process_starts(capsys, monkeypatc
     """Each mistake is one flag error, not a traceback on every rank."""
     from megatron_lightseq.jobs.train import parse_args
 
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for launcher in ("SLURM_PROCID", "RANK", "WORLD_SIZE"):  # the processes this job would start: --local-ranks
+        monkeypatch.delenv(launcher, raising=False)
     for argv, message in [
         (["--seq", "95", "--local-ranks", "2"], "--seq (95) must be a multiple of 4: the zigzag layout"),
         (["--local-ranks", "3"], "--heads (8) and --kv-heads (4) must be multiples of 3"),
@@ -102,10 +103,14 @@ def test_runner_sets_up_and_runs_the_script_as_main():
     assert report["batch_split_wired"] and report["thd_split_wired"] and "contiguous" in str(report["config"])
 
 
-def test_runner_rejects_a_bad_flag():
-    run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", "x.py", "--lightseq-layout", "spiral"],
+def test_runner_rejects_a_bad_flag_and_a_missing_script():
+    script = os.path.join(ROOT, "tests", "data", "show_setup.py")
+    run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", script, "--lightseq-layout", "spiral"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 2 and "invalid choice: 'spiral'" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", "no_such_script.py"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2 and "error: no script 'no_such_script.py'" in run.stderr
 
 
 def _spec_cases(rank, world_size):

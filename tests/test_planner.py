@@ -10,6 +10,7 @@ import megatron_lightseq as mls
 from harness import run_ranks
 from megatron_lightseq.__main__ import main as cli_main
 from megatron_lightseq.planner.cli import main as plan_main, parse_seq_range
+from megatron_lightseq.planner.masks import documents
 from megatron_lightseq.planner.memory import lightseq_memory, max_sequence, tp_memory
 from megatron_lightseq.planner.model import MODELS, Machine, ModelSpec
 from megatron_lightseq.planner.traffic import lightseq_traffic, megatron_cp_traffic, tp_traffic
@@ -146,3 +147,15 @@ def test_plan_command_reports_documents_and_windows(tmp_path, capsys):
     # rather than a zigzag that would override it, and the model's window
     recommended = next(line for line in out.splitlines() if "->" in line)
     assert "--lightseq-layout auto" in recommended and recommended.endswith("--window-size 2048,0")
+
+
+def test_plan_command_counts_padded_documents(capsys):
+    """A length the documents' chunks do not divide is padded: bytes for what each rank holds."""
+
+    assert plan_main(["--seq", "32766", "--gpus", "3", "--docs", "fixed:1k", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["masks"]["32766"]
+    got = next(r for r in rows if (r["layout"], r["schedule"]) == ("balanced", "ring"))
+    plan = mls.build_plan("ring", layout="balanced", world_size=3, cu_seqlens=documents("fixed:1k", 32766))
+    shape = mls.Shape(1, plan.layout.padded_tokens // 3, 32, 32, 128, torch.bfloat16)  # llama-7b
+    assert got["padding"] == plan.layout.padded_tokens - 32766 > 0
+    assert got["bytes_per_gpu"] == max(plan.traffic(r, shape) for r in range(3))

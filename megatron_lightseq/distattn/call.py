@@ -30,15 +30,12 @@ def resolve_plan(shape: Shape, *, world_size: int, layout: str, schedule: str, m
     """The plan for local tensors of ``shape``; ValueError if their length does not fit the mask."""
     seqlen = shape.seqlen_local * world_size
     lay = layout_of(layout, world_size, mask, mask.length or seqlen)
-    if lay.padded_tokens is not None and lay.padded_tokens != seqlen and mask.cu_seqlens is not None:
+    # Only documents pad (a window alone cuts the given length), so a mismatch is theirs.
+    if lay.padded_tokens is not None and lay.padded_tokens != seqlen:
         raise ValueError(
             f"cu_seqlens{'_padded' if mask.cu_seqlens_padded else ''} must cover the whole sequence: it ends at "
             f"{lay.tokens}, which the {layout} layout holds as {lay.padded_tokens} tokens over {world_size} ranks, so "
             f"seqlen_local must be {lay.padded_tokens // world_size}, got {shape.seqlen_local} ({seqlen} tokens in all)")
-    if lay.padded_tokens is not None and lay.padded_tokens != seqlen:
-        raise ValueError(
-            f"the {layout} layout pads {lay.tokens} tokens to {lay.padded_tokens} ({lay.chunk_count} chunks) over "
-            f"{world_size} ranks, so seqlen_local must be {lay.padded_tokens // world_size}, got {shape.seqlen_local}")
     if schedule == "auto":
         schedule = auto_schedule(lay, mask, shape)
     return plan_for(schedule, lay, mask)

@@ -16,6 +16,7 @@ chunks, never a document: the padding tokens are a document of their own that se
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -129,7 +130,7 @@ def shard(full: torch.Tensor, *, layout: str, rank: int, world_size: int, dim: i
           cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None) -> torch.Tensor:
     """This rank's part of a full-sequence tensor (sequence along ``dim``), as a new tensor;
     zero-padded to whole chunks where the layout pads (module docstring)."""
-    _check_place(rank, world_size)
+    rank, world_size = _check_place(rank, world_size)
     if not -full.dim() <= dim < full.dim():
         raise ValueError(f"dim must index the tensor's {full.dim()} dims, got {dim}")
     lay = layout_of(layout, world_size, _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded), full.shape[dim])
@@ -168,21 +169,35 @@ def positions(*, layout: str, rank: int, world_size: int, tokens: int | None = N
     """Each of this rank's local tokens' position in the whole sequence (int64), e.g. for RoPE;
     padding tokens get the positions past the end. ``tokens``: the sequence's real length (with
     documents, the length they cover by default)."""
-    _check_place(rank, world_size)
+    rank, world_size = _check_place(rank, world_size)
     mask = _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
-    tokens = mask.length if tokens is None else tokens
-    if not (isinstance(tokens, int) and tokens >= 1):
+    tokens = mask.length if tokens is None else as_count(tokens)
+    if tokens is None or tokens < 1:
         raise ValueError(f"positions needs tokens (the sequence's length, >= 1) or cu_seqlens, got {tokens!r}")
     lay = layout_of(layout, world_size, mask, tokens)
     chunk = _chunk_len(lay, tokens, "the sequence")
     return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in lay.owners[rank]])
 
 
-def _check_place(rank: int, world_size: int) -> None:
-    if not (isinstance(world_size, int) and world_size >= 1):
+def as_count(x) -> int | None:
+    """``x`` as an int if it is an integer of any kind (Python, numpy, a 0-d integer tensor) other
+    than a bool, else None."""
+    if isinstance(x, bool) or not hasattr(x, "__index__"):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:  # a tensor that is not a 0-d integer one
+        return None
+
+
+def _check_place(rank, world_size) -> tuple[int, int]:
+    """(rank, world_size) as ints; ValueError unless 0 <= rank < world_size."""
+    r, w = as_count(rank), as_count(world_size)
+    if w is None or w < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if not (isinstance(rank, int) and 0 <= rank < world_size):
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+    if r is None or not 0 <= r < w:
+        raise ValueError(f"rank must be an int in [0, {w}), got {rank!r}")
+    return r, w
 
 
 def _chunk_len(lay: Layout, length: int, what: str) -> int:

@@ -31,7 +31,7 @@ import torch
 
 from ..kernels.base import accum_dtype
 from ..kernels.mask import Mask
-from .layout import Layout
+from .layout import Layout, as_count
 
 INPUT_KINDS = ("kv", "q", "qg")
 RESULT_KINDS = ("o", "dq", "dkv")
@@ -92,7 +92,7 @@ class Shape:
         if not isinstance(shape, Shape):
             return f"shape must be a Shape(batch, seqlen_local, nheads, nheads_kv, headdim, dtype), got {shape!r}"
         sizes = (shape.batch, shape.seqlen_local, shape.nheads, shape.nheads_kv, shape.headdim)
-        if not all(isinstance(x, int) and x >= 1 for x in sizes):
+        if not all(as_count(x) is not None and x >= 1 for x in sizes):
             return f"batch, seqlen_local, nheads, nheads_kv and headdim must be positive ints, got {sizes}"
         if shape.nheads % shape.nheads_kv:
             return f"nheads ({shape.nheads}) must be a multiple of nheads_kv ({shape.nheads_kv})"
@@ -228,8 +228,8 @@ class Plan:
         """Bytes ``rank`` sends (``side="sends"``) or receives (``"recvs"``) in ``phase``."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        if not (isinstance(rank, int) and 0 <= rank < self.world_size):
-            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank!r}")
+        if as_count(rank) is None or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")
         problem = Shape.problem(shape)
         if problem or shape.seqlen_local % self.layout.chunks_per_rank:
             raise ValueError(problem or f"seqlen_local must be a multiple of the {self.layout.chunks_per_rank} "

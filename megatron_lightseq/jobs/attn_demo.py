@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..distattn.schedules import SCHEDULE_CHOICES
-from ..kernels import kernel_names
+from ..kernels import kernel_names, unknown_kernel
 from .launch import Place, RanksFailed, run_local
 
 
@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
-    p.add_argument("--kernel", default="auto", choices=kernel_names())
+    p.add_argument("--kernel", default="auto", help="a block kernel: " + ", ".join(kernel_names()))
     p.add_argument("--no-causal", dest="causal", action="store_false")
     args = p.parse_args(argv)
     for name in ("world_size", "tokens", "heads", "kv_heads", "headdim"):  # before any process starts
@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"into 2 x --world-size chunks")
     if args.heads % args.kv_heads:
         p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    if args.kernel not in kernel_names():
+        p.error(f"--{unknown_kernel(args.kernel)}")
     return args
 
 

@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .launch import Place, run_everywhere
+from .launch import Place, from_environment, run_everywhere
 from .tp_bytes import CollectiveBytes
 
 # Harmless third-party warnings that would break the progress bars, silenced by message: without
@@ -79,7 +79,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
     if args.heads % args.kv_heads:
         p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    world = int(os.environ.get("WORLD_SIZE", args.local_ranks))  # a launcher's, else the processes started here
+    place = from_environment()
+    world = place.world_size if place else args.local_ranks  # a launcher's, else the processes started here
     if "tp" in args.backends and (args.heads % world or args.kv_heads % world):
         p.error(f"Megatron TP over {world} ranks splits the heads: --heads ({args.heads}) and --kv-heads "
                 f"({args.kv_heads}) must be multiples of {world}")
@@ -96,8 +97,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         if args.seq % chunks:
             p.error(f"--seq ({args.seq}) must be a multiple of {chunks}: the {layout} layout cuts it into {chunks} "
                     f"equal chunks over {world} ranks")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    for flag, path in (("--json", args.json), ("--plot", args.plot)) if place is None or place.rank == 0 else ():
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):  # rank 0 writes them
             p.error(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
 
 

@@ -108,6 +108,13 @@ class Mask:
         return None
 
 
+def _index_or_self(x):
+    try:
+        return operator.index(x)
+    except TypeError:  # a float, a float or multi-element tensor, a list, ...
+        return x
+
+
 def make_mask(causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None) -> Mask:
     """A Mask from the user's arguments (boundaries may be lists or int tensors)."""
     def boundaries(cu):
@@ -115,7 +122,10 @@ def make_mask(causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seq
             cu = cu.tolist()
         # Integers of any kind become ints; anything else stays as given, for Mask.problem to name
         # (int() would truncate 10.5 to a boundary nobody asked for).
-        return None if cu is None else tuple(operator.index(x) if hasattr(x, "__index__") else x for x in cu)
+        if cu is None:
+            return None
+        cu = tuple(cu)  # plain ints, as Megatron's path gives them, pass as they are (this runs every call)
+        return cu if all(type(x) is int for x in cu) else tuple(_index_or_self(x) for x in cu)
 
     window = tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
     return Mask(causal=causal, cu_seqlens=boundaries(cu_seqlens), window=window,

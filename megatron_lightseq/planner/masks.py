@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -127,6 +127,7 @@ def _row(plan, layout: str, schedule: str, shape: Shape, seconds: float, tokens:
             work[rank] += sum(plan.block_work(b) for b in rs.blocks)
     mean = sum(work) / len(work)
     padded = plan.layout.padded_tokens or tokens
+    shape = replace(shape, seqlen_local=padded // plan.world_size)  # what each rank holds, padding too
     return MaskRow(layout, schedule, max(work) / mean if mean else 1.0, plan.compute_steps,
                    max(plan.traffic(r, shape) for r in range(plan.world_size)), padded - tokens, seconds)
 
@@ -166,8 +167,8 @@ def mask_table(model: ModelSpec, seq: int, gpus: int, rows: list[MaskRow], cu_se
 def masked_choice(rows: list[MaskRow]) -> MaskRow:
     """The masked layout and schedule to recommend: of those whose busiest rank's work is within
     5% of the most even (compute waits for the busiest rank; the balanced layout aims at 1.05),
-    the fewest bytes, then the fewest steps. A window alone: contiguous, which talks only within
-    the window's reach."""
+    the fewest bytes, then the fewest steps (for a window alone, typically contiguous, which talks
+    only within the window's reach)."""
     candidates = rows[1:]  # rows[0]: plain causal
     even = min(r.balance for r in candidates)
     return min((r for r in candidates if r.balance <= 1.05 * even), key=lambda r: (r.bytes_per_gpu, r.steps, r.balance))
