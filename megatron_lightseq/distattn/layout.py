@@ -87,8 +87,7 @@ def layout_of(name: str, world_size: int, mask: Mask = Mask(), tokens: int | Non
     real tokens (needed unless the mask is plain and the layout contiguous or zigzag; with
     documents it is the length they cover, ``Mask.length``)."""
     check_layout(name)
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    world_size = _world_size(world_size)
     if mask.plain and name != "balanced":
         return Layout(name, _contiguous(world_size, 1) if name == "contiguous" else _zigzag(world_size, 2))
     if mask.cu_seqlens is not None:
@@ -130,7 +129,7 @@ def shard(full: torch.Tensor, *, layout: str, rank: int, world_size: int, dim: i
           cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None) -> torch.Tensor:
     """This rank's part of a full-sequence tensor (sequence along ``dim``), as a new tensor;
     zero-padded to whole chunks where the layout pads (module docstring)."""
-    rank, world_size = _check_place(rank, world_size)
+    rank, world_size = check_place(rank, world_size)
     if not -full.dim() <= dim < full.dim():
         raise ValueError(f"dim must index the tensor's {full.dim()} dims, got {dim}")
     lay = layout_of(layout, world_size, _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded), full.shape[dim])
@@ -169,7 +168,7 @@ def positions(*, layout: str, rank: int, world_size: int, tokens: int | None = N
     """Each of this rank's local tokens' position in the whole sequence (int64), e.g. for RoPE;
     padding tokens get the positions past the end. ``tokens``: the sequence's real length (with
     documents, the length they cover by default)."""
-    rank, world_size = _check_place(rank, world_size)
+    rank, world_size = check_place(rank, world_size)
     mask = _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
     tokens = mask.length if tokens is None else as_count(tokens)
     if tokens is None or tokens < 1:
@@ -190,11 +189,16 @@ def as_count(x) -> int | None:
         return None
 
 
-def _check_place(rank, world_size) -> tuple[int, int]:
-    """(rank, world_size) as ints; ValueError unless 0 <= rank < world_size."""
-    r, w = as_count(rank), as_count(world_size)
+def _world_size(world_size) -> int:
+    w = as_count(world_size)
     if w is None or w < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    return w
+
+
+def check_place(rank, world_size) -> tuple[int, int]:
+    """(rank, world_size) as ints; ValueError unless 0 <= rank < world_size."""
+    w, r = _world_size(world_size), as_count(rank)
     if r is None or not 0 <= r < w:
         raise ValueError(f"rank must be an int in [0, {w}), got {rank!r}")
     return r, w

@@ -31,7 +31,7 @@ import torch
 
 from ..kernels.base import accum_dtype
 from ..kernels.mask import Mask
-from .layout import Layout, as_count
+from .layout import Layout, as_count, check_place
 
 INPUT_KINDS = ("kv", "q", "qg")
 RESULT_KINDS = ("o", "dq", "dkv")
@@ -228,8 +228,7 @@ class Plan:
         """Bytes ``rank`` sends (``side="sends"``) or receives (``"recvs"``) in ``phase``."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        if as_count(rank) is None or not 0 <= rank < self.world_size:
-            raise ValueError(f"rank must be an int in [0, {self.world_size}), got {rank!r}")
+        check_place(rank, self.world_size)
         problem = Shape.problem(shape)
         if problem or shape.seqlen_local % self.layout.chunks_per_rank:
             raise ValueError(problem or f"seqlen_local must be a multiple of the {self.layout.chunks_per_rank} "

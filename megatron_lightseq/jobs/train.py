@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import time
 import warnings
@@ -68,8 +69,6 @@ def parse_args(argv=None):
 def _check(p: argparse.ArgumentParser, args) -> None:
     """The mistakes that would otherwise surface inside every rank, each as its own traceback, as
     one flag error before any process starts."""
-    import os
-
     from ..megatron.config import layout_for
 
     for name in ("local_ranks", "steps", "seq", "batch", "layers", "hidden", "heads", "kv_heads", "vocab"):

@@ -15,18 +15,16 @@ import json
 import math
 import os
 
-from .masks import documents, mask_rows, mask_table, masked_choice
+from .masks import documents, mask_rows, mask_table, masked_choice, token_count
 from .model import MODELS, Machine
 from .report import lightseq_flags, recommend, rows_for
 
 
 def parse_tokens(text: str) -> int:
-    text = text.strip().lower()
-    scale = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
-    try:
-        return int(float(text.rstrip("km")) * scale)
-    except (ValueError, OverflowError):  # OverflowError: 'inf'
-        raise argparse.ArgumentTypeError(f"expected a token count like 32k or 32768, got {text!r}") from None
+    count = token_count(text)
+    if count is None:
+        raise argparse.ArgumentTypeError(f"expected a token count like 32k or 32768, got {text.strip().lower()!r}")
+    return count
 
 
 def parse_window(text: str) -> int:

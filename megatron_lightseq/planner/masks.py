@@ -25,13 +25,21 @@ MASKED_VARIANTS = [(layout, schedule) for layout in ("balanced", "zigzag", "cont
 DISTRIBUTIONS = {"lognormal": ("median", "mean"), "fixed": ()}  # kind -> its key=value parameters
 
 
-def _tokens(text: str, what: str) -> int:
-    """'4k' -> 4096; ValueError naming ``what`` (e.g. 'lognormal: median') on anything else."""
+def token_count(text: str) -> int | None:
+    """'4k' -> 4096, '1m' -> 1048576, '300' -> 300; None for anything else (each caller says why)."""
     text = text.strip().lower()
     try:
         return int(float(text.rstrip("km")) * {"k": 1024, "m": 1024**2}.get(text[-1:], 1))
     except (ValueError, OverflowError):  # OverflowError: 'inf'
-        raise ValueError(f"{what}: expected a token count like 2k or 2048, got {text!r}") from None
+        return None
+
+
+def _tokens(text: str, what: str) -> int:
+    """A token count; ValueError naming ``what`` (e.g. 'lognormal: median') on anything else."""
+    count = token_count(text)
+    if count is None:
+        raise ValueError(f"{what}: expected a token count like 2k or 2048, got {text.strip().lower()!r}")
+    return count
 
 
 def _options(kind: str, params: str) -> dict[str, str]:
