@@ -2,7 +2,9 @@
 every config offered to the autotuner fits shared memory and spills no registers at its head-dim
 bound (64, 128, 256) in every mask variant (none, causal, both ends of the rows' intervals), and
 up to head dim 128 uses the Hopper tensor-core instruction (wgmma); the forward's store-only
-variant and the one-pass merge and delta kernels build too. In a subprocess:
+variant and the one-pass merge and delta kernels build too; and in every kernel's IR each stride
+argument is only ever widened to int64 (so no offset a stride enters is computed in int32, which
+wraps past 2^31 elements; the old kernels multiplied a batch index by its stride in int32). In a subprocess:
 under TRITON_INTERPRET=1 (which conftest sets without CUDA) there is no compiler to ask."""
 import json
 import os
@@ -47,5 +49,5 @@ def test_every_offered_config_builds_for_hopper_without_spills():
     assert len(rows) == offered * len(MASKS) + len(MASKS) + 2
     assert [r["kernel"] for r in rows[-len(MASKS) - 2:]] == ["fwd"] * len(MASKS) + ["merge", "delta"]
     for r in rows:
-        assert r["fits"] and r["spilled_bytes"] == 0, r
+        assert r["fits"] and r["spilled_bytes"] == 0 and r["narrow_stride_uses"] == 0, r
         assert r["wgmma"] or r["kernel"] in ("merge", "delta") or r["headdim"] > 128, r

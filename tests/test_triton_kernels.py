@@ -232,13 +232,20 @@ def test_tile_tables_of_a_causal_diagonal_block_skip_the_upper_triangle():
     assert t.kv.tolist() == [[0, 80, 80, 0]] * 5 and t.q.tolist() == [[0, 80, 80, 0]] * 5  # not increasing
 
 
-def test_one_pass_triton_merge_equals_the_torch_merge():
+@pytest.mark.parametrize("lse_layout", ["BHS", "BSH"])
+def test_one_pass_triton_merge_equals_the_torch_merge(lse_layout):
+    """Into row-range views of the accumulators, as the executor merges; the part's LSE dense
+    [B, H, S] or laid out [B, S, H] (token stride H), as cuDNN gives it with
+    TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1."""
     g = torch.Generator().manual_seed(5)
     out = torch.randn(2, 40, 3, 80, generator=g)
     lse = torch.randn(2, 3, 40, generator=g)
     lse[:, :, :5], out[:, :5] = float("-inf"), 0.0  # rows that have seen no key yet
     part = torch.randn(2, 24, 3, 80, generator=g).bfloat16()
     part_lse = torch.randn(2, 3, 24, generator=g)
+    if lse_layout == "BSH":
+        part_lse = part_lse.transpose(1, 2).contiguous().transpose(1, 2)
+        assert part_lse.stride() == (72, 1, 3)
     part_lse[:, :, :2], part[:, :2] = float("-inf"), 0.0  # ... and some see none here either
     want_out, want_lse = out.clone(), lse.clone()
     merge_into(want_out[:, 3:27], want_lse[:, :, 3:27], part, part_lse)  # row-range views, as the executor does

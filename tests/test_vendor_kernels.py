@@ -107,3 +107,98 @@ def test_vendor_adapter_hands_on_what_its_op_cannot_mask():
         by_op = mask_kind(block["q_span"], block["k_span"], block["mask"]) != "general"
         assert interface.calls == (["forward", "backward"] if by_op else []), name
     assert mask_kind(*MASKED["one document"][:2], Mask(cu_seqlens=(0, 96))) == "causal"
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch's same_strides (MHA.cpp): equal strides over the dims longer than 1."""
+    return [s for s, n in zip(a.stride(), a.shape) if n > 1] == [s for s, n in zip(b.stride(), b.shape) if n > 1]
+
+
+def _in_stride_order_of(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t rebuilt dense in o's stride order, as torch does to d_out before cuDNN 9.5.1."""
+    order = sorted(range(o.dim()), key=lambda i: -o.stride(i))
+    return t.permute(order).contiguous().permute([order.index(i) for i in range(o.dim())])
+
+
+class _StrictCudnnOps:
+    """torch.ops.aten whose cuDNN backward first applies torch's layout rules (MHA.cpp,
+    run_cudnn_SDP_bprop, torch 2.5-2.13), then runs the meta kernel: before cuDNN 9.5.1 d_out is
+    rebuilt in out's stride order and must then have out's strides; with ragged offsets
+    (TORCH_CUDNN_SDPA_AVOID_RECOMPILE and dense [B, S, H, D] tensors) batch i's LSE is read at
+    i * S * (its token stride)."""
+
+    def __init__(self, ragged: bool) -> None:
+        self.ragged = ragged
+        self._scaled_dot_product_cudnn_attention = torch.ops.aten._scaled_dot_product_cudnn_attention
+        self.calls = 0
+
+    def _scaled_dot_product_cudnn_attention_backward(self, grad_out, q, k, v, out, lse, *rest, **kw):
+        do = grad_out if _same_strides(out, grad_out) else _in_stride_order_of(out, grad_out)
+        assert _same_strides(out, do), f"cuDNN SDPA expected grad_output.strides() {do.stride()} == output.strides() {out.stride()}"
+        dense_bshd = all(x.transpose(1, 2).is_contiguous() for x in (q, k, v, out))
+        if self.ragged and dense_bshd:
+            assert lse.stride(0) == q.shape[2] * lse.stride(2), f"ragged LSE offsets miss: strides {lse.stride()}"
+        self.calls += 1
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(grad_out, q, k, v, out, lse, *rest, **kw)
+
+
+def _megatron_like(s, b, heads, d=64):
+    """Meta tensors as the executor hands them to a kernel at micro-batch b: q, k, v, d_out as
+    Megatron's [s, b, h, d] seen as [b, s, h, d]; out and lse the second chunk of a 2s-token
+    result (zigzag's second chunk, a strided slice); all for a (h, g) head split."""
+    h, g = heads
+    sbhd = lambda n: torch.empty(s, b, n, d, device="meta", dtype=torch.bfloat16).transpose(0, 1)
+    out = torch.empty(b, 2 * s, h, d, device="meta", dtype=torch.bfloat16)[:, s:]
+    lse = torch.empty(b, h, 2 * s, device="meta", dtype=torch.float32)[:, :, s:]
+    return sbhd(h), sbhd(g), sbhd(g), out, lse, sbhd(h)
+
+
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
+@pytest.mark.parametrize("ragged", [False, True], ids=["dense", "avoid-recompile"])
+def test_cudnn_backward_meets_torch_layout_rules_at_micro_batch_2(monkeypatch, heads, ragged):
+    """Megatron's layouts at micro-batch 2 (out a strided slice, d_out in [s, b, h, d] order) and
+    dense ones, under torch's rules for cuDNN < 9.5.1 and for TORCH_CUDNN_SDPA_AVOID_RECOMPILE."""
+    from megatron_lightseq.kernels import cudnn
+
+    ops = _StrictCudnnOps(ragged)
+    monkeypatch.setattr(cudnn, "aten", ops)
+    if ragged:
+        monkeypatch.setenv("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
+    kernel = CudnnKernel()
+    q, k, v, out, lse, dout = _megatron_like(128, 2, heads)
+    dense = [x.contiguous() for x in (q, k, v, out)] + [lse.contiguous(), dout.contiguous()]
+    for args in ((q, k, v, out, lse, dout), dense):
+        dq, dk, dv = kernel._backward(args[5], *args[:5], True, 0.125)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert ops.calls == 2
+
+
+def test_cudnn_ragged_lse_layout_is_the_forwards():
+    """With ragged offsets torch's forward lays its LSE out [B, S, H]; the backward is given that."""
+    from megatron_lightseq.kernels.cudnn import lse_for_backward, lse_is_4d
+
+    lse = torch.randn(2, 4, 16)
+    for ragged, strides in ((False, (64, 16, 1)), (True, (64, 1, 4))):
+        got = lse_for_backward(lse, ragged)
+        flat = got.squeeze(-1) if lse_is_4d() else got
+        assert flat.stride() == strides and torch.equal(flat, lse)
+
+
+def test_cudnn_schema_check():
+    """The installed torch has the schemas the adapter calls; a torch whose op takes no attn_bias
+    (before 2.5) is refused in supports(), not called with shifted arguments."""
+    from megatron_lightseq.kernels.cudnn import BACKWARD_ARGS, FORWARD_ARGS, ops_fit
+
+    assert ops_fit(torch.ops.aten)
+
+    def op(args):
+        schema = types.SimpleNamespace(arguments=[types.SimpleNamespace(name=a) for a in args])
+        return types.SimpleNamespace(default=types.SimpleNamespace(_schema=schema))
+
+    without_bias = lambda args: tuple(a for a in args if a != "attn_bias")
+    old = types.SimpleNamespace(_scaled_dot_product_cudnn_attention=op(without_bias(FORWARD_ARGS)),
+                                _scaled_dot_product_cudnn_attention_backward=op(without_bias(BACKWARD_ARGS)))
+    assert not ops_fit(old) and not ops_fit(types.SimpleNamespace())
+    current = types.SimpleNamespace(_scaled_dot_product_cudnn_attention=op(FORWARD_ARGS),
+                                    _scaled_dot_product_cudnn_attention_backward=op(BACKWARD_ARGS))
+    assert ops_fit(current)

@@ -34,7 +34,8 @@ GRANULE = 16
 
 
 class Tiles(NamedTuple):
-    """A block's mask as the Triton kernels read it; int32 tensors on the block's device."""
+    """A block's mask as the Triton kernels read it; int32 tensors on the block's device, views
+    of one buffer copied there in one non-blocking transfer (:func:`_upload`)."""
     q_lo: torch.Tensor  # [Sq] per query row, the first key position it may see
     q_hi: torch.Tensor  # [Sq] ... and the last (lo > hi: a row that sees no key)
     k_pos: torch.Tensor  # [Sk] key positions
@@ -90,5 +91,18 @@ def tile_tables(q_span: Span, k_span: Span, mask: Mask, device: torch.device) ->
         q = _granule_table(torch.searchsorted(hi, kp), torch.searchsorted(lo, kp, right=True), sq)
     else:
         kv, q = _everything(sq, sk, True), _everything(sk, sq, True)
-    i32 = lambda t: t.clamp(max=2**31 - 1).to(device=device, dtype=torch.int32)
-    return Tiles(i32(lo), i32(hi), i32(kp), i32(kv).contiguous(), i32(q).contiguous(), cut_hi, cut_lo)
+    parts = [t.clamp(max=2**31 - 1).to(torch.int32).reshape(-1) for t in (lo, hi, kp, kv, q)]
+    lo, hi, kp, kv, q = _upload(torch.cat(parts), device).split([len(p) for p in parts])
+    return Tiles(lo, hi, kp, kv.view(-1, 4), q.view(-1, 4), cut_hi, cut_lo)
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` in one copy that does not wait for the device: from pinned memory,
+    non-blocking, on CUDA (a pageable copy synchronises the host with the GPU, once per new block,
+    every batch with packed documents). The pinned buffer may be freed at once: torch's pinned
+    allocator keeps it until the copy that reads it has run."""
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

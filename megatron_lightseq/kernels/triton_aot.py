@@ -27,9 +27,9 @@ from .triton_kernels import CONFIGS, KERNELS, head_dim_bound
 
 # Shared memory one block may use on Hopper (227 KiB), per CUDA's programming guide.
 HOPPER_SHARED_BYTES = 232448
-_POINTERS = ({n: "*{dtype}" for n in ("Q", "K", "V", "DO", "Part", "DQ")}
+_POINTERS = ({n: "*{dtype}" for n in ("Q", "K", "V", "DO", "Part", "DQ", "DK", "DV")}
              | {n: "*i32" for n in ("QLO", "QHI", "KP", "KV_TILES", "Q_TILES")}
-             | {n: "*fp32" for n in ("Out", "Lse", "Delta", "DK", "DV", "PartLse")})
+             | {n: "*fp32" for n in ("Out", "Lse", "Delta", "PartLse")})
 
 
 # The kernels' mask variants (triton_kernels.py): no mask, keys hidden past a row's hi only
@@ -48,9 +48,20 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
 
 
+def narrow_stride_uses(ttir: str, arg_names) -> list[str]:
+    """Lines of a kernel's Triton IR that use a stride argument (the kernels name them ``s`` and
+    lower-case letters: ``sqb``, ``sks``, ...) other than by widening it to int64: every offset a
+    stride enters must be computed in int64 (triton_kernels' docstring), so this is empty."""
+    strides = [n for n in arg_names if re.fullmatch(r"s[a-z]+", n) and n != "sm_scale"]
+    uses = [line.strip() for line in ttir.splitlines() if not line.lstrip().startswith("tt.func")
+            and any(re.search(rf"%{n}\b", line) for n in strides)]
+    return [u for u in uses if not re.match(r"%\S+ = arith\.extsi %s[a-z]+ : i32 to i64", u)]
+
+
 def build(fn, const: dict, *, warps: int = 4, stages: int = 2, dtype: str = "bf16", arch: int = 90) -> dict:
     """Build jitted ``fn`` with constexprs ``const`` for sm_<arch>: shared bytes, registers,
-    spilled bytes, whether it uses wgmma, whether it fits Hopper's shared memory."""
+    spilled bytes, whether it uses wgmma, whether it fits Hopper's shared memory, and how many
+    uses of a stride argument its IR has outside int64 arithmetic (``narrow_stride_uses``)."""
     signature = {n: "constexpr" if n in const else _POINTERS.get(n, "fp32" if n == "sm_scale" else "i32")
                  for n in fn.arg_names}
     signature = {n: t.format(dtype=dtype) for n, t in signature.items()}
@@ -65,7 +76,8 @@ def build(fn, const: dict, *, warps: int = 4, stages: int = 2, dtype: str = "bf1
     usage = _resource_usage(compiled.asm["cubin"])
     return dict(shared_bytes=compiled.metadata.shared, registers=usage["REG"],
                 spilled_bytes=usage["STACK"] + usage["LOCAL"], wgmma="wgmma" in compiled.asm["ptx"],
-                fits=compiled.metadata.shared <= HOPPER_SHARED_BYTES)
+                fits=compiled.metadata.shared <= HOPPER_SHARED_BYTES,
+                narrow_stride_uses=len(narrow_stride_uses(compiled.asm["ttir"], fn.arg_names)))
 
 
 def compile_report(name: str, config: triton.Config, *, headdim: int = 128, dtype: str = "bf16",

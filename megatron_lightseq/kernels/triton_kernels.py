@@ -14,7 +14,13 @@ a block with no mask to the unmasked one. (Keys hidden only before lo, as in a s
 past blocks, take the both-ends kernel: the lo-only one spills at head dim 128, and the extra
 compare costs only masked tiles.) A row that sees no key gives out 0, lse -inf, gradients 0.
 
-On CUDA the block sizes, warps and pipeline depth are autotuned per shape (the forward's
+Inputs are read through their strides (only the head dim must be dense), so Megatron's
+[s, b, h, d] tensors seen as [b, s, h, d] and row slices of the executor's buffers go in as they
+are, not copied per block. Offsets are computed in int64: a batch or sequence index times a
+stride passes 2^31 elements at sizes training reaches (an fp32 accumulator at B = 4, 128K
+tokens, 32 x 128 heads), which int32 arithmetic would wrap.
+
+On CUDA the block sizes, warps and pipeline depth are autotuned per shape bucket (the forward's
 accumulators are restored between trials); on CPU the kernels run under Triton's interpreter
 (``TRITON_INTERPRET=1``) with small fixed blocks, which is how CI tests them.
 """
@@ -33,30 +39,29 @@ from .tiles import Tiles, tile_tables
 
 
 @triton.jit
-def _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, D: tl.constexpr):
-    """k, v [BLOCK_N, BLOCK_D] of K/V head g, their positions, and which rows exist."""
+def _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, svb, svs, svh, D: tl.constexpr):
+    """k, v [BLOCK_N, BLOCK_D] of K/V head g (b, g int64), their positions, and which rows exist."""
     n_ok = rn < Sk
-    off = b * skb + rn[:, None] * sks + g * skh + rd[None, :]
+    rn64 = rn.to(tl.int64)
     mask = n_ok[:, None] & (rd < D)[None, :]
-    k = tl.load(K + off, mask=mask, other=0.0)
-    v = tl.load(V + off, mask=mask, other=0.0)
+    k = tl.load(K + (b * skb + g * skh) + rn64[:, None] * sks + rd[None, :], mask=mask, other=0.0)
+    v = tl.load(V + (b * svb + g * svh) + rn64[:, None] * svs + rd[None, :], mask=mask, other=0.0)
     return k, v, tl.load(KP + rn, mask=n_ok, other=0), n_ok
 
 
 @triton.jit
-def _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D: tl.constexpr):
-    """What the backward needs of query rows rm of head h: q, d_out, hi, lse, delta."""
+def _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, sdob, sdos, sdoh, slb, slh,
+                 D: tl.constexpr):
+    """What the backward needs of query rows rm of head h (b, h int64): q, d_out, hi, lse, delta."""
     m_ok = rm < Sq
-    off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
+    rm64 = rm.to(tl.int64)
     mask = m_ok[:, None] & (rd < D)[None, :]
-    q = tl.load(Q + off, mask=mask, other=0.0)
-    do = tl.load(DO + off, mask=mask, other=0.0)
+    q = tl.load(Q + (b * sqb + h * sqh) + rm64[:, None] * sqs + rd[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + (b * sdob + h * sdoh) + rm64[:, None] * sdos + rd[None, :], mask=mask, other=0.0)
     hi = tl.load(QHI + rm, mask=m_ok, other=0)
-    lse = tl.load(Lse + b * slb + h * slh + rm, mask=m_ok, other=float("-inf"))
-    delta = tl.load(Delta + b * slb + h * slh + rm, mask=m_ok, other=0.0)
+    lse = tl.load(Lse + (b * slb + h * slh) + rm64, mask=m_ok, other=float("-inf"))
+    delta = tl.load(Delta + (b * slb + h * slh) + rm64, mask=m_ok, other=0.0)
     return q, do, hi, lse, delta, m_ok
-
-
 @triton.jit
 def _tile_range(T, pid, BLOCK: tl.constexpr, S):
     """(any_lo, any_hi, all_lo, all_hi) of tile ``pid`` of the other side's indices (tiles.py):
@@ -93,20 +98,22 @@ def _seen(seen, kpos, hi, QLO, rm, m_ok, CUT_HI: tl.constexpr, CUT_LO: tl.conste
 
 
 @triton.jit
-def _fwd(Q, K, V, QLO, QHI, KP, KV_TILES, Out, Lse, sm_scale, Sq, Sk, H, REP,
-         sqb, sqs, sqh, skb, sks, skh, sob, sos, soh, slb, slh,
+def _fwd(Q, K, V, QLO, QHI, KP, KV_TILES, Out, Lse, sm_scale, Sq, Sk, H, REP, SQ_KEY, SK_KEY,
+         sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
          CUT_HI: tl.constexpr, CUT_LO: tl.constexpr, MERGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One BLOCK_M x (the keys it sees) tile for one (batch, head). With MERGE, merged into the
     running fp32 (Out, Lse); else stored there. Scores are kept in base 2 (exp2 is the
-    hardware's exponential)."""
+    hardware's exponential). SQ_KEY, SK_KEY: the autotuner's shape bucket, unread here."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     g = h // REP  # the K/V head this query head shares
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm64 = rm.to(tl.int64)
     rd = tl.arange(0, BLOCK_D)
     m_ok, d_ok = rm < Sq, rd < D
-    q = tl.load(Q + b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(Q + (b * sqb + h * sqh) + rm64[:, None] * sqs + rd[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0)
     hi = tl.load(QHI + rm, mask=m_ok, other=0)
     kv_lo, kv_hi, full_lo, full_hi = _tile_range(KV_TILES, pid_m, BLOCK_M, Sq)
     qk_scale = sm_scale * 1.4426950408889634
@@ -114,7 +121,8 @@ def _fwd(Q, K, V, QLO, QHI, KP, KV_TILES, Out, Lse, sm_scale, Sq, Sk, H, REP,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(_loop_start(kv_lo, BLOCK_N, CUT_LO), kv_hi, BLOCK_N):
-        k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
+        k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh,
+                                    svb, svs, svh, D)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         edge = start + BLOCK_N > full_hi  # a tile some row must not see all of (or past the keys' end)
         if CUT_LO:
@@ -132,8 +140,8 @@ def _fwd(Q, K, V, QLO, QHI, KP, KV_TILES, Out, Lse, sm_scale, Sq, Sk, H, REP,
     has = l_i > 0
     blk_lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     blk_out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse_ptr = Lse + b * slb + h * slh + rm
-    out_ptr = Out + b * sob + rm[:, None] * sos + h * soh + rd[None, :]
+    lse_ptr = Lse + (b * slb + h * slh) + rm64
+    out_ptr = Out + (b * sob + h * soh) + rm64[:, None] * sos + rd[None, :]
     if not MERGE:
         tl.store(lse_ptr, blk_lse, mask=m_ok)
         tl.store(out_ptr, blk_out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -158,20 +166,23 @@ def _merge_tile(out_ptr, lse_ptr, part, part_lse, out_mask, row_mask):
 
 
 @triton.jit
-def _merge(Out, Lse, Part, PartLse, S, H, sob, sos, soh, slb, slh, spb, sps, sph, splb, splh,
+def _merge(Out, Lse, Part, PartLse, S, H, sob, sos, soh, slb, slh, sls, spb, sps, sph, splb, splh, spls,
            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """A computed block's (Part, PartLse) merged into the running (Out, Lse), BLOCK_S rows of one
-    (batch, head) per program: one pass over the data, where the eager merge takes several."""
+    (batch, head) per program: one pass over the data, where the eager merge takes several. Each
+    LSE is read through its own strides, token dim included: cuDNN may hand back one laid out
+    [b, s, h] (TORCH_CUDNN_SDPA_AVOID_RECOMPILE), whose token stride is h, not 1."""
     pid_s, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rs64 = rs.to(tl.int64)
     rd = tl.arange(0, BLOCK_D)
     s_ok = rs < S
     mask = s_ok[:, None] & (rd < D)[None, :]
-    part = tl.load(Part + b * spb + rs[:, None] * sps + h * sph + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-    part_lse = tl.load(PartLse + b * splb + h * splh + rs, mask=s_ok, other=float("-inf")).to(tl.float32)
-    _merge_tile(Out + b * sob + rs[:, None] * sos + h * soh + rd[None, :], Lse + b * slb + h * slh + rs,
-                part, part_lse, mask, s_ok)
+    part = tl.load(Part + (b * spb + h * sph) + rs64[:, None] * sps + rd[None, :], mask=mask, other=0.0)
+    part_lse = tl.load(PartLse + (b * splb + h * splh) + rs64 * spls, mask=s_ok, other=float("-inf"))
+    _merge_tile(Out + (b * sob + h * soh) + rs64[:, None] * sos + rd[None, :], Lse + (b * slb + h * slh) + rs64 * sls,
+                part.to(tl.float32), part_lse.to(tl.float32), mask, s_ok)
 
 
 @triton.jit
@@ -188,24 +199,33 @@ def _probs(q, k, kpos, hi, QLO, rm, lse, m_ok, n_ok, sm_scale, edge, CUT_HI: tl.
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, QLO, QHI, KP, Q_TILES, Lse, Delta, DK, DV, sm_scale, Sq, Sk, H, REP,
-              sqb, sqs, sqh, skb, sks, skh, slb, slh, sdb, sds, sdh,
+def _bwd_dkdv(Q, K, V, DO, QLO, QHI, KP, Q_TILES, Lse, Delta, DK, DV, sm_scale, Sq, Sk, H, REP, SQ_KEY, SK_KEY,
+              sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, slb, slh, sdb, sds, sdh,
               CUT_HI: tl.constexpr, CUT_LO: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One query head's part of dK, dV for BLOCK_N keys (the caller sums heads sharing a K/V
-    head: one program per query head keeps MQA's grid as wide as MHA's)."""
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    g = h // REP
+    """dK, dV of BLOCK_N keys of one K/V head, summed over the REP query heads that share it
+    inside the program: the result is stored once, in the inputs' dtype, with no per-query-head
+    buffer (which cost 8 * H * D bytes per key, about 1 GB for a 16K block at 64 x 128)."""
+    pid_n, bg = tl.program_id(0), tl.program_id(1)
+    G = H // REP
+    b, g = (bg // G).to(tl.int64), (bg % G).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
-    k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, D)
+    k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, rn, rd, Sk, skb, sks, skh, svb, svs, svh, D)
     q_lo, q_hi, full_lo, full_hi = _tile_range(Q_TILES, pid_n, BLOCK_N, Sk)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start in range((q_lo // BLOCK_M) * BLOCK_M, q_hi if CUT_LO else Sq, BLOCK_M):  # see _loop_start
+    # One loop over (query head, query tile) pairs: a loop over heads around the loop over tiles
+    # keeps K and V in shared memory across it and spills at head dim 128.
+    first = (q_lo // BLOCK_M) * BLOCK_M
+    tiles = tl.cdiv((q_hi if CUT_LO else Sq) - first, BLOCK_M)  # see _loop_start
+    for i in range(0, REP * tiles):
+        r = i // tiles
+        h = g * REP + r
+        start = first + (i - r * tiles) * BLOCK_M
         rm = start + tl.arange(0, BLOCK_M)
-        q, do, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D)
+        q, do, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh,
+                                                   sdob, sdos, sdoh, slb, slh, D)
         # Rows before full_lo are cut by their hi; rows past full_hi by their lo (rows past Sq
         # need no mask: their d_out and delta are 0, so they add nothing).
         edge = start < full_lo
@@ -216,27 +236,29 @@ def _bwd_dkdv(Q, K, V, DO, QLO, QHI, KP, Q_TILES, Lse, Delta, DK, DV, sm_scale, 
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision="ieee")
-    off = b * sdb + rn[:, None] * sds + h * sdh + rd[None, :]
+    off = (b * sdb + g * sdh) + rn.to(tl.int64)[:, None] * sds + rd[None, :]
     mask = n_ok[:, None] & (rd < D)[None, :]
     tl.store(DK + off, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, QLO, QHI, KP, KV_TILES, Lse, Delta, DQ, sm_scale, Sq, Sk, H, REP,
-            sqb, sqs, sqh, skb, sks, skh, slb, slh,
+def _bwd_dq(Q, K, V, DO, QLO, QHI, KP, KV_TILES, Lse, Delta, DQ, sm_scale, Sq, Sk, H, REP, SQ_KEY, SK_KEY,
+            sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, slb, slh, sdqb, sdqs, sdqh,
             CUT_HI: tl.constexpr, CUT_LO: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     g = h // REP
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    q, do, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh, slb, slh, D)
+    q, do, hi, lse, delta, m_ok = _load_q_rows(Q, DO, QHI, Lse, Delta, b, h, rm, rd, Sq, sqb, sqs, sqh,
+                                               sdob, sdos, sdoh, slb, slh, D)
     kv_lo, kv_hi, full_lo, full_hi = _tile_range(KV_TILES, pid_m, BLOCK_M, Sq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(_loop_start(kv_lo, BLOCK_N, CUT_LO), kv_hi, BLOCK_N):
-        k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh, D)
+        k, v, kpos, n_ok = _load_kv(K, V, KP, b, g, start + tl.arange(0, BLOCK_N), rd, Sk, skb, sks, skh,
+                                    svb, svs, svh, D)
         edge = start + BLOCK_N > full_hi
         if CUT_LO:
             edge = edge | (start < full_lo)
@@ -244,7 +266,7 @@ def _bwd_dq(Q, K, V, DO, QLO, QHI, KP, KV_TILES, Lse, Delta, DQ, sm_scale, Sq, S
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-    q_off = b * sqb + rm[:, None] * sqs + h * sqh + rd[None, :]
+    q_off = (b * sdqb + h * sdqh) + rm.to(tl.int64)[:, None] * sdqs + rd[None, :]
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (rd < D)[None, :])
 
 
@@ -253,13 +275,14 @@ def _delta(Out, DO, Delta, S, H, sob, sos, soh, sdb, sds, sdh, slb, slh,
            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """delta = rowsum(d_out * out) in fp32, the backward's softmax correction, in one pass."""
     pid_s, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rs64 = rs.to(tl.int64)
     rd = tl.arange(0, BLOCK_D)
     mask = (rs < S)[:, None] & (rd < D)[None, :]
-    o = tl.load(Out + b * sob + rs[:, None] * sos + h * soh + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + rs[:, None] * sds + h * sdh + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + b * slb + h * slh + rs, tl.sum(o * do, 1), mask=rs < S)
+    o = tl.load(Out + (b * sob + h * soh) + rs64[:, None] * sos + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + (b * sdb + h * sdh) + rs64[:, None] * sds + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + (b * slb + h * slh) + rs64, tl.sum(o * do, 1), mask=rs < S)
 
 
 def _interpreted() -> bool:
@@ -276,22 +299,32 @@ def _config(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # memory and without spilling registers at its bound (CI checks them all);
 # benchmarks/results/triton_build_sm90.json has the table.
 _FWD = [_config(128, 64, 8, 3), _config(128, 128, 8, 2), _config(64, 64, 4, 3)]
-_DKDV = [_config(128, 64, 8, 2), _config(64, 64, 8, 2)]
 _DQ = [_config(128, 64, 8, 2), _config(64, 64, 4, 3), _config(64, 128, 8, 2)]
+# dK/dV loops over (query head, query tile) pairs; its tiles are smaller than before that loop
+# (64x128 spills at head dim 64, and 128x64 at 128 unless it is not pipelined).
 CONFIGS = {
     "fwd": {64: _FWD, 128: _FWD, 256: [_config(64, 64, 8, 2)]},
-    "dkdv": {64: _DKDV + [_config(64, 128, 8, 2)], 128: _DKDV,  # 64x128 spills at d 128
-             256: [_config(32, 32, 8, 2), _config(16, 32, 4, 2)]},
+    "dkdv": {64: [_config(128, 64, 8, 2), _config(64, 64, 8, 2)],
+             128: [_config(128, 64, 8, 1), _config(64, 64, 8, 2), _config(128, 32, 8, 2)],
+             256: [_config(32, 32, 8, 1), _config(16, 32, 8, 2)]},
     "dq": {64: _DQ, 128: _DQ, 256: [_config(64, 32, 4, 2), _config(128, 32, 8, 2), _config(64, 64, 8, 2)]},
 }
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
-_TUNE_KEY = ["Sq", "Sk", "D", "CUT_HI", "CUT_LO"]
+# The autotuner measures (and synchronises) once per key: token counts enter as their power-of-two
+# bucket (SQ_KEY, SK_KEY), so blocks of packed documents whose lengths change every batch reuse
+# the choice of the first block of their size class instead of tuning again.
+_TUNE_KEY = ["SQ_KEY", "SK_KEY", "D", "CUT_HI", "CUT_LO"]
 KERNELS = {"fwd": _fwd, "dkdv": _bwd_dkdv, "dq": _bwd_dq}
 
 
 def head_dim_bound(d: int) -> int:
     """The key of ``CONFIGS`` lists for head dim ``d`` (at most 256)."""
     return next(bound for bound in (64, 128, 256) if d <= bound)
+
+
+def tune_bucket(tokens: int) -> int:
+    """The autotuner's key for a token count: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(tokens))
 
 
 @functools.cache
@@ -319,14 +352,27 @@ def _rows_per_program(d: int) -> int:
     return 16 if _interpreted() else max(16, 4096 // _block_d(d))
 
 
+def _dense_d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as it is when its head dim (last) is dense, which is all the kernels need of a
+    layout; else a copy (no layout the executor or Megatron makes needs one)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bsh(x: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of a [B, S, H, D] tensor's batch, token and head dims."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
 def merge_into(out_BSHD: torch.Tensor, lse_BHS: torch.Tensor, part_BSHD: torch.Tensor, part_lse_BHS: torch.Tensor):
-    """merge.merge_into's rule as one Triton kernel (fp32 accumulators, last dims contiguous)."""
+    """merge.merge_into's rule as one Triton kernel (fp32 accumulators; every tensor read through
+    its strides, the head dims of out and part dense)."""
     b, s, h, d = out_BSHD.shape
-    assert out_BSHD.dtype == lse_BHS.dtype == torch.float32 and out_BSHD.stride(-1) == part_BSHD.stride(-1) == 1
+    assert out_BSHD.dtype == lse_BHS.dtype == torch.float32 and out_BSHD.stride(-1) == 1
+    part_BSHD = _dense_d(part_BSHD)
     block_s = _rows_per_program(d)
     _merge[(triton.cdiv(s, block_s), b * h)](
-        out_BSHD, lse_BHS, part_BSHD, part_lse_BHS, s, h, *out_BSHD.stride()[:3], *lse_BHS.stride()[:2],
-        *part_BSHD.stride()[:3], *part_lse_BHS.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
+        out_BSHD, lse_BHS, part_BSHD, part_lse_BHS, s, h, *_bsh(out_BSHD), *lse_BHS.stride(),
+        *_bsh(part_BSHD), *part_lse_BHS.stride(), D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
 
 
 def _mask_variant(t: Tiles) -> dict[str, bool]:
@@ -344,15 +390,16 @@ class TritonKernel(BlockKernel):
     def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: Mask, scale: float,
                      merge: bool = True):
         """Merge this block into the running fp32 (out_acc [B,S,H,D], lse_acc [B,H,S]) in place;
-        with ``merge=False`` overwrite them instead (out_acc may then have any float dtype)."""
+        with ``merge=False`` overwrite them instead (out_acc may then have any float dtype).
+        q, k, v in any layout whose head dim is dense (views of Megatron's tensors as they are)."""
         b, sq, h, d = q.shape
-        q, k, v = (x.contiguous() for x in (q, k, v))
+        sk, g = k.shape[1], k.shape[2]
+        q, k, v = (_dense_d(x) for x in (q, k, v))
         assert out_acc.stride(-1) == 1 and lse_acc.stride(-1) == 1
         t = tile_tables(q_span, k_span, mask, q.device)
         _launch("fwd", sq, b * h, q, k, v, t.q_lo, t.q_hi, t.k_pos, t.kv, out_acc, lse_acc,
-                scale, sq, k.shape[1], h, h // k.shape[2],
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                out_acc.stride(0), out_acc.stride(1), out_acc.stride(2), lse_acc.stride(0), lse_acc.stride(1),
+                scale, sq, sk, h, h // g, tune_bucket(sq), tune_bucket(sk), *_bsh(q), *_bsh(k), *_bsh(v),
+                *_bsh(out_acc), lse_acc.stride(0), lse_acc.stride(1),
                 **_mask_variant(t), MERGE=merge, D=d, BLOCK_D=_block_d(d))
 
     def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
@@ -363,28 +410,25 @@ class TritonKernel(BlockKernel):
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+        """Gradients from the merged (out, lse). Every input is read through its strides (dout in
+        Megatron's [s, b, h, d] order, out a row slice of the executor's result); dq, dk, dv are
+        new dense tensors in the inputs' dtypes, dk and dv with G heads."""
         b, sq, h, d = q.shape
         sk, g = k.shape[1], k.shape[2]
-        # q and dout share strides in the kernels; out is read row by row (its last dim must be dense).
-        q, k, v, dout, out = (x.contiguous() for x in (q, k, v, dout, out))
-        lse = lse.float().contiguous()
+        q, k, v, dout, out = (_dense_d(x) for x in (q, k, v, dout, out))
+        lse = lse.float().contiguous()  # B*H*S*4 bytes; delta shares its strides
         delta = torch.empty_like(lse)
         block_s = _rows_per_program(d)
-        _delta[(triton.cdiv(sq, block_s), b * h)](out, dout, delta, sq, h, *out.stride()[:3], *dout.stride()[:3],
+        _delta[(triton.cdiv(sq, block_s), b * h)](out, dout, delta, sq, h, *_bsh(out), *_bsh(dout),
                                                   *delta.stride()[:2], D=d, BLOCK_D=_block_d(d), BLOCK_S=block_s)
         t = tile_tables(q_span, k_span, mask, q.device)
-        dq = torch.empty_like(q)  # the kernels store in the inputs' dtype
-        # dK/dV per query head: straight into the result for MHA, else fp32 to sum over shared heads.
-        dk_h = torch.empty_like(k) if h == g else torch.empty((b, sk, h, d), dtype=torch.float32, device=q.device)
-        dv_h = torch.empty_like(dk_h)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # the kernels store in the inputs' dtype
+        dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
         meta = dict(**_mask_variant(t), D=d, BLOCK_D=_block_d(d))
-        strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   lse.stride(0), lse.stride(1))
+        common = (scale, sq, sk, h, h // g, tune_bucket(sq), tune_bucket(sk), *_bsh(q), *_bsh(k), *_bsh(v),
+                  *_bsh(dout), lse.stride(0), lse.stride(1))
         rows = (t.q_lo, t.q_hi, t.k_pos)
-        _launch("dkdv", sk, b * h, q, k, v, dout, *rows, t.q, lse, delta, dk_h, dv_h, scale, sq, sk, h, h // g,
-                *strides, dk_h.stride(0), dk_h.stride(1), dk_h.stride(2), **meta)
-        _launch("dq", sq, b * h, q, k, v, dout, *rows, t.kv, lse, delta, dq, scale, sq, sk, h, h // g, *strides, **meta)
-        if h == g:
-            return dq, dk_h, dv_h
-        dk, dv = (x.view(b, sk, g, h // g, d).sum(3) for x in (dk_h, dv_h))  # heads sharing a K/V head
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
+        assert dk.stride() == dv.stride()  # the dK/dV kernel stores both with one set of strides
+        _launch("dkdv", sk, b * g, q, k, v, dout, *rows, t.q, lse, delta, dk, dv, *common, *_bsh(dk), **meta)
+        _launch("dq", sq, b * h, q, k, v, dout, *rows, t.kv, lse, delta, dq, *common, *_bsh(dq), **meta)
+        return dq, dk, dv

@@ -17,6 +17,15 @@ from .mask import Mask
 from .math import MathKernel
 
 
+def schema_fits(ops, name: str, args: tuple[str, ...]) -> bool:
+    """Whether ``ops`` (torch.ops.aten) has op ``name`` taking exactly ``args``, in order: the
+    adapters pass arguments by position, so a release that adds, drops or moves one is refused
+    instead of called wrongly."""
+    op = getattr(ops, name, None)
+    schema = getattr(getattr(op, "default", None), "_schema", None)
+    return schema is not None and tuple(a.name for a in schema.arguments) == args
+
+
 def bhsd(x: torch.Tensor) -> torch.Tensor:
     """[B, S, H, D] <-> [B, H, S, D] as a view (torch's SDPA ops take the latter)."""
     return x.transpose(1, 2)
