@@ -14,6 +14,7 @@ from megatron_lightseq.kernels.triton_kernels import merge_into as triton_merge 
 from megatron_lightseq.kernels.merge import merge_into  # noqa: E402
 from oracle import (CAUSAL, allowed_by_hand, assert_within_twice_plain, block_reference,  # noqa: E402
                     reference_with_grads)
+from allocations import Allocations  # noqa: E402
 from test_kernels import MASKED, SPANS, _inputs, assert_matches, masked_case  # noqa: E402
 
 FP32 = dict(rtol=2e-5, atol=2e-5)
@@ -268,3 +269,39 @@ def test_triton_fp16_within_twice_plain_fp16(heads):
     grads = kernel.backward(half[3], *half[:3], out, lse, **block)
     assert lse.dtype == torch.float32 and all(x.dtype == torch.float16 for x in (out, *grads))
     assert_within_twice_plain((out, lse, *grads), plain, ref, label="fp16")
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1)])
+def test_triton_reads_megatron_layouts_without_copies(heads):
+    """Micro-batch 2 as the executor hands blocks over: q, k, v, dout as Megatron's [s, b, h, d]
+    seen as [b, s, h, d], out and lse the second chunk of a longer result (strided slices). The
+    results equal those of dense copies, and the only tensors made are the results (out, lse
+    forward; dq, dk, dv, delta and a dense copy of the lse slice backward): no input is copied,
+    and GQA's dK/dV have G heads from the start (no per-query-head buffers)."""
+    h, g = heads
+    gen = torch.Generator().manual_seed(11)
+    sbhd = lambda s, n: torch.randn(s, 2, n, 32, generator=gen).transpose(0, 1)
+    q, k, v, dout = sbhd(40, h), sbhd(40, g), sbhd(40, g), sbhd(40, h)
+    out_full, lse_full = torch.zeros(2, 80, h, 32), torch.full((2, h, 80), float("-inf"))
+    out, lse = out_full[:, 40:], lse_full[:, :, 40:]
+    block = dict(q_span=((40, 80),), k_span=((16, 56),), mask=CAUSAL, scale=0.2)
+    kernel = get_kernel("triton")
+    tile_tables(block["q_span"], block["k_span"], CAUSAL, q.device)  # cached: not counted below
+    with Allocations() as fwd:
+        kernel.forward_into(q, k, v, out, lse, **block)
+    with Allocations() as bwd:
+        grads = kernel.backward(dout, q, k, v, out, lse, **block)
+    assert fwd.total == 0, fwd.made
+    b, s, d = 2, 40, 32
+    assert bwd.total == 4 * b * s * (h * d + 2 * g * d) + 2 * 4 * b * h * s, bwd.made  # fp32 inputs: 4 bytes each
+    dense = [x.contiguous() for x in (q, k, v, dout)]
+    want_out, want_lse = torch.zeros(2, 40, h, 32), torch.full((2, h, 40), float("-inf"))
+    kernel.forward_into(*dense[:3], want_out, want_lse, **block)
+    want = kernel.backward(dense[3], *dense[:3], want_out, want_lse, **block)
+    torch.testing.assert_close(out, want_out, **FP32)
+    torch.testing.assert_close(lse, want_lse, **FP32)
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp, **FP32)
+    ref = block_reference(*(x.double() for x in dense), allowed_by_hand(block["q_span"], block["k_span"]), 0.2)
+    for got, exp in zip((out, lse, *grads), ref):
+        torch.testing.assert_close(got.double(), exp, **FP32)
