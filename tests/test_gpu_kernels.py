@@ -1,6 +1,7 @@
 """On a CUDA GPU: every CUDA block kernel against a float32 reference with flash-attn's error rule
 (at most twice the error of a plain bf16 PyTorch computation, plus a small floor), and emulated
-P = 2, 3, 8 ranks against one monolithic call the same way. Skipped without CUDA; run by
+P = 2, 3, 8 ranks against one monolithic call the same way; micro-batch 2 in Megatron's layouts, and
+no host sync in the Triton kernels' steady state with changing documents. Skipped without CUDA; run by
 scripts/gpu_check.sh."""
 import pytest
 import torch
@@ -86,3 +87,54 @@ def test_emulated_ranks_within_twice_plain_bf16(world_size, layout, kernel):
     plain = reference_with_grads(*bf, causal=True)
     got = emulate_dist_attn(*bf, world_size=world_size, layout=layout, kernel=kernel)
     assert_within_twice_plain(got, plain, ref, label="bf16")
+
+
+def _megatron_views(s, b, h, g, d, gen):
+    """q, k, v, d_out as Megatron hands them over: [s, b, heads, d] tensors seen as [b, s, heads, d]."""
+    make = lambda n: torch.randn(s, b, n, d, device="cuda", generator=gen).bfloat16().transpose(0, 1)
+    return make(h), make(g), make(g), make(h)
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "triton", "torch"])
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
+def test_micro_batch_2_in_megatron_layouts(kernel, heads):
+    """Micro-batch 2: q, k, v, d_out strided views, out and lse the second half of a longer
+    result (zigzag's second chunk); the block's results equal those of dense copies (cuDNN's
+    backward before 9.5.1 asserted on these strides)."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v, dout = _megatron_views(256, 2, *heads, 128, gen)
+    ker, opts = get_kernel(kernel), dict(q_span=((256, 512),), k_span=((256, 512),), mask=CAUSAL, scale=0.125)
+    out_full = torch.zeros(2, 512, heads[0], 128, device="cuda", dtype=torch.bfloat16)
+    lse_full = torch.zeros(2, heads[0], 512, device="cuda")
+    o, l = ker.forward(q, k, v, **opts)
+    out_full[:, 256:], lse_full[:, :, 256:] = o, l
+    out, lse = out_full[:, 256:], lse_full[:, :, 256:]
+    grads = ker.backward(dout, q, k, v, out, lse, **opts)
+    dense = [x.contiguous() for x in (q, k, v, dout)]
+    want = ker.backward(dense[3], *dense[:3], out.contiguous(), lse.contiguous(), **opts)
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got, exp)  # bf16 defaults: the op may pick another plan for other strides
+
+
+def test_triton_steady_state_makes_no_host_sync():
+    """Blocks of packed documents whose boundaries change every batch: after the first batch of a
+    shape no call synchronises the host with the GPU (tile tables go up in a non-blocking copy
+    from pinned memory; the autotuner's choice is looked up by shape bucket)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v, dout = _megatron_views(512, 2, 8, 2, 128, gen)
+    kernel = get_kernel("triton")
+
+    def batch(cu):
+        opts = dict(q_span=((0, 512),), k_span=((0, 512),), mask=Mask(cu_seqlens=cu), scale=0.125)
+        out, lse = torch.zeros(2, 512, 8, 128, device="cuda"), torch.full((2, 8, 512), float("-inf"), device="cuda")
+        kernel.forward_into(q, k, v, out, lse, **opts)
+        kernel.backward(dout, q, k, v, out.bfloat16(), lse, **opts)
+
+    batch((0, 100, 300, 512))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for cu in ((0, 77, 260, 512), (0, 5, 400, 511, 512), (0, 256, 512)):
+            batch(cu)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
