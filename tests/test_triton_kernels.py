@@ -305,3 +305,17 @@ def test_triton_reads_megatron_layouts_without_copies(heads):
     ref = block_reference(*(x.double() for x in dense), allowed_by_hand(block["q_span"], block["k_span"]), 0.2)
     for got, exp in zip((out, lse, *grads), ref):
         torch.testing.assert_close(got.double(), exp, **FP32)
+
+
+def test_tile_tables_reach_the_device_in_one_copy_and_tuning_keys_bucket_shapes():
+    """A new block's tables go to the device as one buffer (on CUDA: pinned, non-blocking), and
+    the autotuner keys token counts by power-of-two bucket, so packed batches whose blocks change
+    length within a bucket neither tune nor synchronise again."""
+    from megatron_lightseq.kernels import triton_kernels as tk
+
+    with Allocations("meta") as a:
+        t = tile_tables(((0, 72),), ((0, 72),), Mask(cu_seqlens=(0, 30, 72)), torch.device("meta"))
+    assert len(a.made) == 1 and a.made[0][0] == "aten._to_copy.default", a.made
+    assert all(x.device.type == "meta" for x in t[:5]) and t.kv.shape == (5, 4)
+    assert "Sq" not in tk._TUNE_KEY and "Sk" not in tk._TUNE_KEY and {"SQ_KEY", "SK_KEY"} <= set(tk._TUNE_KEY)
+    assert tk.tune_bucket(300) == tk.tune_bucket(512) == 512 and tk.tune_bucket(513) == 1024 and tk.tune_bucket(3) == 16
