@@ -152,7 +152,7 @@ class GroupExchange(Exchange):
         others = [r for r in range(self.world_size) if r != self.rank]
         (_WatchedPending([work], [others], (mine, every), self) if self._host_waits else Pending([work])).wait()
         count(collectives=1, host_reads=1)
-        return [row.tolist() for row in every]
+        return torch.stack(every).tolist()  # one read back, not one per rank
 
     def fail(self, where: str, error: Exception) -> Exception:
         """Record the group's first failure in its store (unless a peer's came first), so that
@@ -197,8 +197,10 @@ class VirtualExchange(Exchange):
     """One virtual rank of ``world_size`` sharing ``mailbox``. The ranks must run in lockstep
     (every rank posts a step before any waits on it), as emulate.py drives them."""
 
-    def __init__(self, mailbox: Mailbox, rank: int, world_size: int) -> None:
+    def __init__(self, mailbox: Mailbox, rank: int, world_size: int, state: GroupState | None = None) -> None:
         self._mailbox, self.rank, self.world_size = mailbox, rank, world_size
+        self.state = GroupState() if state is None else state  # what this virtual rank has agreed
+        self.agreed = self.state.agreed
 
     def _post(self, sends: Batch, recvs: Batch) -> Pending:
         for peer, tensors in sends:
@@ -208,4 +210,6 @@ class VirtualExchange(Exchange):
 
     def agree(self, values: Sequence[float]) -> list[list[float]]:
         # Virtual ranks are cut from one call's whole-sequence tensors: they agree by construction.
+        # Counted as a collective all the same, so that trace() shows what a group would make.
+        count(collectives=1)
         return [list(values)] * self.world_size

@@ -49,11 +49,34 @@ class PeerFailed(TransferError):
         self.record = record
 
 
+class Agreed:
+    """The signatures a group has agreed on, at most ``size``, the oldest dropped first. Entries
+    are added only by an agreement, which every rank makes together, so every rank keeps and drops
+    the same ones (a lookup changes nothing: ranks may look up in different numbers)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size, self._keys = size, {}
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def add(self, key) -> None:
+        self._keys[key] = None
+        while len(self._keys) > self.size:
+            del self._keys[next(iter(self._keys))]
+
+
 @dataclass
 class GroupState:
     """What this process knows of one group: the signatures agreed, and its failure if any."""
 
-    agreed: set = field(default_factory=set)
+    agreed: Agreed = field(default_factory=Agreed)
     failure: str | None = None
 
 

@@ -180,6 +180,12 @@ class Plan:
     backward: Steps
     work: PairWork = field(compare=False, repr=False, default=None)
 
+    @cached_property
+    def runtime(self) -> dict:
+        """Scratch space the executor fills once per plan (what each rank drops when), so that
+        no call works it out again; not part of the plan's value."""
+        return {}
+
     @property
     def world_size(self) -> int:
         return self.layout.world_size
