@@ -119,6 +119,7 @@ def _agreement(rank, world_size):
         for _ in range(100):
             mls.dist_attn(q, k, v).sum().backward()
     assert (steady.collectives, steady.host_reads, steady.forward_calls) == (0, 0, 100), steady
+    packed = _packed_steady_state(rank, world_size)
     bigger = _qkv(world_size, rank, tokens=2 * CHUNK)
     with mls.trace() as new_shapes:
         mls.dist_attn(*bigger).sum().backward()
@@ -132,13 +133,41 @@ def _agreement(rank, world_size):
     try:
         mls.dist_attn(q.double() if rank == VICTIM else q, k, v, timeout=60)
     except (ValueError, mls.DistAttnError) as e:
-        return type(e).__name__, str(e), time.monotonic() - start, warm.collectives
+        return type(e).__name__, str(e), time.monotonic() - start, warm.collectives, packed
     return None
+
+
+def _packed_steady_state(rank, world_size, batches=4):
+    """Packed batches whose documents change every step: the first batch of the shape agrees,
+    the later ones make no collective and read nothing back; every batch matches the oracle."""
+    from mask_cases import dense_allowed, documents, masked_reference
+
+    tokens = 32 * world_size
+    counts = []
+    for step in range(batches):
+        cu = documents("long-tailed", tokens, seed=step)
+        mask = dict(causal=True, cu_seqlens=cu)
+        g = torch.Generator().manual_seed(step)
+        q, dout = (torch.randn(1, tokens, 4, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(1, tokens, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        mine = [mls.shard(x, layout="balanced", rank=rank, world_size=world_size, **mask).requires_grad_()
+                for x in (q, k, v)]
+        with mls.trace() as t:
+            out = mls.dist_attn(*mine, layout="balanced", kernel="math", **mask)
+            out.backward(mls.shard(dout, layout="balanced", rank=rank, world_size=world_size, **mask))
+        counts.append((t.collectives, t.host_reads))
+        want = masked_reference(q, k, v, dout, dense_allowed(tokens, **mask))
+        for name, got, full in zip(("out", "dq", "dk", "dv"), (out, *(x.grad for x in mine)), (want[0], *want[2:])):
+            torch.testing.assert_close(got, mls.shard(full, layout="balanced", rank=rank, world_size=world_size,
+                                                      **mask), rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    return counts
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_agreement_steady_state_and_disagreements(world_size):
-    for rank, (kind, message, seconds, warm_collectives) in enumerate(run_ranks(world_size, _agreement, timeout=120)):
+    for rank, (kind, message, seconds, warm_collectives, packed) in enumerate(
+            run_ranks(world_size, _agreement, timeout=120)):
+        assert packed[0] == (1, 1) and set(packed[1:]) == {(0, 0)}, packed  # new documents, no re-agreement
         assert warm_collectives == 0  # the call before was agreed already (same signature)
         assert seconds < 20, f"rank {rank} waited {seconds:.1f}s"
         if rank == VICTIM:
