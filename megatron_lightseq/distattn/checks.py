@@ -124,12 +124,12 @@ def _show(field: str, value: float, call: Call) -> str:
     return f"{value:g}" if field != "softmax_scale" else repr(value)
 
 
-def refuse_capture(q) -> None:
+def refuse_capture(device: torch.device) -> None:
     """dist_attn cannot run inside a CUDA graph capture: its first call of a shape reads the
     agreement back to the host, ``kernel="auto"`` times kernels, the plan's receive buffers are
     allocated per call and the waits of a failing group are watched from the host. Say so before
     any of that fails obscurely (or, worse, is captured and replayed with stale buffers)."""
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("dist_attn cannot be captured in a CUDA graph (the current stream is capturing): run "
                            "the attention layers outside the graph (Megatron: leave --enable-cuda-graph / "
                            "--external-cuda-graph off, or exclude the attention with --cuda-graph-scope)")
@@ -141,7 +141,7 @@ def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_se
     agree on the signature; else ValueError on every rank together. ``backward``: whether a
     backward will run from this call's results (None: grad mode and requires_grad say)."""
     if isinstance(q, torch.Tensor):
-        refuse_capture(q)
+        refuse_capture(q.device)
     call, problem = None, None
     try:
         mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
@@ -151,6 +151,8 @@ def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_se
     if problem is None:
         problem = local_problem(q, k, v, layout=layout, schedule=schedule, mask=mask, softmax_scale=softmax_scale,
                                 kernel=kernel, timeout=exchange.timeout)
+    if problem is None and backward is not None and not isinstance(backward, bool):
+        problem = f"backward must be None, True or False, got {backward!r}"
     if problem is None:
         try:
             call = resolve_call(q, k, world_size=exchange.world_size, layout=layout, schedule=schedule, mask=mask,
