@@ -199,3 +199,46 @@ def test_results_are_bitwise_repeatable_within_and_across_launches():
             assert len(same) == 4
             for other in same[1:]:
                 assert all(torch.equal(a, b) for a, b in zip(same[0], other)), f"{kernel} on rank {rank}"
+
+
+def _watched(rank, world_size, mode):
+    """gloo run through the NCCL path, whose waits neither watch nor time out on the host: the
+    group's watcher thread (failures.GroupWatcher) reads the failure record, or keeps the deadline,
+    and aborts the group (NCCL: its kernels end; gloo: nothing, so the group's own 6 s timeout ends
+    the blocked wait here). Returns (seconds until the abort, this rank's error)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from megatron_lightseq.distattn import exchange as exchange_module
+
+    exchange_module.HOST_WAIT_BACKENDS = ()
+    aborted = []
+    exchange_module.abort_group = lambda group: aborted.append(time.monotonic())
+    group = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=6))
+    _Faulty.mode, _Faulty.phase = mode, "forward"
+    mls.kernels.register_kernel("faulty", _Faulty)
+    q, k, v = _qkv(world_size, rank)
+    mls.dist_attn(q, k, v, group=group, kernel="math", schedule="lightseq")  # agreed: the next call skips it
+    start = time.monotonic()
+    try:
+        for _ in range(3):  # the error comes from the call that failed, or the one after
+            mls.dist_attn(q, k, v, group=group, kernel="faulty", schedule="lightseq", timeout=1.0, label="test call")
+    except (mls.DistAttnError, RuntimeError) as e:
+        return (aborted[0] - start if aborted else None), str(e)
+    return (aborted[0] - start if aborted else None), None
+
+
+@pytest.mark.parametrize("mode", ["raise", "stall"])
+def test_the_nccl_path_watcher_stops_every_rank(mode):
+    world_size = 3
+    for rank, (seconds, message) in enumerate(run_ranks(world_size, _watched, mode, timeout=60)):
+        assert message is not None, f"rank {rank} finished although rank {VICTIM} {mode}ed"
+        if mode == "raise":
+            assert f"rank {VICTIM} of {world_size} (forward step" in message and "injected kernel fault" in message, \
+                message
+            if rank != VICTIM:  # the watcher read the record within a few periods (not at the 6 s group timeout)
+                assert seconds is not None and seconds < 3.0, (rank, seconds)
+        else:  # a peer's watcher kept the 1 s deadline, named whom it waits for and the missing rank
+            assert "timed out waiting for rank(s)" in message and f"missing: rank(s) [{VICTIM}]" in message, message
+            assert seconds is not None and seconds < 1.0 + 4.0 - 0.5, (rank, seconds)  # before VICTIM woke

@@ -69,7 +69,8 @@ class _RankRun:
             bufs = tuple(torch.empty(shape, dtype=dtype, device=self.device)
                          for shape, dtype, _ in _payload_tensors(tr.payload.kind, tokens, self.shape))
             recvs.append((tr.payload, bufs))
-        pending = self.exchange.post(sends, [(tr.src, bufs) for tr, (_, bufs) in zip(mine.recvs, recvs)])
+        pending = self.exchange.post(sends, [(tr.src, bufs) for tr, (_, bufs) in zip(mine.recvs, recvs)],
+                                     f"{self.phase} step {t}")
         return pending, recvs
 
     @property
