@@ -25,7 +25,7 @@ from torch.distributed import distributed_c10d as c10d
 
 from .failures import (DEFAULT_TIMEOUT, DistAttnError, GroupState, GroupWatcher, describe, record_failure,
                        watched_wait)
-from .trace import count
+from .trace import count, tracing
 
 Batch = Sequence[tuple[int, Sequence[torch.Tensor]]]  # (group rank of the peer, tensors)
 # Backends whose waits block the host, watched in the waiting thread (failures.watched_wait); the
@@ -64,8 +64,9 @@ class Exchange(ABC):
         """
         if self.failure:
             raise DistAttnError(f"dist_attn: this group failed earlier ({self.failure}); it cannot be used")
-        count(bytes_sent=sum(t.numel() * t.element_size() for _, ts in sends for t in ts),
-              bytes_received=sum(t.numel() * t.element_size() for _, ts in recvs for t in ts))
+        if tracing():
+            count(bytes_sent=sum(t.numel() * t.element_size() for _, ts in sends for t in ts),
+                  bytes_received=sum(t.numel() * t.element_size() for _, ts in recvs for t in ts))
         return self._post(sends, recvs, where)
 
     @abstractmethod

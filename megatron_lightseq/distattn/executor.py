@@ -36,6 +36,7 @@ class _RankRun:
         self.held: dict[tuple[str, int], tuple[Payload, Tensors]] = {}  # received inputs
         self.results: dict[Payload, Tensors] = {}  # computed for other ranks, not yet sent
         self.done_after = _done_after(plan, phase, self.rank, q_kind)
+        self.device_ = next(iter(local.values()))[0].device
 
     def runs(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> tuple[tuple[slice, slice], ...]:
         """Where ``chunks`` sit in a tensor of ``within``'s chunks, as (rows of a tensor of
@@ -50,7 +51,9 @@ class _RankRun:
         else:
             payload, tensors = self.held[kind, owner]
             within = payload.chunks
-        rows = [there for _, there in self.runs(chunks, within)]
+        rows = _take_rows(chunks, within, self.chunk_len)
+        if rows is None:  # all of them, in their order: the tensors themselves
+            return tensors
         return tuple(_rows(t, rows[0]) if len(rows) == 1 else torch.cat([_rows(t, r) for r in rows], _seq_dim(t))
                      for t in tensors)
 
@@ -66,16 +69,12 @@ class _RankRun:
         recvs = []
         for tr in mine.recvs:
             tokens = len(tr.payload.chunks) * self.chunk_len
-            bufs = tuple(torch.empty(shape, dtype=dtype, device=self.device)
+            bufs = tuple(torch.empty(shape, dtype=dtype, device=self.device_)
                          for shape, dtype, _ in _payload_tensors(tr.payload.kind, tokens, self.shape))
             recvs.append((tr.payload, bufs))
         pending = self.exchange.post(sends, [(tr.src, bufs) for tr, (_, bufs) in zip(mine.recvs, recvs)],
                                      f"{self.phase} step {t}")
         return pending, recvs
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.local.values()))[0].device
 
     def run(self, compute: Callable[[Block], None], absorb: Callable[[Payload, Tensors], None]):
         """The loop of plan.py: wait for step t, post step t+1, compute step t. A generator that
@@ -118,6 +117,15 @@ def _runs(chunks: tuple[int, ...], within: tuple[int, ...], n: int) -> tuple[tup
         else:
             found.append([i, at + 1, at])
     return tuple((slice(i * n, (i + stop - start) * n), slice(start * n, stop * n)) for i, stop, start in found)
+
+
+@lru_cache(maxsize=4096)
+def _take_rows(chunks: tuple[int, ...], within: tuple[int, ...], n: int) -> tuple[slice, ...] | None:
+    """The rows of a tensor of ``within``'s chunks that hold ``chunks``, one slice per run; None
+    when that is the whole tensor in order (no view needed)."""
+    if chunks == within:
+        return None
+    return tuple(there for _, there in _runs(chunks, within, n))
 
 
 @lru_cache(maxsize=1024)
