@@ -195,3 +195,21 @@ def test_auto_drops_a_candidate_that_raises_alone():
     torch.testing.assert_close(auto.backward(dout, q, k, v, out, lse, **block),
                                get_kernel("math").backward(dout, q, k, v, out, lse, **block), rtol=0, atol=0)
     assert set(auto.choices().values()) == {"math"}
+
+
+def test_a_kind_new_after_the_group_settled_takes_the_nearest_choice_without_measuring():
+    """New documents in steady state can make blocks of a kind the group never settled: no rank
+    measures it alone (that would differ across ranks and sync mid-call); each takes the group's
+    choice for the nearest settled kind of the same call and mask kind."""
+    timer = lambda fn, device: (fn(), 1.0 if fn.__defaults__[0].name == "torch" else 2.0)[1]  # noqa: E731
+    auto = AutoKernel([get_kernel("torch"), get_kernel("math")], timer=timer)
+    q, k, v, _ = (x.float() for x in _inputs(8, 8, 4, 2, 64))
+    block = dict(q_span=((8, 16),), k_span=((8, 16),), mask=CAUSAL, scale=0.125)
+    request = ("forward", tuple(q.shape), tuple(k.shape), q.dtype, q.device, block)
+    auto.settle([request], lambda mine: [mine, mine])  # a group of two that agreed: torch
+    auto._timer = lambda fn, device: 1 / 0  # nothing may be measured from here on
+    q2, k2, v2, _ = (x.float() for x in _inputs(4, 4, 4, 2, 64))
+    small = dict(q_span=((4, 8),), k_span=((4, 8),), mask=CAUSAL, scale=0.125)
+    torch.testing.assert_close(auto.forward(q2, k2, v2, **small), get_kernel("torch").forward(q2, k2, v2, **small),
+                               rtol=0, atol=0)
+    assert auto.choices()[AutoKernel.kind("forward", q2.shape, k2.shape, q2.dtype, q2.device, small)] == "torch"
