@@ -76,6 +76,9 @@ class _VirtualGroup:
 
         self.mailbox = Mailbox()
         self.exchanges = [VirtualExchange(self.mailbox, r, world_size) for r in range(world_size)]
+        for x in self.exchanges:  # an older checkout (the "before" run): its virtual ranks kept no agreements
+            if not hasattr(x, "agreed"):
+                x.agreed = set()
         self.seconds = [0.0] * world_size
 
     def timed(self, rank: int, fn, *args):
