@@ -225,6 +225,7 @@ def _watched(rank, world_size, mode):
         for _ in range(3):  # the error comes from the call that failed, or the one after
             mls.dist_attn(q, k, v, group=group, kernel="faulty", schedule="lightseq", timeout=1.0, label="test call")
     except (mls.DistAttnError, RuntimeError) as e:
+        assert len(aborted) == 1, aborted  # once, whether the failing call or the watcher came first
         return (aborted[0] - start if aborted else None), str(e)
     return (aborted[0] - start if aborted else None), None
 

@@ -115,6 +115,17 @@ def abort_group(group: dist.ProcessGroup) -> None:
     group.abort()
 
 
+def abort_once(state: GroupState, group: dist.ProcessGroup) -> bool:
+    """abort_group, unless this rank (its failing call, or its watcher) aborted the group already;
+    whether it did now."""
+    with state.lock:
+        if state.aborted:
+            return False
+        state.aborted = True
+    abort_group(group)
+    return True
+
+
 class _StreamPending(Pending):
     """Works of one step on a group whose waits only order streams (NCCL): waiting enqueues them,
     and the group's watcher is told when the step will be done (failures.GroupWatcher)."""
@@ -165,10 +176,11 @@ class GroupExchange(Exchange):
             group, rank = self.group, self.rank
 
             def abort(record: str) -> None:
-                state.failure = record
-                print(f"dist_attn: rank {rank}: aborting the group's communicator, because it failed first on "
-                      f"{record}", file=sys.stderr, flush=True)
-                abort_group(group)
+                if state.failure is None:
+                    state.failure = record
+                if abort_once(state, group):
+                    print(f"dist_attn: rank {rank}: aborted the group's communicator, because it failed first on "
+                          f"{record}", file=sys.stderr, flush=True)
 
             state.watcher = GroupWatcher(self.store, rank, self.world_size, abort)
         return state.watcher
@@ -218,7 +230,7 @@ class GroupExchange(Exchange):
         first = record_failure(self.store, mine, error, rank=self.rank, where=where, timeout=self.timeout)
         self.state.failure = first
         if not self._host_waits:
-            abort_group(self.group)  # NCCL: end this rank's kernels (its peers' watchers abort theirs)
+            abort_once(self.state, self.group)  # NCCL: end this rank's kernels (its peers' watchers abort theirs)
         if first.startswith(mine):
             return DistAttnError(f"dist_attn failed on {first}")
         return DistAttnError(f"dist_attn stopped on rank {self.rank} of {self.world_size} ({where}) "

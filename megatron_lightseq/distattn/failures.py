@@ -87,6 +87,8 @@ class GroupState:
     agreed: Agreed = field(default_factory=Agreed)
     failure: str | None = None
     watcher: "GroupWatcher | None" = None  # groups whose waits do not block the host (NCCL)
+    aborted: bool = False  # its communicator, by this rank (exchange.abort_once)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 def describe(error: Exception) -> str:
