@@ -112,24 +112,27 @@ def check_failure(group, rank, world, device, mode, deadline, stall):
     options = dict(group=group, layout="zigzag", schedule="ring", kernel=_Faulty.name, timeout=deadline,
                    label="smoke")
     start = time.monotonic()
-    try:
-        for _ in range(3):  # NCCL: the call that fails may have been enqueued already; the next one raises
+    message, nccl_errors = None, []
+    for _ in range(3):  # NCCL: the call that fails may have been enqueued already; the next one raises
+        try:
             mls.dist_attn(q, k, v, **options).sum().backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()  # ends when the watcher aborts the communicator
-    except mls.DistAttnError as e:
-        seconds = time.monotonic() - start
-        message = str(e)
-        if mode == "raise":
-            assert f"rank {VICTIM} of {world}" in message and "injected kernel fault" in message, message
-            assert seconds < 20, f"{seconds:.1f} s for a raised error to travel"
-        else:
-            assert "timed out waiting for rank(s)" in message and f"missing: rank(s) [{VICTIM}]" in message, message
-            if rank != VICTIM:
-                assert seconds < stall, f"{seconds:.1f} s: stopped only when rank {VICTIM} woke"
-        return {"seconds": round(seconds, 2), "error": message}
-    raise AssertionError(f"no DistAttnError although rank {VICTIM} {mode}ed")
-
+        except mls.DistAttnError as e:
+            message = str(e)
+            break
+        except RuntimeError as e:  # NCCL's own error for work enqueued on the aborted communicator (documented)
+            nccl_errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    seconds = time.monotonic() - start
+    assert message is not None, f"no DistAttnError although rank {VICTIM} {mode}ed (NCCL errors: {nccl_errors})"
+    if mode == "raise":
+        assert f"rank {VICTIM} of {world}" in message and "injected kernel fault" in message, message
+        assert seconds < 20, f"{seconds:.1f} s for a raised error to travel"
+    else:
+        assert "timed out waiting for rank(s)" in message and f"missing: rank(s) [{VICTIM}]" in message, message
+        if rank != VICTIM:
+            assert seconds < stall, f"{seconds:.1f} s: stopped only when rank {VICTIM} woke"
+    return {"seconds": round(seconds, 2), "error": message, "nccl_errors": nccl_errors}
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -180,6 +180,8 @@ def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_se
         rows = exchange.agree(signature)
     except TransferError as e:  # some rank never joined: it skipped, so it thinks it agreed before
         raise exchange.fail("forward input agreement", e) from e
+    if exchange.failure:  # NCCL: the watcher aborted the gather (a peer failed or never came): rows are void
+        raise DistAttnError(f"dist_attn: this group failed during the input agreement ({exchange.failure})")
     if problem:
         raise ValueError(problem)
     bad = [r for r, row in enumerate(rows) if row[0]]

@@ -199,7 +199,8 @@ class GroupWatcher:
     def watch(self, done, peers: list[int], timeout: float, where: str) -> None:
         """A step whose transfers with ``peers`` end when ``done()`` turns True (polled, never
         waited on), within ``timeout`` seconds from now. Steps end in the order they are given."""
-        self._steps.append((done, peers, time.monotonic() + timeout, timeout, where))
+        if self._thread.is_alive():  # once it has fired (or the store went away) nothing is watched
+            self._steps.append((done, peers, time.monotonic() + timeout, timeout, where))
 
     def stop(self) -> None:
         self._stop.set()
