@@ -12,7 +12,8 @@ Three workloads: "plain" (zigzag, causal, the same shapes every call: Megatron's
 where the documents' plan is built) and "packed-cached" (the same documents every call: the
 other layers of a batch, which find the plan cached). Rows: the
 median over calls of the busiest rank's time per call, and per plan step (forward + backward
-steps), from the quietest of ``--repeats`` runs (the machine may be shared), without a trace
+steps), and per call without the time inside the virtual exchange's copies (the transfers'
+share, which NCCL's batch_isend_irecv takes on GPUs), from the quietest of ``--repeats`` runs (the machine may be shared), without a trace
 open; then the collectives and host reads per call in steady state (traced apart).
 ``--profile P`` prints cProfile's top functions for that world size (plain, then packed).
 """
@@ -80,6 +81,26 @@ class _VirtualGroup:
             if not hasattr(x, "agreed"):
                 x.agreed = set()
         self.seconds = [0.0] * world_size
+        self.transport = [0.0] * world_size  # inside the virtual exchange's copies: the transfers' share
+        for rank, x in enumerate(self.exchanges):
+            x._post = self._timed_post(rank, x._post)
+
+    def _timed_post(self, rank: int, post):
+        def timed(*args):
+            start = time.perf_counter()
+            pending = post(*args)
+            wait = pending.wait
+
+            def timed_wait():
+                begin = time.perf_counter()
+                wait()
+                self.transport[rank] += time.perf_counter() - begin
+
+            pending.wait = timed_wait
+            self.transport[rank] += time.perf_counter() - start
+            return pending
+
+        return timed
 
     def timed(self, rank: int, fn, *args):
         start = time.perf_counter()
@@ -144,9 +165,10 @@ def measure(world_size: int, workload: str, calls: int, repeats: int = 3,
         if profile is not None and repeat == 0:
             profile.enable()
         for i in range(calls):
-            group.seconds = [0.0] * world_size
+            group.seconds, group.transport = [0.0] * world_size, [0.0] * world_size
             steps = _one_call(group, inputs, options(2 * warmup + repeat * calls + i))
-            rows.append((max(group.seconds), statistics.mean(group.seconds), steps))
+            own = [a - b for a, b in zip(group.seconds, group.transport)]
+            rows.append((max(group.seconds), statistics.mean(group.seconds), steps, max(own)))
         if profile is not None and repeat == 0:
             profile.disable()
         median = statistics.median(r[0] for r in rows)
@@ -155,6 +177,8 @@ def measure(world_size: int, workload: str, calls: int, repeats: int = 3,
     busiest, rows = best
     return {"world_size": world_size, "workload": workload, "calls": calls, "repeats": repeats,
             "call_s": busiest, "mean_rank_call_s": statistics.median(r[1] for r in rows),
+            # without the virtual exchange's copies (on NCCL torch's batch_isend_irecv stands there)
+            "call_without_transport_s": statistics.median(r[3] for r in rows),
             "step_s": statistics.median(r[0] / r[2] for r in rows), "steps": statistics.median(r[2] for r in rows),
             # per rank and call in steady state (virtual agreements count as collectives)
             "collectives_per_call": steady.collectives / (warmup * world_size),
@@ -175,14 +199,16 @@ def main(argv=None) -> int:
     _null_kernel()
     print(f"dist_attn host time per layer call (forward + backward), null kernel, {TOKENS_PER_RANK} tokens per rank, "
           f"virtual ranks in one process, medians of {args.calls} calls, busiest rank")
-    print(f"{'P':>3} {'workload':>8} {'steps':>6} {'ms/call':>8} {'us/step':>8} {'collectives':>12} {'host reads':>11}")
+    print(f"{'P':>3} {'workload':>13} {'steps':>6} {'ms/call':>8} {'no copies':>10} {'us/step':>8} {'collectives':>12} "
+          f"{'host reads':>11}")
     results = []
     for world_size in args.world_sizes:
         for workload in args.workloads:
             profile = cProfile.Profile() if args.profile == world_size else None
             r = measure(world_size, workload, args.calls, args.repeats, profile)
             results.append(r)
-            print(f"{world_size:>3} {workload:>8} {r['steps']:>6.0f} {r['call_s'] * 1e3:>8.3f} {r['step_s'] * 1e6:>8.1f} "
+            print(f"{world_size:>3} {workload:>13} {r['steps']:>6.0f} {r['call_s'] * 1e3:>8.3f} "
+                  f"{r['call_without_transport_s'] * 1e3:>10.3f} {r['step_s'] * 1e6:>8.1f} "
                   f"{r['collectives_per_call']:>12.2f} {r['host_reads_per_call']:>11.2f}")
             if profile is not None:
                 text = io.StringIO()
