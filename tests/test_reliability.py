@@ -1,6 +1,6 @@
 """Failures inside the exchange on local gloo ranks: no rank waits past its deadline, every error
-names where it happened; the agreement is skipped in steady state; results are bitwise repeatable.
-Each failure case runs in fresh processes (a failure aborts the group) under the harness's own
+names where it happened; the agreement is skipped in steady state (packed documents included);
+the NCCL path's watcher, exercised on gloo; results are bitwise repeatable. Each failure case runs in fresh processes (a failure aborts the group) under the harness's own
 timeout, which fails the test on a hang."""
 import re
 import time
