@@ -185,7 +185,9 @@ def _seq_dim(t: torch.Tensor) -> int:
 
 
 def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
-    return t[:, :, rows] if t.dim() == 3 else t[:, rows]
+    if t.dim() == 3:
+        return t if rows.start == 0 and rows.stop == t.shape[2] else t[:, :, rows]
+    return t if rows.start == 0 and rows.stop == t.shape[1] else t[:, rows]
 
 
 def _spans(run: _RankRun, b: Block):
@@ -226,7 +228,11 @@ def forward_steps(call: Call, exchange: Exchange, q, k, v):
     owned = plan.owned(rank)
 
     def merge(chunks, part_out, part_lse) -> None:
-        for here, there in run.runs(chunks, owned):
+        runs = run.runs(chunks, owned)
+        if len(runs) == 1:  # the part is the run's rows: no view of it needed
+            merge_into(out[:, runs[0][1]], lse[:, :, runs[0][1]], part_out, part_lse)
+            return
+        for here, there in runs:
             merge_into(out[:, there], lse[:, :, there], part_out[:, here], part_lse[:, :, here])
 
     def compute(b: Block) -> None:
@@ -263,14 +269,20 @@ def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
     run = _RankRun(plan, "backward", exchange, Shape.of(q, k), local, "qg")
     owned = plan.owned(rank)
 
+    def add(acc, chunks, part):  # in place into a view (``acc[rows] += x`` would also copy it back)
+        runs = run.runs(chunks, owned)
+        if len(runs) == 1:
+            _rows(acc, runs[0][1]).add_(part)
+            return
+        for here, there in runs:
+            _rows(acc, there).add_(_rows(part, here))
+
     def add_dq(chunks, part):
-        for here, there in run.runs(chunks, owned):
-            dq[:, there] += part[:, here]
+        add(dq, chunks, part)
 
     def add_dkv(chunks, part_k, part_v):
-        for here, there in run.runs(chunks, owned):
-            dk[:, there] += part_k[:, here]
-            dv[:, there] += part_v[:, here]
+        add(dk, chunks, part_k)
+        add(dv, chunks, part_v)
 
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)
