@@ -1,19 +1,30 @@
-"""dist_attn's own cost per call, outside the kernels and the transfers: input checks and the
-ranks' agreement, plan lookup, the executor's Python. Local gloo ranks on CPU, a kernel that
-computes nothing and tiny tensors, so what is left is overhead.
+"""dist_attn's own host cost per layer call, outside the kernels and the transfers: the input
+checks and agreement, the plan, the executor's Python. P virtual ranks in one process
+(distattn/emulate.py's exchange, sends are copies into a mailbox), a kernel that computes
+nothing and tiny tensors, so what is timed is the host work each rank does per call.
 
-    python benchmarks/overhead.py [--world-sizes 2 4 8] [--calls 200] [--out PATH]
+    python benchmarks/overhead.py [--world-sizes 2 8 32] [--calls 100] [--profile 8] [--out PATH]
 
-Per world size, medians over the calls (forward + backward): the whole call; the time inside
-the input checks (with the agreement); the time inside waits for transfers; and the rest, which
-is the overhead this measures. Runs against whatever megatron_lightseq is importable, so the same
-script measures an older checkout (PYTHONPATH) for a before/after comparison.
+Each virtual rank is timed on its own (its checks, then its share of every forward and backward
+step of the lockstep), so a rank's time is what one GPU's host thread spends per layer call.
+Three workloads: "plain" (zigzag, causal, the same shapes every call: Megatron's steady state),
+"packed" (balanced layout, causal, new documents every call: the first layer of every batch,
+where the documents' plan is built) and "packed-cached" (the same documents every call: the
+other layers of a batch, which find the plan cached). Rows: the
+median over calls of the busiest rank's time per call, and per plan step (forward + backward
+steps), and per call without the time inside the virtual exchange's copies (the transfers'
+share, which NCCL's batch_isend_irecv takes on GPUs), from the quietest of ``--repeats`` runs (the machine may be shared), without a trace
+open; then the collectives and host reads per call in steady state (traced apart).
+``--profile P`` prints cProfile's top functions for that world size (plain, then packed).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -21,25 +32,9 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class _Clock:
-    """Seconds spent inside wrapped functions (not nested in one another)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def wrap(self, owner, name: str) -> None:
-        fn = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        setattr(owner, name, timed)
+HEADS, HEADDIM = 1, 8
+WORKLOADS = ["plain", "packed", "packed-cached"]
+TOKENS_PER_RANK = 128  # 8 chunks of 16 per rank with documents: the most a rank holds (layout.py)
 
 
 def _null_kernel():
@@ -47,7 +42,7 @@ def _null_kernel():
     from megatron_lightseq.kernels.base import BlockKernel
 
     class Null(BlockKernel):
-        """Computes nothing: zeros for out, lse and grads."""
+        """Computes nothing: zeros for out, lse and grads (allocations only)."""
 
         name = "null"
 
@@ -66,62 +61,167 @@ def _null_kernel():
     register_kernel("null", Null)
 
 
-def _measure(place, calls: int) -> dict:
-    import torch.distributed as dist
+def _documents(world_size: int, call: int) -> tuple[int, ...]:
+    """New boundaries every call, the same on every rank: 2-6 documents over the sequence."""
+    g = torch.Generator().manual_seed(call)
+    tokens = world_size * TOKENS_PER_RANK
+    cuts = sorted(set(torch.randint(1, tokens, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()))
+    return (0, *cuts, tokens)
 
-    import megatron_lightseq as mls
-    from megatron_lightseq.distattn import api, checks, exchange
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=place.init_method, rank=place.rank, world_size=place.world_size)
-    _null_kernel()
-    in_checks, in_waits = _Clock(), _Clock()
-    check_name = "checked_call" if hasattr(checks, "checked_call") else "check_inputs"  # after / before
-    in_checks.wrap(api, check_name)
-    for cls in {exchange.Pending, *exchange.Pending.__subclasses__()}:
-        if "wait" in vars(cls):
-            in_waits.wrap(cls, "wait")
-    q = torch.zeros(1, 2, 1, 8, requires_grad=True)  # two tokens per rank: both layouts split them
-    k, v = (torch.zeros(1, 2, 1, 8, requires_grad=True) for _ in range(2))
-    rows = []
-    for i in range(calls + 10):
-        dist.barrier()
-        before = (in_checks.seconds, in_waits.seconds)
+class _VirtualGroup:
+    """P virtual ranks with their own agreed-signature state, as P processes would have."""
+
+    def __init__(self, world_size: int) -> None:
+        from megatron_lightseq.distattn.exchange import Mailbox, VirtualExchange
+
+        self.mailbox = Mailbox()
+        self.exchanges = [VirtualExchange(self.mailbox, r, world_size) for r in range(world_size)]
+        for x in self.exchanges:  # an older checkout (the "before" run): its virtual ranks kept no agreements
+            if not hasattr(x, "agreed"):
+                x.agreed = set()
+        self.seconds = [0.0] * world_size
+        self.transport = [0.0] * world_size  # inside the virtual exchange's copies: the transfers' share
+        for rank, x in enumerate(self.exchanges):
+            x._post = self._timed_post(rank, x._post)
+
+    def _timed_post(self, rank: int, post):
+        def timed(*args):
+            start = time.perf_counter()
+            pending = post(*args)
+            wait = pending.wait
+
+            def timed_wait():
+                begin = time.perf_counter()
+                wait()
+                self.transport[rank] += time.perf_counter() - begin
+
+            pending.wait = timed_wait
+            self.transport[rank] += time.perf_counter() - start
+            return pending
+
+        return timed
+
+    def timed(self, rank: int, fn, *args):
         start = time.perf_counter()
-        out = mls.dist_attn(q, k, v, kernel="null", schedule="lightseq")
-        out.sum().backward()
-        total = time.perf_counter() - start
-        if i >= 10:  # after a warm-up
-            rows.append((total, in_checks.seconds - before[0], in_waits.seconds - before[1]))
-    return {name: statistics.median(r[i] for r in rows) for i, name in enumerate(("call_s", "checks_s", "waits_s"))}
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[rank] += time.perf_counter() - start
+
+    def lockstep(self, generators) -> list:
+        results = [None] * len(generators)
+        alive = dict(enumerate(generators))
+        while alive:
+            for rank, gen in list(alive.items()):
+                try:
+                    self.timed(rank, next, gen)
+                except StopIteration as done:
+                    results[rank] = done.value
+                    del alive[rank]
+        return results
+
+
+def _one_call(group: _VirtualGroup, inputs, options) -> int:
+    """One forward + backward on every virtual rank; the plan's steps (forward + backward)."""
+    from megatron_lightseq.distattn.checks import checked_call
+    from megatron_lightseq.distattn.executor import backward_steps, forward_steps
+
+    calls = [group.timed(r, lambda r=r: checked_call(*inputs[r][:3], exchange=group.exchanges[r], **options))
+             for r in range(len(inputs))]
+    fwd = group.lockstep([forward_steps(c, x, *i[:3]) for c, x, i in zip(calls, group.exchanges, inputs)])
+    group.lockstep([backward_steps(c, x, i[3], *i[:3], *f) for c, x, i, f in zip(calls, group.exchanges, inputs, fwd)])
+    return len(calls[0].plan.forward) + len(calls[0].plan.backward)
+
+
+def measure(world_size: int, workload: str, calls: int, repeats: int = 3,
+            profile: cProfile.Profile | None = None) -> dict:
+    import megatron_lightseq as mls
+
+    group = _VirtualGroup(world_size)
+    inputs = []
+    for _ in range(world_size):
+        q = torch.zeros(1, TOKENS_PER_RANK, HEADS, HEADDIM, requires_grad=True)
+        k, v = (torch.zeros(1, TOKENS_PER_RANK, HEADS, HEADDIM, requires_grad=True) for _ in range(2))
+        inputs.append((q, k, v, torch.zeros_like(q)))
+    def options(i):
+        if workload == "packed-cached":  # the same documents every call: a batch's layers after its first
+            return dict(layout="balanced", schedule="auto", causal=True, softmax_scale=None, kernel="null",
+                        cu_seqlens=_documents(world_size, 0))
+        if workload == "packed":
+            return dict(layout="balanced", schedule="auto", causal=True, softmax_scale=None, kernel="null",
+                        cu_seqlens=_documents(world_size, i))
+        return dict(layout="zigzag", schedule="auto", causal=True, softmax_scale=None, kernel="null")
+
+    warmup = 3
+    for i in range(warmup):  # the first batch of the shape agrees (and the caches fill)
+        _one_call(group, inputs, options(i))
+    with mls.trace() as steady:  # what the steady state makes: counted apart, a trace costs time
+        for i in range(warmup, 2 * warmup):
+            _one_call(group, inputs, options(i))
+    best = None
+    for repeat in range(repeats):  # the machine may be shared: the quietest repeat's medians
+        rows = []
+        if profile is not None and repeat == 0:
+            profile.enable()
+        for i in range(calls):
+            group.seconds, group.transport = [0.0] * world_size, [0.0] * world_size
+            steps = _one_call(group, inputs, options(2 * warmup + repeat * calls + i))
+            own = [a - b for a, b in zip(group.seconds, group.transport)]
+            rows.append((max(group.seconds), statistics.mean(group.seconds), steps, max(own)))
+        if profile is not None and repeat == 0:
+            profile.disable()
+        median = statistics.median(r[0] for r in rows)
+        if best is None or median < best[0]:
+            best = (median, rows)
+    busiest, rows = best
+    return {"world_size": world_size, "workload": workload, "calls": calls, "repeats": repeats,
+            "call_s": busiest, "mean_rank_call_s": statistics.median(r[1] for r in rows),
+            # without the virtual exchange's copies (on NCCL torch's batch_isend_irecv stands there)
+            "call_without_transport_s": statistics.median(r[3] for r in rows),
+            "step_s": statistics.median(r[0] / r[2] for r in rows), "steps": statistics.median(r[2] for r in rows),
+            # per rank and call in steady state (virtual agreements count as collectives)
+            "collectives_per_call": steady.collectives / (warmup * world_size),
+            "host_reads_per_call": steady.host_reads / (warmup * world_size)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--label", default="", help="names this run in the JSON (e.g. before, after)")
+    p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 8, 32])
+    p.add_argument("--workloads", nargs="+", default=WORKLOADS, choices=WORKLOADS)
+    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3, help="runs of --calls calls; the quietest is reported")
+    p.add_argument("--profile", type=int, metavar="P", help="print cProfile's top functions at this world size")
+    p.add_argument("--label", default="latest", help="names this run in the JSON (e.g. before, after)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "overhead_cpu.json"))
     args = p.parse_args(argv)
-    from megatron_lightseq.jobs.launch import run_local
-
-    print(f"dist_attn per call (forward + backward), null kernel, 2 tokens per rank, gloo, medians of {args.calls}")
-    print(f"{'P':>3} {'call ms':>9} {'checks ms':>10} {'waits ms':>9} {'overhead ms':>12}")
+    torch.set_num_threads(1)
+    _null_kernel()
+    print(f"dist_attn host time per layer call (forward + backward), null kernel, {TOKENS_PER_RANK} tokens per rank, "
+          f"virtual ranks in one process, medians of {args.calls} calls, busiest rank")
+    print(f"{'P':>3} {'workload':>13} {'steps':>6} {'ms/call':>8} {'no copies':>10} {'us/step':>8} {'collectives':>12} "
+          f"{'host reads':>11}")
     results = []
     for world_size in args.world_sizes:
-        r = run_local(_measure, world_size, args.calls, timeout=900)[0]
-        r |= {"world_size": world_size, "overhead_s": r["call_s"] - r["waits_s"]}
-        results.append(r)
-        print(f"{world_size:>3} {r['call_s'] * 1e3:>9.3f} {r['checks_s'] * 1e3:>10.3f} {r['waits_s'] * 1e3:>9.3f} "
-              f"{r['overhead_s'] * 1e3:>12.3f}")
+        for workload in args.workloads:
+            profile = cProfile.Profile() if args.profile == world_size else None
+            r = measure(world_size, workload, args.calls, args.repeats, profile)
+            results.append(r)
+            print(f"{world_size:>3} {workload:>13} {r['steps']:>6.0f} {r['call_s'] * 1e3:>8.3f} "
+                  f"{r['call_without_transport_s'] * 1e3:>10.3f} {r['step_s'] * 1e6:>8.1f} "
+                  f"{r['collectives_per_call']:>12.2f} {r['host_reads_per_call']:>11.2f}")
+            if profile is not None:
+                text = io.StringIO()
+                pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+                print(text.getvalue())
     runs = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
             runs = json.load(f).get("runs", {})
-    runs[args.label or "latest"] = {"torch": torch.__version__, "rows": results}
+    runs[args.label] = {"torch": torch.__version__, "rows": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"device": "cpu (gloo)", "runs": runs}, f, indent=1)
+        json.dump({"device": "cpu, virtual ranks in one process", "runs": runs}, f, indent=1)
     print(f"wrote {args.out}")
     return 0
 

@@ -125,3 +125,16 @@ def test_single_process_call_and_trace_scope():
     assert lse.dtype == torch.float64 and not lse.requires_grad
     mls.dist_attn(q, k, v).sum().backward()
     assert inner.blocks == 1 and outer.blocks == 2  # closed traces stay as they were
+
+
+def test_cuda_graph_capture_is_refused_by_name(monkeypatch):
+    """Inside a CUDA graph capture dist_attn says it cannot be captured, before anything that would
+    break the capture (host reads, timing, allocations); elsewhere nothing changes."""
+    from megatron_lightseq.distattn.checks import refuse_capture
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        refuse_capture(torch.device("cuda", 0))
+    refuse_capture(torch.device("cpu"))  # CPU tensors are never captured
+    q = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(mls.dist_attn(q, q, q, kernel="math"), reference_attention(q, q, q, causal=True)[0])

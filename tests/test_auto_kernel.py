@@ -123,10 +123,93 @@ def _agreed_choice(rank, world_size):
     block = dict(q_span=((4, 8),), k_span=((0, 4),), mask=CAUSAL, scale=0.25)  # rank 1's Q1K0: all keys seen
     out, lse = torch.zeros(2, 4, 4, 16), torch.full((2, 4, 4), float("-inf"))
     again.forward_into(q.detach(), k.detach(), v.detach(), out, lse, **block)
-    return auto.choices(), len(measured)
+    return auto.choices(), len(measured), _raising_candidates(rank, call_module)
+
+
+class _Raising(BlockKernel):
+    """Raises on the ranks in ``on`` (as cuDNN's "no valid execution plan" or an OOM would; a
+    single process is rank 0)."""
+
+    def __init__(self, name, on):
+        self.name, self.on = name, on
+
+    def supports(self, q, k):
+        return True
+
+    def _fail(self):
+        import torch.distributed as dist
+
+        if (dist.get_rank() if dist.is_initialized() else 0) in self.on:
+            raise RuntimeError(f"{self.name} cannot run this block")
+
+    def forward(self, q, k, v, **block):
+        self._fail()
+        return get_kernel("math").forward(q, k, v, **block)
+
+    def backward(self, *args, **block):
+        self._fail()
+        return get_kernel("math").backward(*args, **block)
+
+
+def _raising_candidates(rank, call_module):
+    """A candidate that raises on rank 1 while measured is dropped on both ranks (the call then
+    runs, exact); when every candidate raises on rank 1, both ranks raise together."""
+    import megatron_lightseq as mls
+
+    def fast(fn, device):  # runs the candidate (which may raise) and says the raising one would win
+        fn()
+        return 0.0 if fn.__defaults__[0].name == "raising" else 1.0
+
+    auto = AutoKernel([_Raising("raising", on={1}), get_kernel("math")], timer=fast)
+    call_module.resolve_kernel = lambda name, q, k: auto
+    q, k, v = (x.double().requires_grad_() for x in _inputs(4, 4, 4, 2, 16, seed=rank)[:3])
+    out = mls.dist_attn(q, k, v, kernel="auto")
+    out.sum().backward()
+    chosen = set(auto.choices().values())
+    hopeless = AutoKernel([_Raising("raising", on={1}), _Raising("also-raising", on={1})], timer=fast)
+    call_module.resolve_kernel = lambda name, q, k: hopeless
+    try:
+        mls.dist_attn(*(x.detach().float() for x in (q, k, v)), kernel="auto")
+    except RuntimeError as e:
+        return chosen, str(e)
+    return chosen, None
 
 
 def test_auto_choice_is_agreed_by_the_group_and_can_be_reused():
     results = run_ranks(2, _agreed_choice)
     assert results[0][0] == results[1][0] and set(results[0][0].values()) == {"math"}
     assert results[0][1] > 0
+    for rank, (_, _, (chosen, hopeless)) in enumerate(results):
+        assert chosen == {"math"}, (rank, chosen)  # dropped on rank 0 too, where it ran
+        assert hopeless and "no candidate of ['raising', 'also-raising'] runs" in hopeless and "rank(s) [1]" in hopeless
+        if rank == 1:
+            assert "RuntimeError: raising cannot run this block" in hopeless, hopeless
+
+
+def test_auto_drops_a_candidate_that_raises_alone():
+    auto = AutoKernel([_Raising("raising", on={0}), get_kernel("math")])
+    q, k, v, dout = (x.float() for x in _inputs(8, 8, 4, 2, 64))
+    block = dict(q_span=((8, 16),), k_span=((0, 8),), mask=CAUSAL, scale=0.125)
+    out, lse = auto.forward(q, k, v, **block)
+    torch.testing.assert_close((out, lse), get_kernel("math").forward(q, k, v, **block), rtol=0, atol=0)
+    torch.testing.assert_close(auto.backward(dout, q, k, v, out, lse, **block),
+                               get_kernel("math").backward(dout, q, k, v, out, lse, **block), rtol=0, atol=0)
+    assert set(auto.choices().values()) == {"math"}
+
+
+def test_a_kind_new_after_the_group_settled_takes_the_nearest_choice_without_measuring():
+    """New documents in steady state can make blocks of a kind the group never settled: no rank
+    measures it alone (that would differ across ranks and sync mid-call); each takes the group's
+    choice for the nearest settled kind of the same call and mask kind."""
+    timer = lambda fn, device: (fn(), 1.0 if fn.__defaults__[0].name == "torch" else 2.0)[1]  # noqa: E731
+    auto = AutoKernel([get_kernel("torch"), get_kernel("math")], timer=timer)
+    q, k, v, _ = (x.float() for x in _inputs(8, 8, 4, 2, 64))
+    block = dict(q_span=((8, 16),), k_span=((8, 16),), mask=CAUSAL, scale=0.125)
+    request = ("forward", tuple(q.shape), tuple(k.shape), q.dtype, q.device, block)
+    auto.settle([request], lambda mine: [mine, mine])  # a group of two that agreed: torch
+    auto._timer = lambda fn, device: 1 / 0  # nothing may be measured from here on
+    q2, k2, v2, _ = (x.float() for x in _inputs(4, 4, 4, 2, 64))
+    small = dict(q_span=((4, 8),), k_span=((4, 8),), mask=CAUSAL, scale=0.125)
+    torch.testing.assert_close(auto.forward(q2, k2, v2, **small), get_kernel("torch").forward(q2, k2, v2, **small),
+                               rtol=0, atol=0)
+    assert auto.choices()[AutoKernel.kind("forward", q2.shape, k2.shape, q2.dtype, q2.device, small)] == "torch"

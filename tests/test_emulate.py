@@ -1,4 +1,5 @@
 """Virtual ranks in one process: the executor in lockstep against the float64 oracle."""
+SEED = 2  # a deal of documents in which a rank's own queries sit in several runs (checked)
 import pytest
 import torch
 
@@ -24,3 +25,55 @@ def test_emulated_ranks_match_the_oracle(world_size, layout, schedule, causal):
     sizes = dict(batch=2, seqlen_local=n // world_size, nheads=6, nheads_kv=2, headdim=16, dtype=torch.float64)
     assert t.bytes_sent == sum(plan.bytes_sent(r, **sizes) for r in range(world_size))
     assert t.forward_calls == t.backward_calls == world_size
+
+
+
+def test_kernel_calls_name_the_calls_the_executor_makes():
+    """What kernel="auto" settles before the first transfer (executor.kernel_calls) is what the
+    executor then calls, on every rank: with the balanced layout a rank's own queries may sit in
+    several runs of rows, which the forward runs as "forward" and merges after, not "forward_into"."""
+    from megatron_lightseq.distattn.call import resolve_call
+    from megatron_lightseq.distattn.executor import forward_call, kernel_calls
+    from megatron_lightseq.kernels import get_kernel, register_kernel
+    from megatron_lightseq.kernels.auto import AutoKernel
+    from megatron_lightseq.kernels.base import BlockKernel
+    from megatron_lightseq.kernels.mask import make_mask
+    from mask_cases import documents
+
+    made, math = [], get_kernel("math")
+
+    class Recording(BlockKernel):
+        name = "recording"
+        supports = math.supports
+
+        def _record(self, call, q, k, block):
+            made.append(AutoKernel.kind(call, q.shape, k.shape, q.dtype, q.device, block))
+
+        def forward_into(self, q, k, v, out_acc, lse_acc, **block):
+            self._record("forward_into", q, k, block)
+            return math.forward_into(q, k, v, out_acc, lse_acc, **block)
+
+        def forward(self, q, k, v, **block):
+            self._record("forward", q, k, block)
+            return math.forward(q, k, v, **block)
+
+        def backward(self, dout, q, k, v, out, lse, **block):
+            self._record("backward", q, k, block)
+            return math.backward(dout, q, k, v, out, lse, **block)
+
+    register_kernel("recording", Recording)
+    p, tokens = 4, 4 * 64
+    mask = dict(causal=True, cu_seqlens=documents("short", tokens, seed=SEED))
+    g = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(1, tokens, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, tokens, 1, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    emulate_dist_attn(q, k, v, dout, world_size=p, layout="balanced", schedule="ring", kernel="recording", **mask)
+    q0, k0 = (mls.shard(x, layout="balanced", rank=0, world_size=p, **mask) for x in (q, k))
+    call = resolve_call(q0, k0, world_size=p, layout="balanced", schedule="ring", mask=make_mask(**mask),
+                        softmax_scale=None, kernel="recording")
+    chunk_len = q0.shape[1] // len(call.plan.owned(0))
+    own_split = [b for step in call.plan.forward for r, rs in enumerate(step) for b in rs.blocks
+                 if b.q_owner == r and forward_call(call.plan, r, b, chunk_len) == "forward"]
+    assert own_split, "the case must have a rank's own queries in several runs"
+    settled = [AutoKernel.kind(*c) for c in kernel_calls(call, mls.Shape.of(q0, k0), q.device, True)]
+    assert sorted(settled) == sorted(made)

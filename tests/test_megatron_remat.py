@@ -1,5 +1,6 @@
 """Rematerialization-aware checkpointing inside Megatron's recompute (float64, CPU gloo)."""
 import dataclasses
+import warnings
 import gc
 import weakref
 
@@ -55,7 +56,31 @@ def _recompute_variants(rank, world_size):
         report[name] = t.bytes_sent
     forward_bytes = report["uniform-1-no-remat"] - plain.bytes_sent  # what the repeated forwards sent
     assert forward_bytes > 0 and all(report[n] == plain.bytes_sent for n in report if "no-remat" not in n)
+    _remat_agrees_backward_kernels(mlm, reference)
     return report
+
+
+def _remat_agrees_backward_kernels(mlm, reference):
+    """kernel="auto" under remat: the first pass (under no_grad) settles the backward kernels with
+    the group too, once for all layers; the recompute and the backward settle and measure nothing."""
+    import megatron_lightseq.distattn.call as call_module
+    from megatron_lightseq.kernels import get_kernel
+    from megatron_lightseq.kernels.auto import AutoKernel
+
+    auto = AutoKernel([get_kernel("torch"), get_kernel("math")], timer=lambda fn, device: (fn(), 1.0)[1])
+    settles, settle = [], auto.settle
+    auto.settle = lambda requests, agree: (settles.append((torch.is_grad_enabled(), {r[0] for r in requests})),
+                                           settle(requests, agree))[1]
+    resolve = call_module.resolve_kernel
+    call_module.resolve_kernel = lambda name, q, k: auto if name == "auto" else resolve(name, q, k)
+    try:
+        grads, t = _step(dataclasses.replace(F64, recompute="uniform", recompute_layers=1), mlm)
+    finally:
+        call_module.resolve_kernel = resolve
+    for n, g in grads.items():
+        torch.testing.assert_close(g, reference[n], **EXACT, msg=lambda m: f"auto remat {n}: {m}")
+    assert len(settles) == 1 and settles[0][0] is False and "backward" in settles[0][1], settles
+    assert t.collectives == 2, t  # the inputs' agreement and the kernels', both in the first layer's first pass
 
 
 def test_remat_gradients_and_forward_counts():
@@ -79,6 +104,10 @@ def _microbatches_in_flight(rank, world_size, order):
     stashes = [layer.self_attention.core_attention.stash for layer in model.decoder.layers]
     assert [len(s) for s in stashes] == [len(seeds)] * case.layers
     saved = [weakref.ref(out) for s in stashes for _, out, _ in s._waiting]
+    if list(order) != sorted(order):  # Megatron never does this: the stash is a FIFO, and says so
+        with pytest.raises(RuntimeError, match="not those of the oldest saved first pass"):
+            losses[order[0]].backward()
+        return True
     for i in order:
         for p in model.parameters():
             p.grad = None
@@ -92,7 +121,7 @@ def _microbatches_in_flight(rank, world_size, order):
     return True
 
 
-@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1)], ids=["forward-order", "any-order"])
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1)], ids=["forward-order", "out-of-order-refused"])
 def test_several_microbatches_in_flight(order):
     assert run_ranks(2, _microbatches_in_flight, order) == [True, True]
 
@@ -113,3 +142,25 @@ def _no_growth(rank, world_size):
 
 def test_memory_returns_after_each_step():
     assert run_ranks(2, _no_growth) == [True, True]
+
+
+def test_remat_under_fp8_says_it_is_off():
+    """With --fp8 Megatron checkpoints through TransformerEngine, where is_checkpointing() is False:
+    remat cannot work there, and the core attention says so when it is built (not silently)."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_lightseq.megatron.config import LightSeqConfig
+    from megatron_lightseq.megatron.core_attention import LightSeqAttention
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, use_cpu_initialization=True,
+                               attention_dropout=0.0, recompute_granularity="full", recompute_method="uniform",
+                               recompute_num_layers=1)
+    cp = type("Groups", (), {"cp": object()})()
+    for fp8, remat, warns in (("hybrid", True, True), (None, True, False), ("hybrid", False, False)):
+        object.__setattr__(config, "fp8", fp8)  # fp8 validation wants TransformerEngine; the flag is what is read
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            LightSeqAttention(config, 1, AttnMaskType.causal, pg_collection=cp, settings=LightSeqConfig(remat=remat))
+        said = [str(w.message) for w in seen if "lightseq remat is off" in str(w.message)]
+        assert bool(said) == warns, (fp8, remat, said)

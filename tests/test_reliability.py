@@ -1,6 +1,6 @@
 """Failures inside the exchange on local gloo ranks: no rank waits past its deadline, every error
-names where it happened; the agreement is skipped in steady state; results are bitwise repeatable.
-Each failure case runs in fresh processes (a failure aborts the group) under the harness's own
+names where it happened; the agreement is skipped in steady state (packed documents included);
+the NCCL path's watcher, exercised on gloo; results are bitwise repeatable. Each failure case runs in fresh processes (a failure aborts the group) under the harness's own
 timeout, which fails the test on a hang."""
 import re
 import time
@@ -119,6 +119,7 @@ def _agreement(rank, world_size):
         for _ in range(100):
             mls.dist_attn(q, k, v).sum().backward()
     assert (steady.collectives, steady.host_reads, steady.forward_calls) == (0, 0, 100), steady
+    packed = _packed_steady_state(rank, world_size)
     bigger = _qkv(world_size, rank, tokens=2 * CHUNK)
     with mls.trace() as new_shapes:
         mls.dist_attn(*bigger).sum().backward()
@@ -132,13 +133,41 @@ def _agreement(rank, world_size):
     try:
         mls.dist_attn(q.double() if rank == VICTIM else q, k, v, timeout=60)
     except (ValueError, mls.DistAttnError) as e:
-        return type(e).__name__, str(e), time.monotonic() - start, warm.collectives
+        return type(e).__name__, str(e), time.monotonic() - start, warm.collectives, packed
     return None
+
+
+def _packed_steady_state(rank, world_size, batches=4):
+    """Packed batches whose documents change every step: the first batch of the shape agrees,
+    the later ones make no collective and read nothing back; every batch matches the oracle."""
+    from mask_cases import dense_allowed, documents, masked_reference
+
+    tokens = 32 * world_size
+    counts = []
+    for step in range(batches):
+        cu = documents("long-tailed", tokens, seed=step)
+        mask = dict(causal=True, cu_seqlens=cu)
+        g = torch.Generator().manual_seed(step)
+        q, dout = (torch.randn(1, tokens, 4, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(1, tokens, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        mine = [mls.shard(x, layout="balanced", rank=rank, world_size=world_size, **mask).requires_grad_()
+                for x in (q, k, v)]
+        with mls.trace() as t:
+            out = mls.dist_attn(*mine, layout="balanced", kernel="math", **mask)
+            out.backward(mls.shard(dout, layout="balanced", rank=rank, world_size=world_size, **mask))
+        counts.append((t.collectives, t.host_reads))
+        want = masked_reference(q, k, v, dout, dense_allowed(tokens, **mask))
+        for name, got, full in zip(("out", "dq", "dk", "dv"), (out, *(x.grad for x in mine)), (want[0], *want[2:])):
+            torch.testing.assert_close(got, mls.shard(full, layout="balanced", rank=rank, world_size=world_size,
+                                                      **mask), rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    return counts
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_agreement_steady_state_and_disagreements(world_size):
-    for rank, (kind, message, seconds, warm_collectives) in enumerate(run_ranks(world_size, _agreement, timeout=120)):
+    for rank, (kind, message, seconds, warm_collectives, packed) in enumerate(
+            run_ranks(world_size, _agreement, timeout=120)):
+        assert packed[0] == (1, 1) and set(packed[1:]) == {(0, 0)}, packed  # new documents, no re-agreement
         assert warm_collectives == 0  # the call before was agreed already (same signature)
         assert seconds < 20, f"rank {rank} waited {seconds:.1f}s"
         if rank == VICTIM:
@@ -170,3 +199,47 @@ def test_results_are_bitwise_repeatable_within_and_across_launches():
             assert len(same) == 4
             for other in same[1:]:
                 assert all(torch.equal(a, b) for a, b in zip(same[0], other)), f"{kernel} on rank {rank}"
+
+
+def _watched(rank, world_size, mode):
+    """gloo run through the NCCL path, whose waits neither watch nor time out on the host: the
+    group's watcher thread (failures.GroupWatcher) reads the failure record, or keeps the deadline,
+    and aborts the group (NCCL: its kernels end; gloo: nothing, so the group's own 6 s timeout ends
+    the blocked wait here). Returns (seconds until the abort, this rank's error)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from megatron_lightseq.distattn import exchange as exchange_module
+
+    exchange_module.HOST_WAIT_BACKENDS = ()
+    aborted = []
+    exchange_module.abort_group = lambda group: aborted.append(time.monotonic())
+    group = dist.new_group(list(range(world_size)), timeout=datetime.timedelta(seconds=6))
+    _Faulty.mode, _Faulty.phase = mode, "forward"
+    mls.kernels.register_kernel("faulty", _Faulty)
+    q, k, v = _qkv(world_size, rank)
+    mls.dist_attn(q, k, v, group=group, kernel="math", schedule="lightseq")  # agreed: the next call skips it
+    start = time.monotonic()
+    try:
+        for _ in range(3):  # the error comes from the call that failed, or the one after
+            mls.dist_attn(q, k, v, group=group, kernel="faulty", schedule="lightseq", timeout=1.0, label="test call")
+    except (mls.DistAttnError, RuntimeError) as e:
+        assert len(aborted) == 1, aborted  # once, whether the failing call or the watcher came first
+        return (aborted[0] - start if aborted else None), str(e)
+    return (aborted[0] - start if aborted else None), None
+
+
+@pytest.mark.parametrize("mode", ["raise", "stall"])
+def test_the_nccl_path_watcher_stops_every_rank(mode):
+    world_size = 3
+    for rank, (seconds, message) in enumerate(run_ranks(world_size, _watched, mode, timeout=60)):
+        assert message is not None, f"rank {rank} finished although rank {VICTIM} {mode}ed"
+        if mode == "raise":
+            assert f"rank {VICTIM} of {world_size} (forward step" in message and "injected kernel fault" in message, \
+                message
+            if rank != VICTIM:  # the watcher read the record within a few periods (not at the 6 s group timeout)
+                assert seconds is not None and seconds < 3.0, (rank, seconds)
+        else:  # a peer's watcher kept the 1 s deadline, named whom it waits for and the missing rank
+            assert "timed out waiting for rank(s)" in message and f"missing: rank(s) [{VICTIM}]" in message, message
+            assert seconds is not None and seconds < 1.0 + 4.0 - 0.5, (rank, seconds)  # before VICTIM woke

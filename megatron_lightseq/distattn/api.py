@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.mask import make_mask
 from .autograd import DistAttnFunction
-from .call import resolve_call
 from .checks import checked_call
 from .exchange import GroupExchange
 from .failures import DEFAULT_TIMEOUT
@@ -14,7 +12,7 @@ from .failures import DEFAULT_TIMEOUT
 def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, layout: str = "contiguous",
               schedule: str = "auto", causal: bool = True, cu_seqlens=None, window_size=(-1, -1),
               cu_seqlens_padded=None, softmax_scale: float | None = None, kernel: str = "auto", return_lse: bool = False,
-              timeout: float = DEFAULT_TIMEOUT, label: str | None = None):
+              timeout: float = DEFAULT_TIMEOUT, label: str | None = None, backward: bool | None = None):
     """Attention of this rank's queries against the keys of the whole sequence.
 
     q ``(batch, seqlen_local, nheads, headdim)``; k, v ``(batch, seqlen_local, nheads_kv, headdim)``
@@ -32,7 +30,10 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     ``softmax_scale`` defaults to headdim ** -0.5. ``timeout``: seconds any rank waits for one
     step's transfers (forward or backward) before it fails, naming the ranks it waits for; a rank
     that fails makes its peers fail at once, naming it (docs/reliability.md). ``label`` names the
-    call in those errors (Megatron's core attention passes "layer N").
+    call in those errors (Megatron's core attention passes "layer N"). ``backward``: whether a
+    backward will run from this call's results, which the group agrees on with the kernels it
+    will use (None: when grad is enabled and an input requires it; True: a first pass under
+    ``no_grad`` whose (out, lse) :func:`dist_attn_from_saved` differentiates later).
 
     Returns out shaped like q, or ``(out, lse)`` with ``return_lse``: lse ``(batch, nheads,
     seqlen_local)`` in float32 (float64 for float64 inputs), not differentiable. Differentiable in
@@ -41,7 +42,7 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     exchange = GroupExchange(group, timeout=timeout, label=label)
     call = checked_call(q, k, v, exchange=exchange, layout=layout, schedule=schedule, causal=causal,
                         cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
-                        softmax_scale=softmax_scale, kernel=kernel)
+                        softmax_scale=softmax_scale, kernel=kernel, backward=backward)
     out, lse = DistAttnFunction.apply(q, k, v, call, exchange, None)
     return (out, lse) if return_lse else out
 
@@ -52,9 +53,11 @@ def dist_attn_from_saved(q, k, v, out, lse, *, group=None, layout: str = "contig
                          timeout: float = DEFAULT_TIMEOUT, label: str | None = None):
     """``dist_attn``'s ``out`` for inputs whose forward already ran and gave ``(out, lse)``: nothing
     is computed or sent now, and the backward is dist_attn's, from (q, k, v, out, lse). The
-    options must be the ones that forward ran with. Rematerialization-aware checkpointing uses it."""
+    options must be the ones that forward ran with (with ``backward=True``: then its agreement,
+    backward kernels included, holds for this call and nothing is agreed now). Rematerialization-
+    aware checkpointing uses it."""
     exchange = GroupExchange(group, timeout=timeout, label=label)
-    call = resolve_call(q, k, world_size=exchange.world_size, layout=layout, schedule=schedule,
-                        mask=make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded), softmax_scale=softmax_scale,
-                        kernel=kernel)
+    call = checked_call(q, k, v, exchange=exchange, layout=layout, schedule=schedule, causal=causal,
+                        cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
+                        softmax_scale=softmax_scale, kernel=kernel, backward=True)
     return DistAttnFunction.apply(q, k, v, call, exchange, (out, lse))[0]

@@ -7,9 +7,12 @@ backward will run. The ranks agree
 on it with one small all_gather, then raise together: a rank whose inputs are bad, or ranks that
 disagree, never leave the others waiting in a transfer that will not come.
 
-A signature the group has already agreed on is not agreed again: in steady state a call makes
-no collective and reads nothing back from the device (trace() counts both). What that leaves to
-the deadline is written in docs/reliability.md.
+A call whose shapes and options the group has already agreed on is not agreed again: in steady
+state a call makes no collective and reads nothing back from the device (trace() counts both).
+That key leaves out the documents (cu_seqlens) and the schedule ``auto`` resolves from them:
+every rank is given the same batch, so the first batch of a shape agrees on its documents too,
+and later batches with new documents are trusted (they would otherwise re-agree every
+micro-batch). What that leaves to the deadline is written in docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -94,6 +97,16 @@ def _signature(q, k, call: Call, backward: bool) -> tuple[float, ...]:
             _crc(call.kernel.name), float(backward))
 
 
+def _steady_key(q, k, call: Call, backward: bool, schedule: str) -> tuple:
+    """What a call must share with an agreed one to skip the agreement: the signature, except
+    that the documents count only as present (padded or not) and the schedule is the one asked
+    for (``auto`` resolves per batch of documents, alike on every rank)."""
+    mask = call.mask
+    documents = None if mask.cu_seqlens is None else mask.cu_seqlens_padded is not None
+    return (tuple(q.shape), k.shape[2], q.dtype, call.plan.layout.name, schedule, mask.causal, documents,
+            mask.window, call.scale, call.kernel.name, backward)
+
+
 def _documents(mask: Mask) -> str:
     padded = f" padded as {mask.cu_seqlens_padded}" if mask.cu_seqlens_padded else ""
     return f"{mask.cu_seqlens}{padded}"
@@ -111,10 +124,24 @@ def _show(field: str, value: float, call: Call) -> str:
     return f"{value:g}" if field != "softmax_scale" else repr(value)
 
 
+def refuse_capture(device: torch.device) -> None:
+    """dist_attn cannot run inside a CUDA graph capture: its first call of a shape reads the
+    agreement back to the host, ``kernel="auto"`` times kernels, the plan's receive buffers are
+    allocated per call and the waits of a failing group are watched from the host. Say so before
+    any of that fails obscurely (or, worse, is captured and replayed with stale buffers)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("dist_attn cannot be captured in a CUDA graph (the current stream is capturing): run "
+                           "the attention layers outside the graph (Megatron: leave --enable-cuda-graph / "
+                           "--external-cuda-graph off, or exclude the attention with --cuda-graph-scope)")
+
+
 def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_seqlens=None, window_size=(-1, -1),
-                 cu_seqlens_padded=None, softmax_scale, kernel) -> Call:
+                 cu_seqlens_padded=None, softmax_scale, kernel, backward: bool | None = None) -> Call:
     """The resolved call, once every rank of the exchange's group has passed its checks and all
-    agree on the signature; else ValueError on every rank together."""
+    agree on the signature; else ValueError on every rank together. ``backward``: whether a
+    backward will run from this call's results (None: grad mode and requires_grad say)."""
+    if isinstance(q, torch.Tensor):
+        refuse_capture(q.device)
     call, problem = None, None
     try:
         mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
@@ -124,6 +151,8 @@ def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_se
     if problem is None:
         problem = local_problem(q, k, v, layout=layout, schedule=schedule, mask=mask, softmax_scale=softmax_scale,
                                 kernel=kernel, timeout=exchange.timeout)
+    if problem is None and backward is not None and not isinstance(backward, bool):
+        problem = f"backward must be None, True or False, got {backward!r}"
     if problem is None:
         try:
             call = resolve_call(q, k, world_size=exchange.world_size, layout=layout, schedule=schedule, mask=mask,
@@ -136,10 +165,12 @@ def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_se
         return call
     if exchange.failure:
         raise DistAttnError(f"dist_attn: this group failed earlier ({exchange.failure}); it cannot be used")
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    signature = _FAILED if problem else _signature(q, k, call, backward)
-    if problem is None and signature in exchange.agreed:
+    if backward is None:
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = None if problem else _steady_key(q, k, call, backward, schedule)
+    if key is not None and key in exchange.agreed:
         return call  # steady state: agreed before, no collective
+    signature = _FAILED if problem else _signature(q, k, call, backward)
     if problem and exchange.agreed:
         # Peers whose inputs match an agreed signature skip the agreement and go on to the
         # transfers: tell them through the failure protocol rather than leave them to the deadline.
@@ -149,6 +180,8 @@ def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_se
         rows = exchange.agree(signature)
     except TransferError as e:  # some rank never joined: it skipped, so it thinks it agreed before
         raise exchange.fail("forward input agreement", e) from e
+    if exchange.failure:  # NCCL: the watcher aborted the gather (a peer failed or never came): rows are void
+        raise DistAttnError(f"dist_attn: this group failed during the input agreement ({exchange.failure})")
     if problem:
         raise ValueError(problem)
     bad = [r for r, row in enumerate(rows) if row[0]]
@@ -165,5 +198,5 @@ def checked_call(q, k, v, *, exchange: Exchange, layout, schedule, causal, cu_se
             settle(kernel_calls(call, Shape.of(q, k), q.device, backward), exchange.agree)
         except TransferError as e:
             raise exchange.fail("forward kernel agreement", e) from e
-    exchange.agreed.add(signature)
+    exchange.agreed.add(key)
     return call

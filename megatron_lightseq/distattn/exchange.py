@@ -13,6 +13,7 @@ Waits with deadlines, and how a failure travels to the peers: failures.py.
 """
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 from collections.abc import Sequence
@@ -22,10 +23,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-from .failures import DEFAULT_TIMEOUT, DistAttnError, GroupState, describe, record_failure, watched_wait
-from .trace import count
+from .failures import (DEFAULT_TIMEOUT, DistAttnError, GroupState, GroupWatcher, describe, record_failure,
+                       watched_wait)
+from .trace import count, tracing
 
 Batch = Sequence[tuple[int, Sequence[torch.Tensor]]]  # (group rank of the peer, tensors)
+# Backends whose waits block the host, watched in the waiting thread (failures.watched_wait); the
+# others (NCCL) only order streams and have a GroupWatcher. A fact about backends, not a setting:
+# the tests empty it to run gloo through the NCCL path.
+HOST_WAIT_BACKENDS = ("gloo",)
 
 
 class Pending:
@@ -49,20 +55,22 @@ class Exchange(ABC):
     label: str | None = None  # names the call in errors, e.g. "layer 3"
     failure: str | None = None  # the group's first failure, once this rank knows of one
 
-    def post(self, sends: Batch, recvs: Batch) -> Pending:
-        """Start sending/receiving each (group rank, tensors) pair, in the order given.
+    def post(self, sends: Batch, recvs: Batch, where: str = "") -> Pending:
+        """Start sending/receiving each (group rank, tensors) pair, in the order given; ``where``
+        names the step in a timeout's error.
 
         Both sides list the tensors between a pair of ranks in the same order, which is what
         pairs them up (NCCL ignores tags).
         """
         if self.failure:
             raise DistAttnError(f"dist_attn: this group failed earlier ({self.failure}); it cannot be used")
-        count(bytes_sent=sum(t.numel() * t.element_size() for _, ts in sends for t in ts),
-              bytes_received=sum(t.numel() * t.element_size() for _, ts in recvs for t in ts))
-        return self._post(sends, recvs)
+        if tracing():
+            count(bytes_sent=sum(t.numel() * t.element_size() for _, ts in sends for t in ts),
+                  bytes_received=sum(t.numel() * t.element_size() for _, ts in recvs for t in ts))
+        return self._post(sends, recvs, where)
 
     @abstractmethod
-    def _post(self, sends: Batch, recvs: Batch) -> Pending: ...
+    def _post(self, sends: Batch, recvs: Batch, where: str) -> Pending: ...
 
     @abstractmethod
     def agree(self, values: Sequence[float]) -> list[list[float]]:
@@ -102,6 +110,43 @@ class _WatchedPending(Pending):
         self._works, self._keep = [], None
 
 
+def abort_group(group: dist.ProcessGroup) -> None:
+    """End the group's communicator: NCCL kernels waiting on it return (gloo: no effect)."""
+    group.abort()
+
+
+def abort_once(state: GroupState, group: dist.ProcessGroup) -> bool:
+    """abort_group, unless this rank (its failing call, or its watcher) aborted the group already;
+    whether it did now."""
+    with state.lock:
+        if state.aborted:
+            return False
+        state.aborted = True
+    abort_group(group)
+    return True
+
+
+class _StreamPending(Pending):
+    """Works of one step on a group whose waits only order streams (NCCL): waiting enqueues them,
+    and the group's watcher is told when the step will be done (failures.GroupWatcher)."""
+
+    def __init__(self, works: list, peers: list[int], keep: object, exchange: "GroupExchange", where: str) -> None:
+        super().__init__(works, keep)
+        self._peers, self._exchange, self._where = peers, exchange, where
+
+    def wait(self) -> None:
+        works, x = self._works, self._exchange
+        where = x._at(self._where or "a step")
+        if x.on_cuda:
+            super().wait()
+            done = torch.cuda.Event()
+            done.record()  # after the waits on the current stream: queried by the watcher, never waited on
+            x.watcher().watch(done.query, self._peers, x.timeout, where)
+        else:  # a host backend run this way (the tests), whose wait blocks: the works say when they are done
+            x.watcher().watch(lambda: all(w.is_completed() for w in works), self._peers, x.timeout, where)
+            super().wait()
+
+
 class GroupExchange(Exchange):
     """Over ``group``; None means the default group, or a single process when torch.distributed
     is not initialised."""
@@ -119,8 +164,26 @@ class GroupExchange(Exchange):
         self.state = group_state(group)
         self.agreed = self.state.agreed
         self._backend = None if group is None else dist.get_backend(group)
-        # gloo waits on the host, so a wait can be watched; NCCL's only orders streams (failures.py).
-        self._host_waits = self._backend == "gloo"
+        # gloo waits on the host, so a wait can be watched; NCCL's only orders streams, so a
+        # watcher thread keeps its deadlines and failures instead (failures.py).
+        self._host_waits = self._backend in HOST_WAIT_BACKENDS
+        self.on_cuda = self._backend == "nccl"
+
+    def watcher(self) -> GroupWatcher:
+        """The group's watcher (failures.GroupWatcher), started on first use."""
+        state = self.state
+        if state.watcher is None:
+            group, rank = self.group, self.rank
+
+            def abort(record: str) -> None:
+                if state.failure is None:
+                    state.failure = record
+                if abort_once(state, group):
+                    print(f"dist_attn: rank {rank}: aborted the group's communicator, because it failed first on "
+                          f"{record}", file=sys.stderr, flush=True)
+
+            state.watcher = GroupWatcher(self.store, rank, self.world_size, abort)
+        return state.watcher
 
     @property
     def store(self):
@@ -130,14 +193,14 @@ class GroupExchange(Exchange):
     def failure(self) -> str | None:
         return self.state.failure
 
-    def _post(self, sends: Batch, recvs: Batch) -> Pending:
+    def _post(self, sends: Batch, recvs: Batch, where: str) -> Pending:
         ops = [(peer, dist.P2POp(dist.isend, t, self._global[peer], self.group)) for peer, ts in sends for t in ts]
         ops += [(peer, dist.P2POp(dist.irecv, t, self._global[peer], self.group)) for peer, ts in recvs for t in ts]
         if not ops:
             return Pending([])
         works = dist.batch_isend_irecv([op for _, op in ops])
         if not self._host_waits:
-            return Pending(works, keep=sends)
+            return _StreamPending(works, sorted({peer for peer, _ in ops}), sends, self, where)
         # gloo returns a work per op
         return _WatchedPending(works, [[peer] for peer, _ in ops], (sends, recvs), self)
 
@@ -150,9 +213,12 @@ class GroupExchange(Exchange):
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         work = dist.all_gather(every, mine, group=self.group, async_op=True)
         others = [r for r in range(self.world_size) if r != self.rank]
-        (_WatchedPending([work], [others], (mine, every), self) if self._host_waits else Pending([work])).wait()
+        if self._host_waits:
+            _WatchedPending([work], [others], (mine, every), self).wait()
+        else:  # the read below blocks the host: the watcher aborts the group if a peer never comes
+            _StreamPending([work], others, (mine, every), self, "input agreement").wait()
         count(collectives=1, host_reads=1)
-        return [row.tolist() for row in every]
+        return torch.stack(every).tolist()  # one read back, not one per rank
 
     def fail(self, where: str, error: Exception) -> Exception:
         """Record the group's first failure in its store (unless a peer's came first), so that
@@ -164,7 +230,7 @@ class GroupExchange(Exchange):
         first = record_failure(self.store, mine, error, rank=self.rank, where=where, timeout=self.timeout)
         self.state.failure = first
         if not self._host_waits:
-            self.group.abort()  # NCCL: let this rank's communicator go (its peers meet their watchdog)
+            abort_once(self.state, self.group)  # NCCL: end this rank's kernels (its peers' watchers abort theirs)
         if first.startswith(mine):
             return DistAttnError(f"dist_attn failed on {first}")
         return DistAttnError(f"dist_attn stopped on rank {self.rank} of {self.world_size} ({where}) "
@@ -197,10 +263,12 @@ class VirtualExchange(Exchange):
     """One virtual rank of ``world_size`` sharing ``mailbox``. The ranks must run in lockstep
     (every rank posts a step before any waits on it), as emulate.py drives them."""
 
-    def __init__(self, mailbox: Mailbox, rank: int, world_size: int) -> None:
+    def __init__(self, mailbox: Mailbox, rank: int, world_size: int, state: GroupState | None = None) -> None:
         self._mailbox, self.rank, self.world_size = mailbox, rank, world_size
+        self.state = GroupState() if state is None else state  # what this virtual rank has agreed
+        self.agreed = self.state.agreed
 
-    def _post(self, sends: Batch, recvs: Batch) -> Pending:
+    def _post(self, sends: Batch, recvs: Batch, where: str) -> Pending:
         for peer, tensors in sends:
             for t in tensors:
                 self._mailbox.queues[self.rank, peer].append(t.clone())
@@ -208,4 +276,6 @@ class VirtualExchange(Exchange):
 
     def agree(self, values: Sequence[float]) -> list[list[float]]:
         # Virtual ranks are cut from one call's whole-sequence tensors: they agree by construction.
+        # Counted as a collective all the same, so that trace() shows what a group would make.
+        count(collectives=1)
         return [list(values)] * self.world_size

@@ -8,6 +8,7 @@ for float64 inputs, and are cast to the inputs' dtype at the end.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 
@@ -34,35 +35,13 @@ class _RankRun:
         self.local = local  # kind -> this rank's own tensors for that kind (whole local sequence)
         self.held: dict[tuple[str, int], tuple[Payload, Tensors]] = {}  # received inputs
         self.results: dict[Payload, Tensors] = {}  # computed for other ranks, not yet sent
-        self.last_use = self._last_uses()
+        self.done_after = _done_after(plan, phase, self.rank, q_kind)
+        self.device_ = next(iter(local.values()))[0].device
 
-    def _last_uses(self) -> dict[tuple[str, int], int]:
-        """For each received input, the last iteration that needs it (compute or post a send)."""
-        last: dict[tuple[str, int], int] = {}
-        for t, step in enumerate(self.steps):
-            mine = step[self.rank]
-            for b in mine.blocks:
-                for key in self._input_keys(b):
-                    last[key] = t
-            for tr in mine.sends:  # step t's sends are posted during iteration t-1
-                if tr.payload.kind in INPUT_KINDS:
-                    last[tr.payload.kind, tr.payload.owner] = max(last.get((tr.payload.kind, tr.payload.owner), 0), t - 1)
-        return last
-
-    def _input_keys(self, b: Block) -> list[tuple[str, int]]:
-        return [(self.q_kind, b.q_owner), ("kv", b.kv_owner)]
-
-    def runs(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> list[tuple[slice, slice]]:
+    def runs(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> tuple[tuple[slice, slice], ...]:
         """Where ``chunks`` sit in a tensor of ``within``'s chunks, as (rows of a tensor of
         ``chunks``, rows of a tensor of ``within``), one pair per run of neighbouring chunks."""
-        found, n = [], self.chunk_len
-        for i, c in enumerate(chunks):
-            at = within.index(c)
-            if found and found[-1][1] == at:
-                found[-1][1] = at + 1
-            else:
-                found.append([i, at + 1, at])
-        return [(slice(i * n, (i + stop - start) * n), slice(start * n, stop * n)) for i, stop, start in found]
+        return _runs(chunks, within, self.chunk_len)
 
     def take(self, kind: str, owner: int, chunks: tuple[int, ...]) -> Tensors:
         """``chunks`` of owner's ``kind`` tensors, local ones or a received payload: views when the
@@ -72,7 +51,9 @@ class _RankRun:
         else:
             payload, tensors = self.held[kind, owner]
             within = payload.chunks
-        rows = [there for _, there in self.runs(chunks, within)]
+        rows = _take_rows(chunks, within, self.chunk_len)
+        if rows is None:  # all of them, in their order: the tensors themselves
+            return tensors
         return tuple(_rows(t, rows[0]) if len(rows) == 1 else torch.cat([_rows(t, r) for r in rows], _seq_dim(t))
                      for t in tensors)
 
@@ -88,15 +69,12 @@ class _RankRun:
         recvs = []
         for tr in mine.recvs:
             tokens = len(tr.payload.chunks) * self.chunk_len
-            bufs = tuple(torch.empty(shape, dtype=dtype, device=self.device)
-                         for shape, dtype, _ in payload_tensors(tr.payload.kind, tokens, self.shape))
+            bufs = tuple(torch.empty(shape, dtype=dtype, device=self.device_)
+                         for shape, dtype, _ in _payload_tensors(tr.payload.kind, tokens, self.shape))
             recvs.append((tr.payload, bufs))
-        pending = self.exchange.post(sends, [(tr.src, bufs) for tr, (_, bufs) in zip(mine.recvs, recvs)])
+        pending = self.exchange.post(sends, [(tr.src, bufs) for tr, (_, bufs) in zip(mine.recvs, recvs)],
+                                     f"{self.phase} step {t}")
         return pending, recvs
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.local.values()))[0].device
 
     def run(self, compute: Callable[[Block], None], absorb: Callable[[Payload, Tensors], None]):
         """The loop of plan.py: wait for step t, post step t+1, compute step t. A generator that
@@ -116,16 +94,81 @@ class _RankRun:
                     else:
                         absorb(payload, tensors)
                 pending, arriving = self.post(t + 1)
-                for block in self.steps[t][self.rank].blocks:
+                blocks = self.steps[t][self.rank].blocks
+                for block in blocks:
                     compute(block)
-                    count(blocks=1)
-                for key in [k for k in self.held if self.last_use.get(k, -1) <= t]:
-                    del self.held[key]
+                count(blocks=len(blocks))
+                for key in self.done_after[t]:
+                    self.held.pop(key, None)
             t = len(self.steps)
             yield
             pending.wait()
         except Exception as e:  # noqa: BLE001 - re-raised, named
             raise self.exchange.fail(f"{self.phase} step {t}", e) from e
+
+
+@lru_cache(maxsize=4096)
+def _runs(chunks: tuple[int, ...], within: tuple[int, ...], n: int) -> tuple[tuple[slice, slice], ...]:
+    found = []
+    for i, c in enumerate(chunks):
+        at = within.index(c)
+        if found and found[-1][1] == at:
+            found[-1][1] = at + 1
+        else:
+            found.append([i, at + 1, at])
+    return tuple((slice(i * n, (i + stop - start) * n), slice(start * n, stop * n)) for i, stop, start in found)
+
+
+@lru_cache(maxsize=4096)
+def _take_rows(chunks: tuple[int, ...], within: tuple[int, ...], n: int) -> tuple[slice, ...] | None:
+    """The rows of a tensor of ``within``'s chunks that hold ``chunks``, one slice per run; None
+    when that is the whole tensor in order (no view needed)."""
+    if chunks == within:
+        return None
+    return tuple(there for _, there in _runs(chunks, within, n))
+
+
+@lru_cache(maxsize=1024)
+def _payload_tensors(kind: str, tokens: int, shape: Shape):
+    return payload_tensors(kind, tokens, shape)
+
+
+def _done_after(plan: Plan, phase: str, rank: int, q_kind: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Per iteration t, the received inputs no later iteration needs (for a block, or for a send
+    posted during iteration t-1 for step t): dropped after t. Once per plan, rank and phase."""
+    cache = plan.runtime.setdefault("done_after", {})
+    key = (phase, rank)
+    if key not in cache:
+        steps = getattr(plan, phase)
+        last: dict[tuple[str, int], int] = {}
+        for t, step in enumerate(steps):
+            mine = step[rank]
+            for b in mine.blocks:
+                last[q_kind, b.q_owner] = t
+                last["kv", b.kv_owner] = t
+            for tr in mine.sends:
+                if tr.payload.kind in INPUT_KINDS:
+                    k = (tr.payload.kind, tr.payload.owner)
+                    last[k] = max(last.get(k, 0), t - 1)
+        done = [[] for _ in steps]
+        for k, t in last.items():
+            done[max(t, 0)].append(k)
+        cache[key] = tuple(tuple(d) for d in done)
+    return cache[key]
+
+
+@lru_cache(maxsize=4096)
+def _block_spans(q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], chunk_len: int) -> dict:
+    return dict(q_span=span_of(q_chunks, chunk_len), k_span=span_of(kv_chunks, chunk_len))
+
+
+def forward_call(plan: Plan, rank: int, b: Block, chunk_len: int) -> str:
+    """How the forward runs ``rank``'s block ``b``: "forward_into" for its own queries in one run
+    of rows (merged in place), else "forward" (merged after, or sent back to their owner). The
+    executor and kernel="auto"'s settlement both ask here, so what is settled is what runs."""
+    if b.q_owner == rank and len(_runs(b.q_chunks, plan.owned(rank), chunk_len)) == 1:
+        return "forward_into"
+    return "forward"
 
 
 def drive(steps):
@@ -142,11 +185,13 @@ def _seq_dim(t: torch.Tensor) -> int:
 
 
 def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
-    return t[:, :, rows] if t.dim() == 3 else t[:, rows]
+    if t.dim() == 3:
+        return t if rows.start == 0 and rows.stop == t.shape[2] else t[:, :, rows]
+    return t if rows.start == 0 and rows.stop == t.shape[1] else t[:, rows]
 
 
 def _spans(run: _RankRun, b: Block):
-    return dict(q_span=span_of(b.q_chunks, run.chunk_len), k_span=span_of(b.kv_chunks, run.chunk_len))
+    return _block_spans(b.q_chunks, b.kv_chunks, run.chunk_len)
 
 
 def kernel_calls(call: Call, shape: Shape, device: torch.device, backward: bool) -> list[tuple]:
@@ -161,9 +206,8 @@ def kernel_calls(call: Call, shape: Shape, device: torch.device, backward: bool)
                 for b in rs.blocks:
                     q_shape = (shape.batch, len(b.q_chunks) * chunk_len, shape.nheads, shape.headdim)
                     k_shape = (shape.batch, len(b.kv_chunks) * chunk_len, shape.nheads_kv, shape.headdim)
-                    kind = "backward" if phase == "backward" else "forward_into" if b.q_owner == rank else "forward"
-                    block = dict(q_span=span_of(b.q_chunks, chunk_len), k_span=span_of(b.kv_chunks, chunk_len),
-                                 mask=call.mask, scale=call.scale)
+                    kind = "backward" if phase == "backward" else forward_call(plan, rank, b, chunk_len)
+                    block = dict(_block_spans(b.q_chunks, b.kv_chunks, chunk_len), mask=call.mask, scale=call.scale)
                     found.append((kind, q_shape, k_shape, shape.dtype, device, block))
     return found
 
@@ -184,16 +228,20 @@ def forward_steps(call: Call, exchange: Exchange, q, k, v):
     owned = plan.owned(rank)
 
     def merge(chunks, part_out, part_lse) -> None:
-        for here, there in run.runs(chunks, owned):
+        runs = run.runs(chunks, owned)
+        if len(runs) == 1:  # the part is the run's rows: no view of it needed
+            merge_into(out[:, runs[0][1]], lse[:, :, runs[0][1]], part_out, part_lse)
+            return
+        for here, there in runs:
             merge_into(out[:, there], lse[:, :, there], part_out[:, here], part_lse[:, :, here])
 
     def compute(b: Block) -> None:
         (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
         block = dict(mask=call.mask, scale=call.scale, **_spans(run, b))
-        rows = run.runs(b.q_chunks, owned) if b.q_owner == rank else None
-        if rows is not None and len(rows) == 1:  # our own queries, one run of rows: merged in place
-            kernel.forward_into(q_, k_, v_, out[:, rows[0][1]], lse[:, :, rows[0][1]], **block)
-        elif rows is not None:
+        if forward_call(plan, rank, b, run.chunk_len) == "forward_into":  # own queries, one run of rows
+            there = run.runs(b.q_chunks, owned)[0][1]
+            kernel.forward_into(q_, k_, v_, out[:, there], lse[:, :, there], **block)
+        elif b.q_owner == rank:
             merge(b.q_chunks, *kernel.forward(q_, k_, v_, **block))
         else:
             o, l = kernel.forward(q_, k_, v_, **block)
@@ -221,14 +269,20 @@ def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
     run = _RankRun(plan, "backward", exchange, Shape.of(q, k), local, "qg")
     owned = plan.owned(rank)
 
+    def add(acc, chunks, part):  # in place into a view (``acc[rows] += x`` would also copy it back)
+        runs = run.runs(chunks, owned)
+        if len(runs) == 1:
+            _rows(acc, runs[0][1]).add_(part)
+            return
+        for here, there in runs:
+            _rows(acc, there).add_(_rows(part, here))
+
     def add_dq(chunks, part):
-        for here, there in run.runs(chunks, owned):
-            dq[:, there] += part[:, here]
+        add(dq, chunks, part)
 
     def add_dkv(chunks, part_k, part_v):
-        for here, there in run.runs(chunks, owned):
-            dk[:, there] += part_k[:, here]
-            dv[:, there] += part_v[:, here]
+        add(dk, chunks, part_k)
+        add(dv, chunks, part_v)
 
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)

@@ -11,11 +11,18 @@ A rank that times out may be waiting for a rank that waits too. Before it record
 whom it waits for, gives the others a grace to write theirs, and follows the waits to the ranks
 that wrote nothing (stalled, or not in this exchange): those are named as missing.
 
-NCCL waits do not block the host (a deadline there would sync every step): NCCL's watchdog, at
-the group's timeout, ends a hung NCCL group; the first failure is still recorded in the store.
+NCCL waits do not block the host (a deadline there would sync every step), so a group whose
+waits only order streams has a :class:`GroupWatcher` instead: a daemon thread per group that
+reads the same failure record in the store and tracks each step's completion (a CUDA event the
+host records after the step's waits, queried, never waited on). When a peer records a failure,
+or a step passes its deadline (then this rank records it, naming whom it waits for as above),
+the watcher aborts the group's communicator: its NCCL kernels end on every rank within a few
+poll periods instead of at NCCL's watchdog (10 minutes in Megatron), and the next dist_attn call
+raises the first failure by name.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 import time
@@ -26,6 +33,7 @@ DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for one step's transfers; well b
 FAILURE_KEY = "megatron_lightseq/first_failure"
 WAITING_KEY = "megatron_lightseq/waiting/{rank}"  # "peer,peer|where" of a rank that timed out
 POLL_SECONDS = 0.05  # how often a waiting rank looks at the store
+WATCH_SECONDS = 0.5  # how often a GroupWatcher looks (one store read per group and period)
 
 
 class DistAttnError(RuntimeError):
@@ -49,12 +57,38 @@ class PeerFailed(TransferError):
         self.record = record
 
 
+class Agreed:
+    """The signatures a group has agreed on, at most ``size``, the oldest dropped first. Entries
+    are added only by an agreement, which every rank makes together, so every rank keeps and drops
+    the same ones (a lookup changes nothing: ranks may look up in different numbers)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size, self._keys = size, {}
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def add(self, key) -> None:
+        self._keys[key] = None
+        while len(self._keys) > self.size:
+            del self._keys[next(iter(self._keys))]
+
+
 @dataclass
 class GroupState:
     """What this process knows of one group: the signatures agreed, and its failure if any."""
 
-    agreed: set = field(default_factory=set)
+    agreed: Agreed = field(default_factory=Agreed)
     failure: str | None = None
+    watcher: "GroupWatcher | None" = None  # groups whose waits do not block the host (NCCL)
+    aborted: bool = False  # its communicator, by this rank (exchange.abort_once)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 def describe(error: Exception) -> str:
@@ -146,3 +180,50 @@ def _missing(store, rank: int, where: str, owed: list[int], grace: float) -> str
         frontier += [int(p) for p in peers.split(",")]
     chain = "".join(f"; {w}" for w in waits)
     return f"{chain}; missing: rank(s) {sorted(missing)}" if missing else f"{chain}; the waits form a circle"
+
+
+class GroupWatcher:
+    """Watches a group whose waits do not block the host (module docstring). ``on_failure(record)``
+    runs once, on the watcher's thread, when the group's first failure is known: a peer's record,
+    or this rank's own timeout, which the watcher records first."""
+
+    def __init__(self, store, rank: int, world_size: int, on_failure, period: float = WATCH_SECONDS) -> None:
+        self._store, self._on_failure, self._period = store, on_failure, period
+        self._rank, self._world_size = rank, world_size
+        self._steps: collections.deque = collections.deque()  # (done, peers, deadline, timeout, where), oldest first
+        self._stop = threading.Event()
+        self.fired: str | None = None
+        self._thread = threading.Thread(target=self._run, name="lightseq-watch", daemon=True)
+        self._thread.start()
+
+    def watch(self, done, peers: list[int], timeout: float, where: str) -> None:
+        """A step whose transfers with ``peers`` end when ``done()`` turns True (polled, never
+        waited on), within ``timeout`` seconds from now. Steps end in the order they are given."""
+        if self._thread.is_alive():  # once it has fired (or the store went away) nothing is watched
+            self._steps.append((done, peers, time.monotonic() + timeout, timeout, where))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self._period):
+                record = self._check()
+                if record is not None:
+                    self.fired = record
+                    self._on_failure(record)
+                    return
+        except Exception:  # noqa: BLE001 - the store or the group went away (shutdown): nothing to watch
+            return
+
+    def _check(self) -> str | None:
+        if self._store.check([FAILURE_KEY]):
+            return self._store.get(FAILURE_KEY).decode()
+        while self._steps and self._steps[0][0]():
+            self._steps.popleft()
+        if self._steps and time.monotonic() >= self._steps[0][2]:
+            _, peers, _, timeout, where = self._steps[0]
+            error = TransferError(sorted(set(peers)), True)
+            mine = f"rank {self._rank} of {self._world_size} ({where}): {describe(error)}"
+            return record_failure(self._store, mine, error, rank=self._rank, where=where, timeout=timeout)
+        return None

@@ -180,6 +180,12 @@ class Plan:
     backward: Steps
     work: PairWork = field(compare=False, repr=False, default=None)
 
+    @cached_property
+    def runtime(self) -> dict:
+        """Scratch space the executor fills once per plan (what each rank drops when), so that
+        no call works it out again; not part of the plan's value."""
+        return {}
+
     @property
     def world_size(self) -> int:
         return self.layout.world_size
@@ -212,6 +218,8 @@ class Plan:
 
     def block_work(self, block: Block) -> float:
         """Chunk-pairs a block computes (causal diagonal chunks count half)."""
+        if self.work.area is not None:  # one numpy sum, not a Python loop over chunk pairs
+            return float(self.work.area[list(block.q_chunks)][:, list(block.kv_chunks)].sum())
         return sum(self.work(qc, kc) for qc in block.q_chunks for kc in block.kv_chunks)
 
     def critical_bytes(self, shape: Shape) -> int:

@@ -65,15 +65,22 @@ def _masked_tasks(layout: Layout, work: PairWork, helpers: bool) -> list[Task]:
     queries and returns (out, lse), as long as that lowers the larger of the two loads."""
     p = layout.world_size
     blocks = work.blocks
-    area = work.area  # numpy, in full chunk pairs
-    sizes = {key: float(area[list(b.q_chunks)][:, list(b.kv_chunks)].sum()) for key, b in blocks.items()}
-    executor = {key: key[0] for key in blocks}
-    if helpers:
-        _hand_over(executor, sizes, p)
+    executor = _masked_executors(work, p, helpers)
     order = defaultdict(list)  # executor -> its blocks: own queries nearest first, then those it helps with
     for (x, y), block in blocks.items():
         order[executor[x, y]].append(((executor[x, y] != x, (x - y) % p, x), block))
     return [(t, r, block) for r, mine in order.items() for t, (_, block) in enumerate(sorted(mine, key=lambda e: e[0]))]
+
+
+def _masked_executors(work: PairWork, p: int, helpers: bool) -> dict[tuple[int, int], int]:
+    """(q owner, kv owner) -> the rank that computes their block: the queries' owner, unless
+    ``helpers`` hands it to the K/V's owner (_hand_over)."""
+    executor = {key: key[0] for key in work.blocks}
+    if helpers:
+        area = work.area  # numpy, in full chunk pairs
+        sizes = {key: float(area[list(b.q_chunks)][:, list(b.kv_chunks)].sum()) for key, b in work.blocks.items()}
+        _hand_over(executor, sizes, p)
+    return executor
 
 
 def _hand_over(executor: dict, sizes: dict, p: int) -> None:
@@ -183,4 +190,8 @@ def auto_schedule(layout: Layout, mask: Mask, shape: Shape) -> str:
         plan = plan_for(name, layout, mask)
         return plan.critical_work, plan.critical_bytes(shape), SCHEDULES.index(name)
 
+    if layout.padded_tokens is not None:  # documents or a window: ring and lightseq differ only in helpers
+        work = plan_for("ring", layout, mask).work
+        if _masked_executors(work, layout.world_size, True) == _masked_executors(work, layout.world_size, False):
+            return "ring"  # no block is handed over: the same plan, and ties go to the ring
     return min(SCHEDULES, key=cost)

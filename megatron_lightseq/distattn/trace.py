@@ -40,6 +40,11 @@ def trace():
             _open.remove(t)
 
 
+def tracing() -> bool:
+    """Whether some trace is open: callers skip working out what they would count otherwise."""
+    return bool(_open)
+
+
 def count(**amounts: int) -> None:
     """Add to every open trace (a no-op when none is open)."""
     if not _open:

@@ -5,9 +5,20 @@ the running result, plain forward, backward). A forward and a backward may go to
 kernels: every backward starts from the merged (out, lse), so any pairing is exact.
 dist_attn settles the kinds of a plan with the whole group before its first transfer, so every
 rank runs the same kernels; later calls look up.
+
+A candidate that raises while it is measured (cuDNN's "no valid execution plan", Triton's
+OutOfResources, an out-of-memory) is out for that kind of block: its time is infinite, on every
+rank through the agreement, so every rank drops it together. Only when no candidate runs on some
+rank do all ranks raise, together, naming each candidate's error.
+
+A kind of block that first appears after the group settled (new documents in steady state,
+which dist_attn does not agree again) is not measured by one rank alone: it takes, on every rank
+alike, what the group chose for the nearest settled kind (same call, dtype, device and mask kind;
+the closest block size), else the first candidate that ran.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +63,8 @@ class AutoKernel(BlockKernel):
         self.name = "auto:" + "+".join(c.name for c in self.candidates)  # ranks must agree on the candidates
         self._times: dict[str, dict[str, float]] = {}  # kind of block -> candidate -> seconds
         self._chosen: dict[str, BlockKernel] = {}
+        self._errors: dict[str, dict[str, str]] = {}  # kind of block -> candidate -> what it raised
+        self._grouped = False  # settled with a group: unsettled kinds are not measured alone
 
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         return any(c.supports(q, k) for c in self.candidates)
@@ -92,9 +105,16 @@ class AutoKernel(BlockKernel):
             mine += [self._times[kind].get(c.name, float("inf")) for c in self.candidates]
         every = agree(mine)
         n = len(self.candidates)
+        self._grouped = self._grouped or len(every) > 1
         for i, kind in enumerate(kinds):
             totals = [sum(row[i * n + j] for row in every) for j in range(n)]
-            self._chosen[kind] = self.candidates[min(range(n), key=lambda j: (totals[j], j))]
+            best = min(range(n), key=lambda j: (totals[j], j))
+            if totals[best] == float("inf"):  # some rank could run none of them
+                failed = [r for r, row in enumerate(every) if all(x == float("inf") for x in row[i * n:(i + 1) * n])]
+                errors = "; ".join(f"{c}: {e}" for c, e in self._errors.get(kind, {}).items()) or "see that rank's error"
+                raise RuntimeError(f"kernel='auto': no candidate of {[c.name for c in self.candidates]} runs the "
+                                   f"blocks {kind} on rank(s) {failed} ({errors}); name a kernel that can")
+            self._chosen[kind] = self.candidates[best]
 
     def _measure(self, call: str, q_shape, k_shape, dtype, device, block: dict) -> dict[str, float]:
         """Seconds of ``call`` on random inputs of these shapes, per candidate that can take them."""
@@ -112,18 +132,54 @@ class AutoKernel(BlockKernel):
             run = lambda c: c.forward_into(*args, **block)
         elif call == "forward":
             run = lambda c: c.forward(q, k, v, **block)
-        else:  # random inputs with their own, consistent (out, lse)
-            args = (rand(q_shape), q, k, v, *able[0].forward(q, k, v, **block))
+        else:  # random inputs with their own, consistent (out, lse), from the first candidate that makes them
+            args = None
+            for c in able:
+                try:
+                    args = (rand(q_shape), q, k, v, *c.forward(q, k, v, **block))
+                    break
+                except Exception as e:  # noqa: BLE001 - recorded; its backward is tried all the same
+                    self._note(call, q_shape, k_shape, dtype, device, block, c, e)
+            if args is None:
+                return {}
             run = lambda c: c.backward(*args, **block)
-        return {c.name: self._timer(lambda c=c: run(c), q.device) for c in able}
+        times = {}
+        for c in able:
+            try:
+                times[c.name] = self._timer(lambda c=c: run(c), q.device)
+            except Exception as e:  # noqa: BLE001 - out of this kind's choice, on every rank (settle)
+                self._note(call, q_shape, k_shape, dtype, device, block, c, e)
+        return times
+
+    def _note(self, call, q_shape, k_shape, dtype, device, block, candidate: BlockKernel, error: Exception) -> None:
+        kind = self.kind(call, q_shape, k_shape, dtype, device, block)
+        self._errors.setdefault(kind, {})[candidate.name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # what an out-of-memory candidate left cached
 
     def _pick(self, call: str, q, k, block: dict) -> BlockKernel:
         """The settled kernel; a kind not settled (a single process, the emulation) is measured
         here and chosen by this process alone."""
         kind = self.kind(call, q.shape, k.shape, q.dtype, q.device, block)
         if kind not in self._chosen:
-            self.settle([(call, tuple(q.shape), tuple(k.shape), q.dtype, q.device, block)], lambda t: [t])
+            if self._grouped:
+                self._chosen[kind] = self._nearest(kind)
+            else:
+                self.settle([(call, tuple(q.shape), tuple(k.shape), q.dtype, q.device, block)], lambda t: [t])
         return self._chosen[kind]
+
+    def _nearest(self, kind: str) -> BlockKernel:
+        """The group's choice for the settled kind most like ``kind`` (module docstring): the same on
+        every rank, since every rank settled the same kinds the same way."""
+        call, q_shape, k_shape, *rest = kind.split("|")
+        size = lambda shape: math.prod(int(x) for x in shape.split("x"))
+        alike = [(abs(math.log(size(q) * size(kk) / (size(q_shape) * size(k_shape)))), other)
+                 for other in self._chosen
+                 for c, q, kk, *r in [other.split("|")] if c == call and r == rest]
+        if alike:
+            return self._chosen[min(alike)[1]]
+        ran = [c for c in self.candidates if not any(c.name in e for e in self._errors.values())]
+        return (ran or self.candidates)[0]
 
     def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
         block = dict(q_span=q_span, k_span=k_span, mask=mask, scale=scale)

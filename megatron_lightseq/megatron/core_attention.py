@@ -9,6 +9,8 @@ window in ``config.window_size``.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -39,6 +41,14 @@ class LightSeqAttention(MegatronModule):
         self.cp_group = cp_group_from(pg_collection, kwargs)
         self.settings = settings
         self.stash = AttentionStash()
+        if settings.remat and (getattr(config, "fp8", None) or getattr(config, "fp4", None)) \
+                and getattr(config, "recompute_granularity", None) == "full":
+            # Megatron checkpoints fp8/fp4 layers with TransformerEngine's checkpoint, in which
+            # tensor_parallel's is_checkpointing() is False: remat cannot tell the passes apart.
+            warnings.warn("lightseq remat is off with --fp8/--fp4 and full recompute: Megatron uses "
+                          "TransformerEngine's checkpoint there, so the attention forward and its communication "
+                          "run again in every recompute (correct, not faster); pass --lightseq-no-remat to "
+                          "silence this", stacklevel=2)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -64,7 +74,9 @@ class LightSeqAttention(MegatronModule):
                        softmax_scale=self.softmax_scale, kernel=s.kernel, timeout=s.timeout,
                        label=f"layer {self.layer_number}", **(packing.mask if packing else {}))
         if s.remat and is_checkpointing() and not torch.is_grad_enabled():  # first pass of a checkpoint
-            out_BSHD, lse = dist_attn(q, k, v, return_lse=True, **options)
+            # backward=True: its recompute differentiates this result, so the group agrees on the
+            # backward kernels now, before any transfer, and the recompute agrees nothing.
+            out_BSHD, lse = dist_attn(q, k, v, return_lse=True, backward=True, **options)
             self.stash.push(q, k, v, out_BSHD, lse)
         elif s.remat and is_checkpointing():  # its recompute: no attention forward, no communication
             out_BSHD = dist_attn_from_saved(q, k, v, *self.stash.pop(q, k, v), **options)
