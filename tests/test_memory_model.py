@@ -28,7 +28,7 @@ class _Keeping(Exchange):
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
 
-    def _post(self, sends, recvs):
+    def _post(self, sends, recvs, where):
         return Pending([], keep=sends)
 
     def agree(self, values):
