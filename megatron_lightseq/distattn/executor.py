@@ -76,6 +76,15 @@ class _RankRun:
                                      f"{self.phase} step {t}")
         return pending, recvs
 
+    def arrive(self, arriving: list[tuple[Payload, Tensors]], absorb: Callable[[Payload, Tensors], None]) -> None:
+        """Hold received inputs, absorb received results. A method of its own so that no loop
+        variable keeps the last payload alive after the next post (planner/memory.py counts none)."""
+        for payload, tensors in arriving:
+            if payload.kind in INPUT_KINDS:
+                self.held[payload.kind, payload.owner] = (payload, tensors)
+            else:
+                absorb(payload, tensors)
+
     def run(self, compute: Callable[[Block], None], absorb: Callable[[Payload, Tensors], None]):
         """The loop of plan.py: wait for step t, post step t+1, compute step t. A generator that
         yields before each wait, when this rank has posted everything the wait needs from others:
@@ -88,11 +97,7 @@ class _RankRun:
             for t in range(len(self.steps)):
                 yield
                 pending.wait()
-                for payload, tensors in arriving:
-                    if payload.kind in INPUT_KINDS:
-                        self.held[payload.kind, payload.owner] = (payload, tensors)
-                    else:
-                        absorb(payload, tensors)
+                self.arrive(arriving, absorb)
                 pending, arriving = self.post(t + 1)
                 blocks = self.steps[t][self.rank].blocks
                 for block in blocks:

@@ -180,7 +180,6 @@ def attention_rank_bytes(plan: Plan, shape: Shape, rank: int, phase: str, kernel
 
     sending, receiving, arriving = posted(0)
     peak = accumulators + sending + receiving
-    last_arrived = None  # the executor's loop variable keeps the last payload it took alive
     for t, step in enumerate(steps):
         # wait: step t's sends are done; its inputs are held, its results merged (their buffers
         # alive until the next post replaces them)
@@ -191,20 +190,11 @@ def attention_rank_bytes(plan: Plan, shape: Shape, rank: int, phase: str, kernel
                 held_chunks[tr.payload.kind, tr.payload.owner] = tr.payload.chunks
             else:
                 absorbed += size(tr.payload)
-        last_arrived = arriving[-1].payload if arriving else last_arrived
         for tr in steps[t + 1][rank].sends if t + 1 < len(steps) else ():
             results.pop(tr.payload, None)
         sending, receiving, arriving = posted(t + 1)
-
-        def lingering() -> int:
-            p = last_arrived
-            if p is None or (p.kind in INPUT_KINDS and held.get((p.kind, p.owner)) is not None):
-                return 0
-            return size(p)
-
         base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving
-        peak = max(peak, base + max(absorbed, lingering()))
-        base += lingering()
+        peak = max(peak, base + absorbed)
         for blk in step[rank].blocks:
             sq, sk = chunk * len(blk.q_chunks), chunk * len(blk.kv_chunks)
             local = blk.q_owner == rank
@@ -223,7 +213,7 @@ def attention_rank_bytes(plan: Plan, shape: Shape, rank: int, phase: str, kernel
                     results[Payload("dq", blk.q_owner, blk.q_chunks)] = b * sq * h * d * e
                 if blk.kv_owner != rank:
                     results[Payload("dkv", blk.kv_owner, blk.kv_chunks)] = 2 * b * sk * g * d * e
-            base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving + lingering()
+            base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving
         for key in [k for k in held if last.get(k, -1) <= t]:
             del held[key]
     return max(peak, accumulators + sending + receiving + casts)
