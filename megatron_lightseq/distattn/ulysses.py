@@ -117,6 +117,13 @@ def _resolve(q, k, v, inner: Exchange, outer: Exchange, options: dict, timeout: 
     return _Run(hyb, Call(hyb.outer, kernel, scale), side, outer, shape), None
 
 
+def _fail_both(inner: Exchange, outer: Exchange, where: str, error: Exception) -> Exception:
+    """Record a failure in both groups, so that every rank of either stops (failures.py)."""
+    if outer.world_size > 1:
+        outer.fail(where, error)
+    return inner.fail(where, error)
+
+
 def checked_run(q, k, v, *, inner: Exchange, outer: Exchange, timeout: float, **options) -> _Run:
     """The run, once every rank of both groups has passed its checks and all agree on sizes and
     options; else ValueError on every rank together, before any transfer. The agreement is one
@@ -134,15 +141,15 @@ def checked_run(q, k, v, *, inner: Exchange, outer: Exchange, timeout: float, **
     if problem is None and key in agreed:
         return run
     if problem and any(isinstance(a, tuple) and a[:1] == ("hybrid",) for a in agreed):
-        inner.fail("forward input checks", ValueError(problem))  # peers may skip the agreement: stop them
+        _fail_both(inner, outer, "forward input checks", ValueError(problem))  # peers may skip the agreement
         raise ValueError(problem)
     try:
         rows = inner.agree(signature)
         same = all(row[0] == 0 for row in rows) and all(tuple(row) == tuple(rows[0]) for row in rows)
         summary = tuple(rows[0]) if same else (2.0,) + tuple(signature[1:])
         groups = outer.agree(summary)
-    except TransferError as e:
-        raise inner.fail("forward input agreement", e) from e
+    except TransferError as e:  # a peer failed (or skipped, having agreed before): stop both groups
+        raise _fail_both(inner, outer, "forward input agreement", e) from e
     if problem:
         raise ValueError(problem)
     bad = [r for r, row in enumerate(rows) if row[0]]
