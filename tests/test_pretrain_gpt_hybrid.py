@@ -24,8 +24,10 @@ def checkout(tmp_path_factory):
     ["--cp-comm-type", "a2a+p2p", "--hierarchical-context-parallel-sizes", "2", "2"],
     ["--cp-comm-type", "a2a"],
 ], ids=["a2a+p2p-2x2", "a2a"])
-def test_hybrid_cp_gives_megatrons_losses(checkout, args):
+def test_hybrid_cp_gives_megatrons_losses(checkout, args, tmp_path):
     reference = pretrain(checkout, 2, ["--tensor-model-parallel-size", "2"], model="rope-gqa", plugin=False)
-    got = pretrain(checkout, 4, lightseq(4) + args, model="rope-gqa")
+    got = pretrain(checkout, 4, lightseq(4) + args, model="rope-gqa", trace_dir=str(tmp_path))
     assert sorted(got.losses) == list(range(1, ITERATIONS + 1)), got.output[-3000:]
     assert got.losses == pytest.approx(reference.losses, rel=1e-5)
+    # the flag is honoured: every rank ran the all-to-all, and point to point only with a p2p level
+    assert all(c["a2a_bytes_sent"] > 0 and (c["bytes_sent"] > 0) == ("a2a+p2p" in args) for c in got.counters)
