@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..distattn.hybrid import HeadSplit, split_problem
+from ..distattn.hybrid import HeadSplit, replicated_kv_heads, split_problem
 from .model import Machine, ModelSpec
 from .timing import BWD_SHARE, FWD_SHARE, _gemm_seconds
 
@@ -147,7 +147,7 @@ def choices(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machin
             cross = int(max(steps["forward"][2] * (1 if remat else 2) + steps["backward"][2]))
             total = int(max(steps["forward"][3] * (1 if remat else 2) + steps["backward"][3]))
             choice = Choice(u, schedule, gemm + attention + a2a_s, attention, a2a_s, cross + a2a_cross,
-                            total + a2a_all, sum(split.kv_count(j) for j in range(u)) - model.kv_heads, outer=q)
+                            total + a2a_all, replicated_kv_heads(split), outer=q)
             best = choice if best is None else _faster(best, choice)
         found.append(best)
     return found
