@@ -31,6 +31,14 @@ def _compare(rank, world_size, cases, steps: int):
         for name, p in params.items():
             torch.testing.assert_close(p, base_params[name], **tol, msg=lambda m: f"{label} param {name}: {m}")
         found.append(losses)
+    if world_size == 4:  # a split the heads do not allow fails when the model is built, on every rank
+        from gpt_cases import build_model, init_parallel
+
+        bad = Case(cp=4, cp_comm_type="a2a", heads=6, hidden=48)
+        init_parallel(bad, 4)
+        with pytest.raises(ValueError, match=r"--cp-comm-type a2a: the attention heads \(6 on this rank\) must be a "
+                                             r"multiple of the all-to-all group size \(4\)"):
+            build_model(bad, cp=4, backend=setup_rank(bad).lightseq_backend())
     return found
 
 

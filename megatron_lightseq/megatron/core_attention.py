@@ -15,6 +15,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from ..distattn import dist_attn, dist_attn_from_saved
+from ..distattn.hybrid import split_problem
 from .config import LightSeqConfig, layout_for
 from .cp_groups import attention_groups, cp_comm_of
 from .packed import packing_of, window_of
@@ -41,6 +42,12 @@ class LightSeqAttention(MegatronModule):
         self.cp_group = cp_group_from(pg_collection, kwargs)
         self.cp_comm_type = cp_comm_of(cp_comm_type, layer_number)
         self.groups = attention_groups(self.cp_comm_type, self.cp_group, pg_collection)
+        if self.groups.get("heads_group") is not None:  # a bad split fails when the model is built
+            tp = config.tensor_model_parallel_size
+            problem = split_problem(self.cp_group.size(), self.groups["heads_group"].size(),
+                                    config.num_attention_heads // tp, max(1, config.num_query_groups // tp))
+            if problem:
+                raise ValueError(f"--cp-comm-type {self.cp_comm_type}: {problem}")
         self.settings = settings
         self.stash = AttentionStash()
 
