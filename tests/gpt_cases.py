@@ -27,6 +27,9 @@ class Case:
     remat: bool = True
     sequence_parallel: bool = False
     window: tuple[int, int] | None = None  # TransformerConfig.window_size
+    cp_comm_type: str | tuple | None = None  # TransformerConfig.cp_comm_type (a tuple: one per layer)
+    hcp: tuple[int, int] | None = None  # --hierarchical-context-parallel-sizes (a2a size, p2p size)
+    hidden: int = 32
 
 
 def _config(case: Case, *, cp: int, backend):
@@ -39,11 +42,12 @@ def _config(case: Case, *, cp: int, backend):
         extra = dict(recompute_granularity="full", recompute_method=case.recompute,
                      recompute_num_layers=case.recompute_layers)
     config = TransformerConfig(
-        num_layers=case.layers, hidden_size=32, num_attention_heads=case.heads, num_query_groups=case.groups,
+        num_layers=case.layers, hidden_size=case.hidden, num_attention_heads=case.heads, num_query_groups=case.groups,
         ffn_hidden_size=64, use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
         tensor_model_parallel_size=case.tp, context_parallel_size=cp, attention_backend=backend,
         params_dtype=case.dtype, bf16=case.dtype == torch.bfloat16, sequence_parallel=case.sequence_parallel,
-        window_size=case.window, **extra)
+        window_size=case.window, hierarchical_context_parallel_sizes=list(case.hcp) if case.hcp and cp > 1 else None,
+        cp_comm_type=list(case.cp_comm_type) if isinstance(case.cp_comm_type, tuple) else case.cp_comm_type, **extra)
     config.lightseq = settings(case)  # read only when the backend is lightseq
     return config
 
@@ -85,12 +89,31 @@ def setup_rank(case: Case):
     return mlm
 
 
+def _einops_standin(ps) -> None:
+    """parallel_state builds hierarchical groups with one einops.rearrange, "(l s u) -> (l u) s";
+    the test environment has no einops (Megatron-LM's training environment does)."""
+    import types
+
+    import numpy as np
+
+    def rearrange(a, pattern, *, u, s, l):  # noqa: E741 - einops' own names
+        assert pattern == "(l s u) -> (l u) s", pattern
+        return np.asarray(a).reshape(l, s, u).transpose(0, 2, 1).reshape(l * u, s)
+
+    if not getattr(ps, "HAVE_EINOPS", True):
+        ps.einops, ps.HAVE_EINOPS = types.SimpleNamespace(rearrange=rearrange), True
+
+
 def init_parallel(case: Case, cp: int) -> None:
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(case.tp, 1, context_parallel_size=cp, create_gloo_process_groups=False)
+    hierarchical = list(case.hcp) if case.hcp and cp > 1 else None
+    if hierarchical:
+        _einops_standin(ps)
+    ps.initialize_model_parallel(case.tp, 1, context_parallel_size=cp, create_gloo_process_groups=False,
+                                 hierarchical_context_parallel_sizes=hierarchical)
 
 
 def baseline(case: Case, steps: int = 1):

@@ -116,9 +116,9 @@ def test_single_process_call_and_trace_scope():
             out, lse = mls.dist_attn(q, k, v, return_lse=True, softmax_scale=0.5)
         out.sum().backward()
     assert inner.as_dict() == dict(bytes_sent=0, bytes_received=0, forward_calls=1, backward_calls=0, blocks=1,
-                                   collectives=0, host_reads=0)
+                                   collectives=0, host_reads=0, a2a_bytes_sent=0, a2a_bytes_received=0)
     assert outer.as_dict() == dict(bytes_sent=0, bytes_received=0, forward_calls=1, backward_calls=1, blocks=2,
-                                   collectives=0, host_reads=0)
+                                   collectives=0, host_reads=0, a2a_bytes_sent=0, a2a_bytes_received=0)
     ref_out, ref_lse = reference_attention(q, k, v, causal=True, scale=0.5)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(lse, ref_lse)

@@ -50,7 +50,8 @@ def _check_trace(t, rank, world_size, plan, got, heads, headdim, label):
     blocks = sum(len(step[rank].blocks) for step in plan.forward + plan.backward)
     assert t.as_dict() == dict(
         bytes_sent=plan.bytes_sent(rank, **sizes), bytes_received=plan.bytes_received(rank, **sizes),
-        forward_calls=1, backward_calls=1, blocks=blocks, collectives=t.collectives, host_reads=t.collectives), label
+        forward_calls=1, backward_calls=1, blocks=blocks, collectives=t.collectives, host_reads=t.collectives,
+        a2a_bytes_sent=0, a2a_bytes_received=0), label
     assert t.collectives <= (world_size > 1), label
 
 

@@ -7,12 +7,14 @@ from .autograd import DistAttnFunction
 from .checks import checked_call
 from .exchange import GroupExchange
 from .failures import DEFAULT_TIMEOUT
+from .ulysses import hybrid_attn
 
 
 def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, layout: str = "contiguous",
               schedule: str = "auto", causal: bool = True, cu_seqlens=None, window_size=(-1, -1),
               cu_seqlens_padded=None, softmax_scale: float | None = None, kernel: str = "auto", return_lse: bool = False,
-              timeout: float = DEFAULT_TIMEOUT, label: str | None = None, backward: bool | None = None):
+              timeout: float = DEFAULT_TIMEOUT, label: str | None = None, backward: bool | None = None,
+              heads_group=None):
     """Attention of this rank's queries against the keys of the whole sequence.
 
     q ``(batch, seqlen_local, nheads, headdim)``; k, v ``(batch, seqlen_local, nheads_kv, headdim)``
@@ -34,11 +36,20 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     backward will run from this call's results, which the group agrees on with the kernels it
     will use (None: when grad is enabled and an input requires it; True: a first pass under
     ``no_grad`` whose (out, lse) :func:`dist_attn_from_saved` differentiates later).
+    ``heads_group``: hybrid head x sequence parallelism (docs/hybrid.md): an all-to-all over this
+    group of U ranks trades the sequence for heads (Ulysses) around the plan over ``group``, which
+    is then the outer group (None: none, pure Ulysses); the layout is over all U x |group| ranks,
+    rank = group rank x U + heads_group rank, as Megatron's hierarchical CP groups number them.
 
     Returns out shaped like q, or ``(out, lse)`` with ``return_lse``: lse ``(batch, nheads,
     seqlen_local)`` in float32 (float64 for float64 inputs), not differentiable. Differentiable in
     q, k and v; the backward uses the saved out and lse and does not re-run the forward.
     """
+    if heads_group is not None:
+        return hybrid_attn(q, k, v, inner_group=heads_group, outer_group=group, timeout=timeout, label=label,
+                           return_lse=return_lse, backward=backward, layout=layout, schedule=schedule, causal=causal,
+                           cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
+                           softmax_scale=softmax_scale, kernel=kernel)
     exchange = GroupExchange(group, timeout=timeout, label=label)
     call = checked_call(q, k, v, exchange=exchange, layout=layout, schedule=schedule, causal=causal,
                         cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
@@ -50,12 +61,19 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
 def dist_attn_from_saved(q, k, v, out, lse, *, group=None, layout: str = "contiguous", schedule: str = "auto",
                          causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None,
                          softmax_scale: float | None = None, kernel: str = "auto",
-                         timeout: float = DEFAULT_TIMEOUT, label: str | None = None):
+                         timeout: float = DEFAULT_TIMEOUT, label: str | None = None, heads_group=None):
     """``dist_attn``'s ``out`` for inputs whose forward already ran and gave ``(out, lse)``: nothing
     is computed or sent now, and the backward is dist_attn's, from (q, k, v, out, lse). The
     options must be the ones that forward ran with (with ``backward=True``: then its agreement,
     backward kernels included, holds for this call and nothing is agreed now). Rematerialization-
-    aware checkpointing uses it."""
+    aware checkpointing uses it.
+    With ``heads_group`` q, k, v, out and lse still go through the all-to-all (the outer plan's
+    backward needs them by heads); the outer plan computes and sends nothing."""
+    if heads_group is not None:
+        return hybrid_attn(q, k, v, inner_group=heads_group, outer_group=group, timeout=timeout, label=label,
+                           saved=(out, lse), layout=layout, schedule=schedule, causal=causal, cu_seqlens=cu_seqlens,
+                           window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
+                           softmax_scale=softmax_scale, kernel=kernel)
     exchange = GroupExchange(group, timeout=timeout, label=label)
     call = checked_call(q, k, v, exchange=exchange, layout=layout, schedule=schedule, causal=causal,
                         cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,

@@ -55,18 +55,20 @@ class Exchange(ABC):
     label: str | None = None  # names the call in errors, e.g. "layer 3"
     failure: str | None = None  # the group's first failure, once this rank knows of one
 
-    def post(self, sends: Batch, recvs: Batch, where: str = "") -> Pending:
+    def post(self, sends: Batch, recvs: Batch, where: str = "", *,
+             counters=("bytes_sent", "bytes_received")) -> Pending:
         """Start sending/receiving each (group rank, tensors) pair, in the order given; ``where``
         names the step in a timeout's error.
 
         Both sides list the tensors between a pair of ranks in the same order, which is what
-        pairs them up (NCCL ignores tags).
+        pairs them up (NCCL ignores tags). ``counters``: the trace() fields the bytes go to (the
+        hybrid's all-to-all counts apart from the plan's transfers).
         """
         if self.failure:
             raise DistAttnError(f"dist_attn: this group failed earlier ({self.failure}); it cannot be used")
         if tracing():
-            count(bytes_sent=sum(t.numel() * t.element_size() for _, ts in sends for t in ts),
-                  bytes_received=sum(t.numel() * t.element_size() for _, ts in recvs for t in ts))
+            count(**{counters[0]: sum(t.numel() * t.element_size() for _, ts in sends for t in ts),
+                     counters[1]: sum(t.numel() * t.element_size() for _, ts in recvs for t in ts)})
         return self._post(sends, recvs, where)
 
     @abstractmethod

@@ -18,6 +18,8 @@ _open: list["Trace"] = []
 class Trace:
     bytes_sent: int = 0  # by the plan's point-to-point transfers
     bytes_received: int = 0
+    a2a_bytes_sent: int = 0  # by the hybrid's all-to-all inside its inner group (hybrid.py)
+    a2a_bytes_received: int = 0
     forward_calls: int = 0
     backward_calls: int = 0
     blocks: int = 0  # kernel calls

@@ -5,7 +5,8 @@ applied, np/ng the heads on this tensor-parallel rank) -> ``[sq, b, np * hn]``; 
 "thd" format ``[t, np, hn]`` -> ``[t, np * hn]``. The sequence is this rank's share of the
 context-parallel group's sequence, in the layout of its settings (which the spec rewrite passes
 as ModuleSpec params). Packed documents come in ``packed_seq_params`` (packed.py), a sliding
-window in ``config.window_size``.
+window in ``config.window_size``. Megatron's ``cp_comm_type`` (p2p, all_gather, a2a, a2a+p2p)
+picks the groups: the plan over the CP group, or the hybrid all-to-all around it (cp_groups.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from ..distattn import dist_attn, dist_attn_from_saved
+from ..distattn.hybrid import split_problem
 from .config import LightSeqConfig, layout_for
+from .cp_groups import attention_groups, cp_comm_of
 from .packed import packing_of, window_of
 from .remat import AttentionStash
 from .versions import cp_group_from, is_checkpointing
@@ -39,6 +42,14 @@ class LightSeqAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
         self.cp_group = cp_group_from(pg_collection, kwargs)
+        self.cp_comm_type = cp_comm_of(cp_comm_type, layer_number)
+        self.groups = attention_groups(self.cp_comm_type, self.cp_group, pg_collection)
+        if self.groups.get("heads_group") is not None:  # a bad split fails when the model is built
+            tp = config.tensor_model_parallel_size
+            problem = split_problem(self.cp_group.size(), self.groups["heads_group"].size(),
+                                    config.num_attention_heads // tp, max(1, config.num_query_groups // tp))
+            if problem:
+                raise ValueError(f"--cp-comm-type {self.cp_comm_type}: {problem}")
         self.settings = settings
         self.stash = AttentionStash()
         if settings.remat and (getattr(config, "fp8", None) or getattr(config, "fp4", None)) \
@@ -69,7 +80,7 @@ class LightSeqAttention(MegatronModule):
                 "the lightseq backend takes packed thd data through GPTModel, whose forward gives the rotary "
                 "positions of the plugin's layout; Megatron's own thd RoPE assumes TransformerEngine's CP split")
         q, k, v = (x.unsqueeze(0) if thd else x.transpose(0, 1) for x in (query, key, value))  # [b, s, heads, hn]
-        options = dict(group=self.cp_group, layout=layout_for(s, packed=packing is not None), schedule=s.schedule,
+        options = dict(**self.groups, layout=layout_for(s, packed=packing is not None), schedule=s.schedule,
                        causal=mask_type == AttnMaskType.causal, window_size=window_of(self.config, self.layer_number),
                        softmax_scale=self.softmax_scale, kernel=s.kernel, timeout=s.timeout,
                        label=f"layer {self.layer_number}", **(packing.mask if packing else {}))

@@ -15,6 +15,7 @@ import json
 import math
 import os
 
+from . import hybrid
 from .masks import documents, mask_rows, mask_table, masked_choice, token_count
 from .model import MODELS, Machine
 from .report import lightseq_flags, recommend, rows_for
@@ -194,16 +195,23 @@ def main(argv=None) -> int:
         masked = {seq: (cus.get(seq), mask_rows(model, seq, args.gpus, cu_seqlens=cus.get(seq), window=args.window))
                   for seq in args.seq}
     recommended = {seq: _recommended(rows, args, machine, masked.get(seq)) for seq, rows in by_seq.items()}
+    # hybrid head x sequence splits (planner/hybrid.py), for plain causal sequences
+    hybrid_text, hybrid_data = hybrid.report(model, args.seq, args.gpus, args.gpus_per_node, machine) \
+        if not masked else ("", {})
+    recommended = {seq: hybrid.overrides(best, by_seq[seq], hybrid_data.get(seq)) for seq, best in recommended.items()}
     if args.json:
         print(json.dumps({"model": dataclasses.asdict(model), "machine": dataclasses.asdict(machine),
                           "gpus": args.gpus, "gpus_per_node": args.gpus_per_node,
                           "rows": [dataclasses.asdict(r) for rows in by_seq.values() for r in rows],
                           "recommended": {seq: best and best[0] for seq, best in recommended.items()},
                           "recommended_flags": {seq: best and best[1] for seq, best in recommended.items()},
-                          "masks": {seq: [dataclasses.asdict(r) for r in rows] for seq, (_, rows) in masked.items()}},
+                          "masks": {seq: [dataclasses.asdict(r) for r in rows] for seq, (_, rows) in masked.items()},
+                          "hybrid": hybrid_data},
                          indent=1))
     else:
         print(_table(model, args, machine, by_seq, recommended))
+        if hybrid_text:
+            print(hybrid_text)
         for seq, (cu, rows) in masked.items():
             print(mask_table(model, seq, args.gpus, rows, cu, args.window))
     if args.plot:
