@@ -9,6 +9,16 @@ def plot(path: str, results: dict, predicted: dict, *, on_cpu: bool) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = figure(results, predicted, on_cpu=on_cpu)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(results: dict, predicted: dict, *, on_cpu: bool):
+    """``results``: train's per backend (losses, tokens_per_s, bytes_per_layer, bytes_outside_layers,
+    world); ``predicted``: bytes per layer per backend."""
+    import matplotlib.pyplot as plt
+
     names = list(results)
     steps = len(next(iter(results.values()))["losses"])
     fig, (ax_loss, ax_bytes, ax_speed) = plt.subplots(1, 3, figsize=(15, 4.5), width_ratios=(4, 4, 2.5))
@@ -33,6 +43,7 @@ def plot(path: str, results: dict, predicted: dict, *, on_cpu: bool) -> None:
                                  edgecolor="grey", label="outside the layers (per step): embedding, output, loss"))
     for b in bars:
         ax_bytes.bar_label(b, fmt="%.0f", fontsize=7)
+    ax_bytes.set_ylim(top=1.5 * max(bar.get_height() for b in bars for bar in b))  # room for the legend
     ax_bytes.set_xticks(list(xs), names)
     ax_bytes.set_ylabel("KiB sent per GPU per step (busiest GPU)")
     # lightseq replicates the weights over CP, TP splits them: only lightseq all-reduces gradients
@@ -51,5 +62,4 @@ def plot(path: str, results: dict, predicted: dict, *, on_cpu: bool) -> None:
     world = next(iter(results.values()))["world"]
     fig.suptitle(f"tiny GPT on {world} ranks: lightseq (CP = {world}) vs Megatron TP = {world}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

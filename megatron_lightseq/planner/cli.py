@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per node: transfers between them take NVLink, the others the network (default: "
                         "%(default)s)")
     p.add_argument("--gpu-memory-gib", type=_positive(float), default=machine.gpu_memory_gib, metavar="GiB",
-                   help=f"memory per GPU in GiB, of which {machine.usable_fraction:.0%} is planned for (allocator "
+                   help=f"memory per GPU in GiB, of which {machine.usable_fraction * 100:g}%% is planned for (allocator "
                         "slack, CUDA context, NCCL buffers) (default: %(default)g)")
     p.add_argument("--nvlink-gbs", type=_positive(float), default=machine.nvlink_gbs, metavar="GB/s",
                    help="NVLink bandwidth within a node, per GPU and direction, in GB/s = 10^9 bytes/s, not Gb/s "
@@ -207,6 +207,15 @@ def _plot(path: str, by_seq, model, machine, args) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig = _figure(by_seq, model, machine, args)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _figure(by_seq, model, machine, args):
+    """Predicted time and bytes per layer against the sequence length, one series per system."""
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
     seqs = list(by_seq)
@@ -239,8 +248,7 @@ def _plot(path: str, by_seq, model, machine, args) -> None:
                  f"per GPU, NVLink {machine.nvlink_gbs:g} GB/s, network {machine.ib_gbs:g} GB/s, GEMMs "
                  f"{machine.gemm_tflops:g} TFLOP/s; batch 1, full recompute", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> int:
