@@ -226,4 +226,6 @@ def test_attn_demo_job_runs_every_layout_and_schedule():
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("contiguous", "zigzag"))]
     assert len(rows) == 6, done.stdout
     for row in rows:
-        assert float(row[3]) < 1e-5 and float(row[4]) < 1e-5 and row[-2] == "True", row
+        assert float(row[3]) < 1e-5 and float(row[4]) < 1e-5 and row[-2] == "yes", row
+    header = next(line.split() for line in done.stdout.splitlines() if line.startswith("layout"))
+    assert header[-7:] == ["r0", "r1", "r2", "=", "plan", "fwd+bwd", "s"] and len(rows[0]) == 5 + 3 + 2, header

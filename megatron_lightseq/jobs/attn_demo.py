@@ -12,20 +12,31 @@ import torch
 import torch.distributed as dist
 
 from ..distattn.schedules import SCHEDULE_CHOICES
-from ..kernels import kernel_names, unknown_kernel
+from ..kernels import OPTIONAL, kernel_names, unknown_kernel
 from .launch import Place, RanksFailed, run_local
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_lightseq attn-demo", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world-size", type=int, default=4, help="local gloo ranks")
-    p.add_argument("--tokens", type=int, default=2048, help="whole sequence length")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--headdim", type=int, default=64)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
-    p.add_argument("--kernel", default="auto", help="a block kernel: " + ", ".join(kernel_names()))
-    p.add_argument("--no-causal", dest="causal", action="store_false")
+    p.add_argument("--world-size", type=int, default=4, metavar="N", help="local gloo ranks (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=2048, help="whole sequence length, a multiple of 2 x --world-size "
+                                                            "(default: %(default)s)")
+    p.add_argument("--heads", type=int, default=4, help="query heads (default: %(default)s)")
+    p.add_argument("--kv-heads", type=int, default=2, help="K/V heads: fewer than --heads is GQA, 1 is MQA "
+                                                           "(default: %(default)s)")
+    p.add_argument("--headdim", type=int, default=64, help="channels per head (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32",
+                   help="inputs' dtype; the oracle is float64 whatever it is (default: %(default)s)")
+    absent = [f"{name}, which needs {needs}" for name, needs in OPTIONAL.items() if name not in kernel_names()]
+    p.add_argument("--kernel", default="auto", help="the block kernel: " + ", ".join(kernel_names())
+                   + (f"; not here: {'; '.join(absent)}" if absent else "")
+                   + " (default: %(default)s: torch on CPU, on CUDA the fastest per kind of block, measured)")
+    p.add_argument("--no-causal", dest="causal", action="store_false", help="full attention, not causal")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("world_size", "tokens", "heads", "kv_heads", "headdim"):  # before any process starts
         if getattr(args, name) < 1:
@@ -93,18 +104,29 @@ def _rank_main(place: Place, args) -> list[dict]:
 
 
 def _table(per_rank: list[list[dict]], args) -> str:
+    """One row per layout and schedule; the bytes each rank sent get a column per rank, then
+    whether every rank's equal the plan's prediction."""
+    ranks = range(args.world_size)
+    sent_width = max(6, len(f"{max(r[i]['sent'] for r in per_rank for i in range(len(r))) / 1024:.0f}") + 1)
+    rank_cols = " ".join(f"{f'r{rank}':>{sent_width}}" for rank in ranks)
+    head = f"{'layout':<11} {'schedule':<16} {'steps':>5} {'err out':>9} {'err grads':>9} "
     lines = [f"dist_attn on {args.world_size} gloo ranks: {args.tokens} tokens, heads {args.heads}/{args.kv_heads} "
              f"x {args.headdim}, {args.dtype}, causal={args.causal}, kernel={args.kernel}",
-             f"{'layout':<11} {'schedule':<16} {'steps':>5} {'max err out':>12} {'max err grad':>12} "
-             f"{'KiB sent/rank, measured':>32} {'= predicted':>12} {'fwd+bwd s':>10}"]
+             "err out, err grads: max |value - float64 oracle| over all ranks, of out and of dq, dk, dv",
+             "r0, r1, ...: KiB each rank sent, forward + backward, counted by trace(); = plan: every rank's bytes "
+             "equal the plan's prediction",
+             "steps: the plan's steps per pass; fwd+bwd s: the slowest rank's seconds for one forward + backward "
+             "(the second call: the first also opens gloo's connections)",
+             f"{'':<{len(head)}}{'KiB sent by rank':^{len(rank_cols)}}".rstrip(),
+             f"{head}{rank_cols} {'= plan':>6} {'fwd+bwd s':>10}"]
     for i, row in enumerate(per_rank[0]):
         sent = [rank_rows[i]["sent"] for rank_rows in per_rank]
         predicted = [rank_rows[i]["predicted"] for rank_rows in per_rank]
         lines.append(
             f"{row['layout']:<11} {row['schedule']:<16} {row['steps']:>5} "
-            f"{max(r[i]['err_out'] for r in per_rank):>12.2e} {max(r[i]['err_grad'] for r in per_rank):>12.2e} "
-            f"{' '.join(f'{s / 1024:.0f}' for s in sent):>32} {str(sent == predicted):>12} "
-            f"{max(r[i]['seconds'] for r in per_rank):>10.3f}")
+            f"{max(r[i]['err_out'] for r in per_rank):>9.2e} {max(r[i]['err_grad'] for r in per_rank):>9.2e} "
+            f"{' '.join(f'{s / 1024:>{sent_width}.0f}' for s in sent)} "
+            f"{'yes' if sent == predicted else 'NO':>6} {max(r[i]['seconds'] for r in per_rank):>10.3f}")
     return "\n".join(lines)
 
 

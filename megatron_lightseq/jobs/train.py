@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from datetime import timedelta
@@ -36,29 +38,54 @@ QUIET = ("Apex is not installed", "Transformer Engine and Apex are not installed
          "set the environment variable CUDA_DEVICE_MAX_CONNECTIONS")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m megatron_lightseq train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--local-ranks", type=int, default=4, help="processes to start when no launcher did")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--seq", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backends", default="lightseq,tp", help="comma list of lightseq, tp")
-    p.add_argument("--packed", metavar="SPEC", help="pack each sequence with documents, lengths from a file or a "
-                   "distribution (e.g. lognormal:median=48,mean=96; planner/masks.py), a new draw every step")
-    p.add_argument("--json", help="write the results here (rank 0)")
-    p.add_argument("--plot", default="lightseq_vs_tp.png", help="the PNG of losses and traffic (rank 0; '' for none)")
-    args, rest = p.parse_known_args(argv)
-    from ..megatron.config import parse_lightseq_args
+DEFAULT_PLOT = "lightseq_vs_tp.png"
 
-    args.lightseq, rest = parse_lightseq_args(rest)
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..megatron.config import add_lightseq_args
+
+    p = argparse.ArgumentParser(prog="python -m megatron_lightseq train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # as Megatron's own --lightseq-* parser: names in full
+    p.add_argument("--local-ranks", type=int, default=4, metavar="N",
+                   help="CPU processes (gloo) to start when no launcher (srun, torchrun) did; the world size "
+                        "(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per backend (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=512, metavar="TOKENS", help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=128, help="hidden size (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
+    p.add_argument("--kv-heads", type=int, default=4,
+                   help="K/V heads: fewer than --heads is GQA, 1 is MQA (default: %(default)s)")
+    p.add_argument("--vocab", type=int, default=512, help="vocabulary size; the tokens are uniform random "
+                                                          "(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)g)")
+    p.add_argument("--backends", default="lightseq,tp", metavar="LIST",
+                   help="comma list of lightseq (CP = world size) and tp (Megatron TP = world size), run in this "
+                        "order (default: %(default)s)")
+    p.add_argument("--packed", metavar="SPEC", help="pack each sequence with documents, lengths from a file or a "
+                   "distribution (e.g. lognormal:median=48,mean=96; planner/masks.py), a new draw every step "
+                   "(default: none, one sequence)")
+    p.add_argument("--json", metavar="PATH", help="write the results here (rank 0) (default: none)")
+    p.add_argument("--plot", metavar="PNG", help=f"the PNG of losses, traffic and tokens/s (rank 0; '' for none; "
+                   f"needs matplotlib: pip install -e .[plot]) (default: {DEFAULT_PLOT}, or none with a note where "
+                   "matplotlib does not import)")
+    add_lightseq_args(p)  # the lightseq backend's settings, as Megatron-LM scripts take them
+    return p
+
+
+def parse_args(argv=None):
+    from ..megatron.config import LightSeqConfig, config_from_namespace
+
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        args.lightseq = config_from_namespace(args)
+    except ValueError as e:
+        p.error(str(e))
+    for field in dataclasses.fields(LightSeqConfig):  # now in args.lightseq, and only there
+        delattr(args, f"lightseq_{field.name}")
     args.backends = [b for b in args.backends.split(",") if b]
     if not set(args.backends) <= {"lightseq", "tp"}:
         p.error(f"--backends takes lightseq and/or tp, got {args.backends}")
@@ -96,9 +123,26 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         if args.seq % chunks:
             p.error(f"--seq ({args.seq}) must be a multiple of {chunks}: the {layout} layout cuts it into {chunks} "
                     f"equal chunks over {world} ranks")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)) if place is None or place.rank == 0 else ():
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):  # rank 0 writes them
-            p.error(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    if place is None or place.rank == 0:  # rank 0 writes the files
+        _check_plot(p, args)
+        for flag, path in ("--json", args.json), ("--plot", args.plot):
+            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                p.error(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+
+
+def _check_plot(p: argparse.ArgumentParser, args) -> None:
+    """matplotlib is an optional extra: a plot asked for without it is an error before the run; the
+    default plot is left out, with a note, so that the job runs as it is where matplotlib is not
+    installed (a cluster's Megatron environment, pip install -e .[megatron])."""
+    from ..planner.cli import matplotlib_missing
+
+    missing = matplotlib_missing() if args.plot != "" else None
+    if missing and args.plot:
+        p.error(f"--plot {args.plot} needs {missing}; --plot '' runs without it")
+    if args.plot is None:
+        args.plot = "" if missing else DEFAULT_PLOT
+        if missing:
+            print(f"note: no {DEFAULT_PLOT}: the plot needs {missing}", file=sys.stderr)
 
 
 def _data(args, device):
@@ -290,7 +334,7 @@ def main(argv=None) -> int:
     if args.plot:
         from .train_plot import plot
 
-        plot(args.plot, results, predicted)
+        plot(args.plot, results, predicted, on_cpu=not torch.cuda.is_available())  # as _rank_main chose
         print(f"wrote {args.plot}")
     if args.json:
         with open(args.json, "w") as f:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import os
 from . import hybrid
 from .masks import documents, mask_rows, mask_table, masked_choice, token_count
 from .model import MODELS, Machine
-from .report import lightseq_flags, recommend, rows_for
+from .report import assumptions, lightseq_flags, recommend, rows_for
 
 
 def parse_tokens(text: str) -> int:
@@ -69,33 +68,66 @@ def parse_seq_range(text: str) -> list[int]:
     return out
 
 
-def parse_args(argv=None):
+MODEL_FIELDS = {"layers": "transformer layers", "hidden": "hidden size", "heads": "attention heads",
+                "kv-heads": "K/V heads (fewer than --heads: GQA, 1: MQA)", "ffn": "MLP hidden size (SwiGLU)",
+                "vocab": "vocabulary size"}
+
+
+def matplotlib_missing() -> str | None:
+    """None when matplotlib imports, else what is missing and how to install it, to follow "needs":
+    it is an optional extra (setup.py's "plot"), so a plot asked for without it is a one-line
+    message before the work, not a traceback after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        return f"matplotlib, which does not import here ({e}): pip install -e .[plot] in a clone of " \
+               "megatron-lightseq, or pip install matplotlib"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
     # the docstring's first paragraph, not its first line, which stops mid-sentence
     description = " ".join(__doc__.split("\n\n")[0].split()).replace("``", "")
+    machine = Machine()
     p = argparse.ArgumentParser(prog="python -m megatron_lightseq plan", description=description)
-    p.add_argument("--model", choices=sorted(MODELS), default="llama-7b")
-    for name in ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab"):
-        p.add_argument(f"--{name}", type=_positive(int), help="override the model's value")
-    p.add_argument("--seq", type=parse_seq_range, default=parse_seq_range("32k..512k"), metavar="LEN|LOW..HIGH",
-                   help="a sequence length (32k, 32768) or a range LOW..HIGH that doubles from LOW: 32k..128k is "
-                        "32K, 64K, 128K; HIGH must be LOW times a power of two (default 32k..512k)")
-    p.add_argument("--gpus", type=_positive(int), default=8, help="GPUs in the sequence-parallel (or TP) group")
-    p.add_argument("--gpus-per-node", type=_positive(int), default=8)
-    p.add_argument("--gpu-memory-gib", type=_positive(float), default=Machine.gpu_memory_gib)
-    p.add_argument("--nvlink-gbs", type=_positive(float), default=Machine.nvlink_gbs)
-    p.add_argument("--ib-gbs", type=_positive(float), default=Machine.ib_gbs)
+    p.add_argument("--model", choices=sorted(MODELS), default="llama-7b", help="the model whose sizes the flags below override (default: %(default)s)")
+    for name, what in MODEL_FIELDS.items():
+        p.add_argument(f"--{name}", type=_positive(int), metavar="N", help=f"{what} (default: the model's)")
+    p.add_argument("--seq", type=parse_seq_range, default="32k..512k", metavar="LEN|LOW..HIGH",
+                   help="tokens per sequence: a length (32k, 32768) or a range LOW..HIGH that doubles from LOW: "
+                        "32k..128k is 32K, 64K, 128K; HIGH must be LOW times a power of two (default: %(default)s)")
+    p.add_argument("--gpus", type=_positive(int), default=8, metavar="N",
+                   help="GPUs that split the sequence (the CP size); TP uses the largest degree up to N that divides "
+                        "the heads (default: %(default)s)")
+    p.add_argument("--gpus-per-node", type=_positive(int), default=8, metavar="N",
+                   help="GPUs per node: transfers between them take NVLink, the others the network (default: "
+                        "%(default)s)")
+    p.add_argument("--gpu-memory-gib", type=_positive(float), default=machine.gpu_memory_gib, metavar="GiB",
+                   help=f"memory per GPU in GiB, of which {machine.usable_fraction * 100:g}%% is planned for (allocator "
+                        "slack, CUDA context, NCCL buffers) (default: %(default)g)")
+    p.add_argument("--nvlink-gbs", type=_positive(float), default=machine.nvlink_gbs, metavar="GB/s",
+                   help="NVLink bandwidth within a node, per GPU and direction, in GB/s = 10^9 bytes/s, not Gb/s "
+                        "(default: %(default)g)")
+    p.add_argument("--ib-gbs", type=_positive(float), default=machine.ib_gbs, metavar="GB/s",
+                   help="network bandwidth between nodes, per GPU and direction, in GB/s = 10^9 bytes/s, not Gb/s "
+                        "(default: %(default)g, InfiniBand NDR 400 Gb/s)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard params and grads too (Megatron-FSDP), not only the optimizer state")
     p.add_argument("--docs", metavar="SPEC", help="packed documents: a file of lengths, or lognormal:median=2k,"
-                                                  "mean=8k, or fixed:4k (planner/masks.py)")
-    p.add_argument("--window", type=parse_window, default=-1,
-                   help="a sliding window of this many tokens before each token (default -1: none)")
-    p.add_argument("--seed", type=int, default=0, help="for synthetic documents")
+                                                  "mean=8k, or fixed:4k (planner/masks.py) (default: none)")
+    p.add_argument("--window", type=parse_window, default=-1, metavar="TOKENS",
+                   help="a sliding window of this many tokens before each token (default: %(default)s, none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic --docs (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--plot", metavar="PNG", help="draw time and traffic per system with matplotlib")
+    p.add_argument("--plot", metavar="PNG", help="also draw time and traffic per system to this PNG (needs matplotlib: "
+                                                 "pip install -e .[plot]) (default: none)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in
-                 ("layers", "hidden", "heads", "kv-heads", "ffn", "vocab")}
+    overrides = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in MODEL_FIELDS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     model = dataclasses.replace(MODELS[args.model], **overrides)
     if overrides.get("kv_heads"):
@@ -113,8 +145,9 @@ def parse_args(argv=None):
             p.error(f"--plot {args.plot}: the folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             p.error(f"--plot {args.plot}: the folder {folder} is not writable")
-        if importlib.util.find_spec("matplotlib") is None:
-            p.error("--plot needs matplotlib (pip install matplotlib)")
+        missing = matplotlib_missing()
+        if missing:
+            p.error(f"--plot needs {missing}")
     args.cu_seqlens = {}
     if args.docs:  # drawn here so that a bad spec is an error before the planning
         try:
@@ -141,9 +174,7 @@ def _recommended(rows, args, machine, masked):
 
 
 def _table(model, args, machine, by_seq, recommended) -> str:
-    lines = [f"{model.name}: {model.layers} layers, hidden {model.hidden}, {model.heads} heads, {model.kv_heads} KV "
-             f"heads; {args.gpus} GPUs, {args.gpus_per_node} per node; batch 1, bf16, full recompute; "
-             f"{'params+grads+optimizer sharded (FSDP)' if args.fsdp else 'optimizer sharded (distributed optimizer)'}",
+    lines = [*assumptions(model, args.gpus, args.gpus_per_node, machine, fsdp=args.fsdp),
              f"{'seq':>6} {'system':<26} {'MiB/GPU/layer':>13} {'steps':>5} {'ms/layer':>9} {'GiB/GPU':>8} "
              f"{'max seq':>8}"]
     for seq, rows in by_seq.items():
@@ -162,28 +193,63 @@ def _table(model, args, machine, by_seq, recommended) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: str, by_seq, model) -> None:
+# Every series gets its own marker and dash pattern (and colour), whatever series the rows hold:
+# two with equal values (zigzag/ring and zigzag/lightseq at long sequences) still both show.
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">")
+DASHES = ("-", "--", ":", "-.")
+
+
+def _tokens_label(k: int) -> str:
+    return f"{k // 1024}M" if k >= 1024 and k % 1024 == 0 else f"{k}K"
+
+
+def _plot(path: str, by_seq, model, machine, args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seqs = list(by_seq)
-    systems = [r.system for r in by_seq[seqs[0]]]
-    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, name in enumerate(systems):
-        ax_t.plot([s // 1024 for s in seqs], [by_seq[s][i].seconds * 1e3 for s in seqs], marker="o", label=name)
-        ax_b.plot([s // 1024 for s in seqs], [by_seq[s][i].traffic_bytes / 2**20 for s in seqs], marker="o", label=name)
-    for ax, label in ((ax_t, "predicted ms per layer (fwd+bwd)"), (ax_b, "MiB sent per GPU per layer")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length (K tokens)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=8)
-    fig.suptitle(model.name)
-    fig.tight_layout()
+    fig = _figure(by_seq, model, machine, args)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _figure(by_seq, model, machine, args):
+    """Predicted time and bytes per layer against the sequence length, one series per system."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    seqs = list(by_seq)
+    ks = [s // 1024 for s in seqs]
+    systems = [r.system for r in by_seq[seqs[0]]]
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, name in enumerate(systems):
+        rows = [by_seq[s][i] for s in seqs]
+        oom = [r.seq // 1024 for r in rows if r.memory_bytes > machine.budget_bytes]
+        label = name + (f" (OOM from {_tokens_label(oom[0])})" if oom else "")
+        style = dict(marker=MARKERS[i % len(MARKERS)], linestyle=DASHES[i % len(DASHES)], markerfacecolor="none",
+                     markersize=7, color=f"C{i % 10}", label=label)
+        ax_t.plot(ks, [r.seconds * 1e3 for r in rows], **style)
+        ax_b.plot(ks, [r.traffic_bytes / 2**20 for r in rows], **style)
+    for ax, label in ((ax_t, "predicted ms per layer, forward + backward"),
+                      (ax_b, "MiB sent per GPU per layer, forward + backward")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [_tokens_label(k) for k in ks])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100, ...
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:,.0f}" if y >= 1 else f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="major", alpha=0.4)
+        ax.grid(True, which="minor", alpha=0.15)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{model.name} on {args.gpus} GPUs ({args.gpus_per_node} per node): {machine.gpu_memory_gib:g} GiB "
+                 f"per GPU, NVLink {machine.nvlink_gbs:g} GB/s, network {machine.ib_gbs:g} GB/s, GEMMs "
+                 f"{machine.gemm_tflops:g} TFLOP/s; batch 1, full recompute", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def main(argv=None) -> int:
@@ -215,7 +281,7 @@ def main(argv=None) -> int:
         for seq, (cu, rows) in masked.items():
             print(mask_table(model, seq, args.gpus, rows, cu, args.window))
     if args.plot:
-        _plot(args.plot, by_seq, model)
+        _plot(args.plot, by_seq, model, machine, args)
         if not args.json:
             print(f"wrote {args.plot}")
     return 0

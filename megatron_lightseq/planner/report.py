@@ -64,6 +64,34 @@ def rows_for(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machi
     return rows
 
 
+def assumptions(model: ModelSpec, gpus: int, gpus_per_node: int, m: Machine, *, fsdp: bool = False) -> list[str]:
+    """The lines above the table: the model, the machine and what each column counts. The machine
+    decides the "max seq" and "ms/layer" columns, so it is on screen, not only in --json."""
+    usable = m.budget_bytes / 2**30
+    rates = sorted(rate for _, rate in m.attn_full + m.attn_diag)
+    sizes = sorted(tokens for tokens, _ in m.attn_full + m.attn_diag)
+    states = "params+grads+optimizer sharded (FSDP)" if fsdp else "optimizer sharded (distributed optimizer)"
+    dtype = {2: "bf16", 4: "fp32"}.get(model.dtype_bytes, f"{model.dtype_bytes}-byte values")
+    return [
+        f"{model.name}: {model.layers} layers, hidden {model.hidden}, {model.heads} heads, {model.kv_heads} KV heads, "
+        f"{dtype}; batch 1, full recompute; {states}",
+        f"machine: {gpus} GPUs, {gpus_per_node} per node; {m.gpu_memory_gib:g} GiB per GPU, {m.usable_fraction:.0%} "
+        f"usable ({usable:.1f} GiB); per GPU and direction NVLink {m.nvlink_gbs:g} GB/s within a node, network "
+        f"{m.ib_gbs:g} GB/s between nodes (GB/s: 10^9 bytes/s), {m.latency_us:g} us per transfer",
+        f"compute: GEMMs {m.gemm_tflops:g} TFLOP/s; attention {rates[0]:g}..{rates[-1]:g} TFLOP/s by block size "
+        f"({sizes[0] // 1024}K..{sizes[-1] // 1024}K tokens, FA2 forward+backward measured on one H200); "
+        "--gpu-memory-gib, --nvlink-gbs, --ib-gbs set the machine, planner/model.py the rest",
+        "columns, per transformer layer of one training step:",
+        "  MiB/GPU/layer  bytes the busiest GPU sends, forward + backward (and the recompute's forward where it "
+        "sends again)",
+        "  steps          attention steps per pass (the backward has as many): in each, a GPU computes a block while "
+        "the next one's inputs travel; 1: attention without exchange",
+        "  ms/layer       predicted time, forward + backward with the recompute",
+        f"  GiB/GPU        predicted peak memory per GPU (model states and activations); (OOM): over {usable:.1f} GiB",
+        f"  max seq        the longest sequence whose memory fits {usable:.1f} GiB per GPU",
+    ]
+
+
 def recommend(rows: list[Row], m: Machine) -> Row | None:
     """The fastest LightSeq variant that fits, or None when none does (no flags to give then)."""
     fitting = [r for r in rows if r.system.startswith("lightseq") and r.memory_bytes <= m.budget_bytes]
