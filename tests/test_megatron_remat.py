@@ -156,7 +156,8 @@ def test_remat_under_fp8_says_it_is_off():
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, use_cpu_initialization=True,
                                attention_dropout=0.0, recompute_granularity="full", recompute_method="uniform",
                                recompute_num_layers=1)
-    cp = type("Groups", (), {"cp": object()})()
+    one_rank = type("OneRank", (), {"size": lambda self: 1, "rank": lambda self: 0})()
+    cp = type("Groups", (), {"cp": one_rank})()
     for fp8, remat, warns in (("hybrid", True, True), (None, True, False), ("hybrid", False, False)):
         object.__setattr__(config, "fp8", fp8)  # fp8 validation wants TransformerEngine; the flag is what is read
         with warnings.catch_warnings(record=True) as seen:
