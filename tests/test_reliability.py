@@ -243,3 +243,32 @@ def test_the_nccl_path_watcher_stops_every_rank(mode):
         else:  # a peer's watcher kept the 1 s deadline, named whom it waits for and the missing rank
             assert "timed out waiting for rank(s)" in message and f"missing: rank(s) [{VICTIM}]" in message, message
             assert seconds is not None and seconds < 1.0 + 4.0 - 0.5, (rank, seconds)  # before VICTIM woke
+
+
+def _hybrid_failure(rank, world_size, phase):
+    """A 2 x 2 hybrid call whose outer plan raises on VICTIM: (error message, seconds until it came)."""
+    import torch.distributed as dist
+
+    _Faulty.mode, _Faulty.phase = "raise", phase
+    mls.kernels.register_kernel("faulty", _Faulty)
+    inner = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    outer = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    q, k, v = _qkv(world_size, rank)
+    start = time.monotonic()
+    try:
+        out = mls.dist_attn(q, k, v, group=outer, heads_group=inner, kernel="faulty", timeout=60.0, label="test call")
+        out.sum().backward()
+    except mls.DistAttnError as e:
+        return str(e), time.monotonic() - start
+    return None, time.monotonic() - start
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_a_failure_in_a_hybrid_call_stops_both_groups(phase):
+    """VICTIM's outer plan fails: its outer peer stops through the outer group, its all-to-all
+    peer and that one's outer peer through the inner group's record, all at once, naming it."""
+    results = run_ranks(4, _hybrid_failure, phase, timeout=60)
+    for rank, (message, seconds) in enumerate(results):
+        assert message is not None, f"rank {rank} finished although rank {VICTIM} raised"
+        assert "RuntimeError: injected kernel fault" in message, message
+        assert seconds < 20, f"rank {rank} took {seconds:.1f}s: the fault did not travel to both groups"

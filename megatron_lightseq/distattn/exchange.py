@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-from .failures import (DEFAULT_TIMEOUT, DistAttnError, GroupState, GroupWatcher, describe, record_failure,
+from .failures import (DEFAULT_TIMEOUT, FAILURE_KEY, DistAttnError, GroupState, GroupWatcher, describe, record_failure,
                        watched_wait)
 from .trace import count, tracing
 
@@ -54,6 +54,9 @@ class Exchange(ABC):
     timeout: float = DEFAULT_TIMEOUT  # seconds, per step
     label: str | None = None  # names the call in errors, e.g. "layer 3"
     failure: str | None = None  # the group's first failure, once this rank knows of one
+    # A hybrid call's other group (ulysses.py): its ranks wait on this rank too, so a failure
+    # recorded here is recorded there as well.
+    linked: "GroupExchange | None" = None
 
     def post(self, sends: Batch, recvs: Batch, where: str = "", *,
              counters=("bytes_sent", "bytes_received")) -> Pending:
@@ -222,6 +225,15 @@ class GroupExchange(Exchange):
         count(collectives=1, host_reads=1)
         return torch.stack(every).tolist()  # one read back, not one per rank
 
+    def relay(self, record: str) -> None:
+        """Take ``record``, the first failure of a linked group (Exchange.linked), as this group's
+        own unless it has one: written to this group's store, where its peers look."""
+        if self.group is None or self.failure is not None:
+            return
+        self.state.failure = self.store.compare_set(FAILURE_KEY, "", record).decode()
+        if not self._host_waits:
+            abort_once(self.state, self.group)
+
     def fail(self, where: str, error: Exception) -> Exception:
         """Record the group's first failure in its store (unless a peer's came first), so that
         every peer stops, and return the error that names the first failure."""
@@ -233,6 +245,8 @@ class GroupExchange(Exchange):
         self.state.failure = first
         if not self._host_waits:
             abort_once(self.state, self.group)  # NCCL: end this rank's kernels (its peers' watchers abort theirs)
+        if self.linked is not None:
+            self.linked.relay(first)
         if first.startswith(mine):
             return DistAttnError(f"dist_attn failed on {first}")
         return DistAttnError(f"dist_attn stopped on rank {self.rank} of {self.world_size} ({where}) "

@@ -89,6 +89,9 @@ def _exchanges(inner_group, outer_group, timeout, label) -> tuple[Exchange, Exch
         outer.timeout, outer.label = timeout, label
     else:
         outer = GroupExchange(outer_group, timeout=timeout, label=label)
+        # a rank failing in one group (a kernel in the outer plan, a wait in the all-to-all) leaves
+        # ranks of the other waiting on it: record the failure in both
+        inner.linked, outer.linked = outer, inner
     return inner, outer
 
 
@@ -117,11 +120,6 @@ def _resolve(q, k, v, inner: Exchange, outer: Exchange, options: dict, timeout: 
     return _Run(hyb, Call(hyb.outer, kernel, scale), side, outer, shape), None
 
 
-def _fail_both(inner: Exchange, outer: Exchange, where: str, error: Exception) -> Exception:
-    """Record a failure in both groups, so that every rank of either stops (failures.py)."""
-    if outer.world_size > 1:
-        outer.fail(where, error)
-    return inner.fail(where, error)
 
 
 def checked_run(q, k, v, *, inner: Exchange, outer: Exchange, timeout: float, backward: bool | None = None,
@@ -146,7 +144,7 @@ def checked_run(q, k, v, *, inner: Exchange, outer: Exchange, timeout: float, ba
     if problem is None and key in agreed:
         return run
     if problem and agreed:
-        _fail_both(inner, outer, "forward input checks", ValueError(problem))  # peers may skip the agreement
+        inner.fail("forward input checks", ValueError(problem))  # peers may skip the agreement
         raise ValueError(problem)
     try:
         rows = inner.agree(signature)
@@ -154,7 +152,7 @@ def checked_run(q, k, v, *, inner: Exchange, outer: Exchange, timeout: float, ba
         summary = tuple(rows[0]) if same else (2.0,) + tuple(signature[1:])
         groups = outer.agree(summary)
     except TransferError as e:  # a peer failed (or skipped, having agreed before): stop both groups
-        raise _fail_both(inner, outer, "forward input agreement", e) from e
+        raise inner.fail("forward input agreement", e) from e
     if problem:
         raise ValueError(problem)
     bad = [r for r, row in enumerate(rows) if row[0]]
