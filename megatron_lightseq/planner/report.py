@@ -42,8 +42,9 @@ def rows_for(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machi
         rows.append(Row(
             seq, f"lightseq {layout}/{schedule}", lightseq_traffic(model, seq, gpus, layout, schedule).total,
             plan.compute_steps, lightseq_seconds(model, seq, gpus, gpus_per_node, m, layout, schedule),
-            lightseq_memory(model, seq, gpus, fsdp=fsdp),
-            max_sequence(lambda n: lightseq_memory(model, n, gpus, fsdp=fsdp), m, gran),
+            lightseq_memory(model, seq, gpus, fsdp=fsdp, layout=layout, schedule=schedule),
+            max_sequence(lambda n: lightseq_memory(model, n, gpus, fsdp=fsdp, layout=layout, schedule=schedule),
+                         m, gran),
             lightseq_flags(gpus, layout, schedule, fsdp=fsdp)))
     tp = tp_degree(model, gpus)
     for sp in (False, True):
