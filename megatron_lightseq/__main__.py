@@ -19,5 +19,17 @@ def main(argv=None) -> int:
     return importlib.import_module(commands[argv[0]]).main(argv[1:])
 
 
+def _quiet_when_piped(run) -> int:
+    """``plan ... | head``: the reader closing the pipe ends the output, not in a traceback. stdout
+    is pointed at devnull so that the interpreter's own flush at exit does not raise again."""
+    import os
+
+    try:
+        return run()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_quiet_when_piped(main))

@@ -171,3 +171,14 @@ def test_train_plots_by_default_where_matplotlib_imports(monkeypatch):
     args = train.parse_args(["--lightseq-schedule", "ring"])
     assert args.plot == train.DEFAULT_PLOT and args.lightseq.schedule == "ring"
     assert not any(name.startswith("lightseq_") for name in vars(args))  # the settings live in args.lightseq only
+
+
+def test_plan_piped_into_head_ends_without_a_traceback():
+    """`plan ... | head -1`: the closed pipe ends the output quietly (it printed a BrokenPipeError)."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(f"{sys.executable} -m megatron_lightseq plan --seq 32k..512k --gpus 16 | head -1",
+                          shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("llama-7b:"), done.stdout
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
