@@ -175,3 +175,99 @@ def _remat_with_documents(rank, world_size):
 
 def test_remat_with_packed_documents():
     assert run_ranks(2, _remat_with_documents) == [True, True]
+
+
+# Documents from Megatron's own dataloader, in the batches it builds (megatron-core alone: the
+# dataset's own mask builder, and core_v0.19.0's cu_seqlens rows as its GPTDataset lays them out),
+# micro-batch 2: lightseq at CP = P against Megatron's local attention at CP = 1 reading the
+# dataset's dense mask. Its RoPE runs over each whole sample, the lightseq thd path's restarts per
+# document: the same attention (RoPE is relative and no query sees another document).
+EOD, SAMPLES = VOCAB - 1, 2
+
+
+def _dataloader_batch(reset_position_ids: bool):
+    """What Megatron's GPTDataset gives for SAMPLES samples of TOKENS tokens with documents ending
+    in EOD: (the collated batch with its dense mask, the documents' cu_seqlens rows as
+    --dataloader-inter-document-masking pads them)."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    g = torch.Generator().manual_seed(11)
+    samples, rows = [], []
+    for j, kind in enumerate(("long-tailed", "odd")[:SAMPLES]):
+        cu = documents(kind, TOKENS, seed=j)
+        tokens = torch.randint(0, EOD, (TOKENS,), generator=g)
+        for end in cu[1:-1]:
+            tokens[end - 1] = EOD
+        tokens[-1] = EOD if j == 0 else tokens[-1]  # a sample ending in EOD, and one cut mid-document
+        mask, loss_mask, positions = _get_ltor_masks_and_position_ids(tokens, EOD, reset_position_ids, True, True, True)
+        labels = torch.randint(0, VOCAB, (TOKENS,), generator=g)
+        samples.append(dict(tokens=tokens, labels=labels, attention_mask=mask, loss_mask=loss_mask,
+                            position_ids=positions))
+        row = torch.full((TOKENS + 1,), TOKENS, dtype=torch.int32)
+        row[:len(cu)] = torch.tensor(cu)
+        rows.append(row)
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    return batch, torch.stack(rows)
+
+
+def _dataloader_documents(rank, world_size, position):
+    from megatron.core import parallel_state as ps
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_lightseq.distattn import layout as layouts
+    from megatron_lightseq.megatron.batch import get_document_batch_on_this_cp_rank
+
+    layouts.MIN_CHUNK_TOKENS = 2
+    case = Case(cp=world_size, layout="auto", position=position)
+    mlm = setup_rank(case)
+    losses = []
+    # (documents read from reset position ids | after EOD | from core_v0.19.0's cu_seqlens rows)
+    for source in ("positions", "eod", "rows"):
+        batch, rows = _dataloader_batch(reset_position_ids=source != "eod")
+        init_parallel(case, 1)
+        model = build_model(case, cp=1, backend=AttnBackend.local)
+        start = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+        plain = {k: v for k, v in batch.items() if k != "attention_mask"}
+        base = _steps(model, plain, None, batch["attention_mask"], None)  # [b, 1, s, s], True: hidden
+        init_parallel(case, case.cp)
+        model = build_model(case, cp=case.cp, backend=mlm.lightseq_backend())
+        model.load_state_dict(start)
+        group, params = ps.get_context_parallel_group(), None
+        if source == "rows":  # what core_v0.19.0's pretrain_gpt.py hands the split, and builds from it
+            local = mlm.get_batch_on_this_cp_rank(dict(plain, cu_seqlens=rows))
+            cu = local["cu_seqlens"].squeeze(0)
+            params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+            assert local["tokens"].shape[0] == 1 and cu[-1] == SAMPLES * TOKENS
+        else:
+            local = get_document_batch_on_this_cp_rank(dict(batch), eod=EOD if source == "eod" else None)
+            assert local["attention_mask"].numel() == 0  # the documents, not a dense mask
+        ours = _steps(model, local, params, local.get("attention_mask"), group)
+        tol = dict(rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(torch.tensor(ours[0]), torch.tensor(base[0]), **tol)
+        for name in ours[1]:
+            torch.testing.assert_close(ours[1][name], base[1][name], **tol, msg=lambda m: f"{source} grad {name}: {m}")
+            torch.testing.assert_close(ours[2][name], base[2][name], **tol, msg=lambda m: f"{source} param {name}: {m}")
+        losses.append(ours[0])
+    return losses
+
+
+@pytest.mark.parametrize("world_size,position", [(2, "rope"), (3, "learned_absolute")])
+def test_documents_from_megatrons_dataloader_match_cp1_dense_mask(world_size, position):
+    losses = run_ranks(world_size, _dataloader_documents, position)
+    assert all(ls == losses[0] for ls in losses)
+
+
+def test_document_boundaries_read_from_the_batch():
+    """The boundaries each source gives, and bad rows named."""
+    from megatron_lightseq.megatron.documents import merged_cu_seqlens, starts_from_eod, starts_from_positions
+
+    tokens = torch.tensor([[5, 9, 1, 9, 3, 4], [9, 2, 2, 9, 8, 7]])  # EOD 9
+    positions = torch.tensor([[0, 1, 0, 1, 0, 1], [0, 0, 1, 2, 0, 1]])
+    assert starts_from_eod(tokens, 9) == (0, 2, 4, 6, 7, 10, 12)
+    assert starts_from_positions(positions) == (0, 2, 4, 6, 7, 10, 12)
+    assert merged_cu_seqlens(torch.tensor([[0, 2, 4, 6, 6, 6, 6], [0, 1, 4, 6, 6, 6, 6]]), 6) == (0, 2, 4, 6, 7, 10, 12)
+    with pytest.raises(ValueError, match="row 1 must run from 0 to the sample's length 6"):
+        merged_cu_seqlens([[0, 6, 6], [0, 3, 5]], 6)
+    with pytest.raises(ValueError, match="must increase"):
+        merged_cu_seqlens([[0, 3, 3, 6]], 6)

@@ -2,8 +2,10 @@
 the lightseq backend gives Megatron's tensor-parallel losses at every iteration (CP = 2 and 3, both
 layouts, every schedule, RoPE and learned positions, GQA and MQA, CP x TP, PP x CP with microbatches
 in flight), remat runs one attention forward per layer, and torch_dist checkpoints move between
-parallelisms. Needs MEGATRON_LM: a Megatron-LM checkout of core_v0.16.1 or core_v0.19.0 (never
-written to: the runs use a copy).
+parallelisms; on a real corpus (a tokenizer trained here, indexed by Megatron's own tool), the
+training and validation losses of TP = 2, and with Megatron's document masking those of CP = 1.
+Needs MEGATRON_LM: a Megatron-LM checkout of core_v0.16.1 or core_v0.19.0 (never written to: the
+runs use a copy); the real-corpus runs also need the sentencepiece package.
 """
 import os
 import zipfile
@@ -14,7 +16,7 @@ MEGATRON_LM = os.environ.get("MEGATRON_LM")
 pytestmark = pytest.mark.skipif(
     not MEGATRON_LM, reason="MEGATRON_LM is not set (a Megatron-LM checkout: core_v0.16.1 or core_v0.19.0)")
 
-from pretrain_gpt_runs import ITERATIONS, checkout_copy, lightseq, pretrain  # noqa: E402
+from pretrain_gpt_runs import ITERATIONS, checkout_copy, indexed_corpus, lightseq, pretrain  # noqa: E402
 
 REL = 1e-5
 FIRST, RESUMED = [1, 2], [3, 4]  # iterations before and after the checkpoint
@@ -168,3 +170,54 @@ def test_strict_loads_between_te_attention_and_lightseq_checkpoints(checkout, re
     assert not _holds_te_extra_state(ls_dir, ITERATIONS)
     back = pretrain(checkout, 1, TORCH_FORMAT + ["--load", ls_dir], te_standin=True)  # nothing left to train
     assert "successfully loaded checkpoint" in back.output and "load_return" not in back.output
+
+
+# A real corpus (tests/data/corpus.jsonl), a tokenizer trained on it, indexed with the checkout's
+# own tools/preprocess_data.py --append-eod, evaluated every 2 iterations on held-out splits.
+@pytest.fixture(scope="module")
+def corpus(checkout, tmp_path_factory):
+    pytest.importorskip("sentencepiece", reason="the real-corpus runs train a SentencePiece tokenizer")
+    return indexed_corpus(checkout, str(tmp_path_factory.mktemp("corpus")))
+
+
+def assert_same_validation(got, want):
+    assert sorted(got.validation) == [(2, "eval"), (4, "eval"), (4, "test"), (4, "validation")], got.output[-3000:]
+    assert got.validation == pytest.approx(want.validation, rel=REL)
+
+
+def test_real_corpus_lightseq_cp2_gives_tp2_losses_and_validation(checkout, corpus):
+    tp2 = pretrain(checkout, 2, ["--tensor-model-parallel-size", "2"], plugin=False, data=corpus)
+    ours = pretrain(checkout, 2, lightseq(2), data=corpus)
+    assert_same_losses(ours, tp2, range(1, ITERATIONS + 1))
+    assert_same_validation(ours, tp2)
+
+
+# Documents from Megatron's own dataloader, two samples a micro-batch (laid end to end), EOD left
+# out of the loss; per-token loss, since the balanced layout leaves CP ranks uneven token counts.
+# The reference: Megatron's local attention at CP = 1 reading the dataset's dense document mask
+# (TransformerEngine would not read it). Its RoPE model does not use position ids, so one
+# reference serves the runs that reset them too.
+DOCUMENTS = ["--eod-mask-loss", "--calculate-per-token-loss", "--micro-batch-size", "2"]
+RESET = ["--reset-attention-mask"]
+
+
+@pytest.fixture(scope="module")
+def masked_reference(checkout, corpus):
+    return pretrain(checkout, 1, DOCUMENTS + RESET, plugin=False, data=corpus)
+
+
+def _has_flag(checkout, flag):
+    return flag.encode() in open(os.path.join(checkout, "megatron", "training", "arguments.py"), "rb").read()
+
+
+@pytest.mark.parametrize("nproc,args", [
+    (3, lightseq(3, "auto") + RESET),  # documents after each EOD token
+    (2, lightseq(2, "auto") + RESET + ["--reset-position-ids"]),  # documents where positions restart
+    (2, lightseq(2, "auto") + ["--dataloader-inter-document-masking"]),  # core_v0.19.0: cu_seqlens per sample
+], ids=["cp3-reset-attention-mask-eod", "cp2-reset-attention-mask-positions", "cp2-inter-document-masking"])
+def test_real_corpus_documents_masked_as_megatrons_cp1(checkout, corpus, masked_reference, nproc, args):
+    if "--dataloader-inter-document-masking" in args and not _has_flag(checkout, "--dataloader-inter-document-masking"):
+        pytest.skip("this Megatron-LM tag has no --dataloader-inter-document-masking (core_v0.19.0 has)")
+    ours = pretrain(checkout, nproc, DOCUMENTS + args, data=corpus)
+    assert_same_losses(ours, masked_reference, range(1, ITERATIONS + 1))
+    assert_same_validation(ours, masked_reference)

@@ -1,5 +1,6 @@
-"""CPU smoke runs of real Megatron-LM scripts: the launch command meant for GPUs, run on CPU
-processes (gloo) to check it before booking them.
+"""CPU smoke runs of real Megatron-LM scripts: the launch command meant for GPUs, run unchanged on
+CPU processes (gloo) to check it before booking them; the flags that need CUDA (TransformerEngine,
+fused kernels, NCCL) are replaced by their local equivalents here, each change printed.
 
     torchrun --nproc-per-node 2 -m megatron_lightseq.run --cpu $MEGATRON_LM/pretrain_gpt.py ...     # with the plugin
     torchrun --nproc-per-node 2 -m megatron_lightseq.jobs.megatron_cpu $MEGATRON_LM/pretrain_gpt.py ...  # plain Megatron
@@ -265,11 +266,74 @@ def _trace_to_file(folder: str) -> None:
     atexit.register(write)
 
 
+# What a cluster's command asks for that has no CPU counterpart, and what the smoke run gives instead:
+# (flag, its values that need a change or None for any, the replacement, why).
+_REPLACED = (
+    ("--distributed-backend", None, ["--distributed-backend", "gloo"], "NCCL needs GPUs; gloo runs on CPU processes"),
+    ("--transformer-impl", ("transformer_engine", "inference_optimized"), ["--transformer-impl", "local"],
+     "TransformerEngine needs CUDA; Megatron's local layers do the same math"),
+    ("--use-flash-attn", None, [], "the flash-attn package needs CUDA"),
+    ("--attention-backend", ("flash", "fused"), ["--attention-backend", "auto"],
+     "TransformerEngine's flash/fused attention needs CUDA (auto: Megatron's local attention here)"),
+    ("--tp-comm-overlap", None, [], "TransformerEngine's userbuffers overlap needs CUDA"),
+)
+# Fused CUDA kernels Megatron uses unless told not to, each turned off where the command leaves it on.
+_UNFUSED = (
+    ("--no-rope-fusion", "the fused RoPE kernel needs TransformerEngine (\"apply_rope_fusion is not available\")"),
+    ("--no-persist-layer-norm", "the persistent layer norm needs Apex"),
+    ("--no-gradient-accumulation-fusion", "fused weight-gradient accumulation needs a CUDA extension"),
+    ("--no-masked-softmax-fusion", "the fused masked softmax needs a CUDA extension"),
+    ("--no-bias-dropout-fusion", "a fused CUDA kernel (torch.compile is off in the CPU mode)"),
+    ("--no-bias-gelu-fusion", "a fused CUDA kernel (torch.compile is off in the CPU mode)"),
+)
+
+
+def _flag_values(argv: list[str], flag: str) -> list[tuple[int, int]]:
+    """(start, end) of each occurrence of ``flag`` with its values (``--flag v`` or ``--flag=v``)."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            end = i + 1
+            while end < len(argv) and not argv[end].startswith("--"):
+                end += 1
+            found.append((i, end))
+        elif arg.startswith(flag + "="):
+            found.append((i, i + 1))
+    return found
+
+
+def cpu_command(argv: list[str], env: dict) -> list[str]:
+    """Turn the cluster's command (``argv``: the script and its flags, changed in place; ``env``:
+    the environment, changed in place) into the CPU smoke run's: each flag that needs CUDA replaced by
+    its local equivalent. Returns one line per change, saying what changed and why."""
+    notes = []
+    if env.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron asserts it at TP or CP > 1, before any CUDA call
+        notes.append("CUDA_DEVICE_MAX_CONNECTIONS=1 set: Megatron asserts it for TP/CP > 1 (a CUDA stream setting)")
+    for flag, values, replacement, why in _REPLACED:
+        spans = _flag_values(argv, flag)
+        given = [argv[a:b] for a, b in spans]
+        needs = [g for g in given if values is None or any(v.split("=")[-1] in values for v in g)]
+        absent_default = not spans and flag in ("--distributed-backend", "--transformer-impl")  # defaults need CUDA
+        if not needs and not absent_default:
+            continue
+        for a, b in reversed(spans):
+            del argv[a:b]
+        argv += replacement
+        was = " ".join(" ".join(g) for g in needs) or f"{flag} (default)"
+        notes.append(f"{was} -> {' '.join(replacement) or 'dropped'}: {why}")
+    for flag, why in _UNFUSED:
+        if flag not in argv:
+            argv.append(flag)
+            notes.append(f"{flag} added: {why}")
+    return notes
+
+
 def install(argv: list[str] | None = None) -> None:
-    """Make this process run a Megatron-LM script on CPU. ``argv`` (the script's, changed in place)
-    gets ``--distributed-backend gloo``: NCCL needs GPUs. Call before anything imports megatron."""
-    if argv is not None:
-        argv += ["--distributed-backend", "gloo"]
+    """Make this process run a Megatron-LM script on CPU. ``argv`` (the script's, changed in place):
+    the cluster's command, whose flags that need CUDA become their local equivalents
+    (:func:`cpu_command`, each change printed on rank 0). Call before anything imports megatron."""
+    changes = cpu_command(argv, os.environ) if argv is not None else []
     note = _python_311_typing()
     # torch.compile (Megatron's jit_fuser) would compile C++ for every fused op on CPU: minutes on a
     # small machine, for kernels a smoke run does not test.
@@ -283,6 +347,8 @@ def install(argv: list[str] | None = None) -> None:
         _trace_to_file(os.environ[ENV_TRACE_DIR])
     if _is_rank_zero():
         print(BANNER, flush=True)
+        for change in changes:
+            print(f"  changed for CPU: {change}", flush=True)
         if note:
             print(note, flush=True)
 

@@ -7,7 +7,7 @@ import importlib
 
 _WHERE = {
     "register": "backend", "lightseq_backend": "backend", "with_lightseq_attention": "backend",
-    "get_batch_on_this_cp_rank": "batch",
+    "get_batch_on_this_cp_rank": "batch", "get_document_batch_on_this_cp_rank": "batch",
     "LightSeqConfig": "config", "add_lightseq_args": "config", "parse_lightseq_args": "config",
     "settings_of": "config",
     "LightSeqAttention": "core_attention",

@@ -25,7 +25,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .config import LightSeqConfig, layout_for, settings_of
 from .core_attention import LightSeqAttention
-from .packed import for_megatron, packing_of
+from .packed import for_megatron, packing_of, packing_of_mask, sbhd_params
 from .positions import LayoutRotaryEmbedding, follow_layout
 
 NAME = "lightseq"
@@ -99,8 +99,9 @@ def _wrap_gpt_init(init):
 
 
 def _wrap_gpt_forward(forward):
-    """For packed documents: the rotary positions of this rank's tokens for the batch, and the
-    packed_seq_params Megatron's own layers should see (packed.for_megatron)."""
+    """For packed documents (in packed_seq_params, or read from the batch in place of the dense
+    attention_mask: packed.in_place_of_mask): the rotary positions of this rank's tokens for the
+    batch, and the packed_seq_params Megatron's own layers should see (packed.for_megatron)."""
     signature = inspect.signature(forward)
 
     @functools.wraps(forward)
@@ -109,12 +110,18 @@ def _wrap_gpt_forward(forward):
             return forward(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
         packing = packing_of(bound.arguments.get("packed_seq_params"))
-        if packing is None:
+        from_mask = packing_of_mask(bound.arguments.get("attention_mask"))  # --reset-attention-mask's documents
+        if packing is None and from_mask is None:
             return forward(*bound.args, **bound.kwargs)
         if not self.lightseq_packs:
             raise NotImplementedError(f"the lightseq backend takes packed documents with plain RoPE, this model has "
                                       f"{type(self.rotary_pos_emb).__name__}")
-        bound.arguments["packed_seq_params"] = for_megatron(bound.arguments["packed_seq_params"], packing)
+        if packing is None:
+            packing = from_mask
+            bound.arguments["attention_mask"] = None
+            bound.arguments["packed_seq_params"] = sbhd_params(packing)
+        else:
+            bound.arguments["packed_seq_params"] = for_megatron(bound.arguments["packed_seq_params"], packing)
         rope = getattr(self, "rotary_pos_emb", None)
         if isinstance(rope, LayoutRotaryEmbedding):
             rope.lightseq_packing = packing

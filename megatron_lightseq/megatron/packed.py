@@ -7,6 +7,10 @@ document) or "sbhd" (positions run over the whole sequence). The plugin reads th
 model forward (one host read per batch, not per layer) and keeps what it read as a
 :class:`Packing`; the window comes from ``config.window_size`` (not on the layers
 ``window_attn_skip_freq`` leaves out).
+
+Documents Megatron marks with ``--reset-attention-mask`` reach the model in no packed_seq_params:
+its pretrain_gpt.py hands the model the batch's ``attention_mask``, so the batch split puts the
+documents it read (documents.py) in that slot instead of the dense mask (:func:`in_place_of_mask`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ class Packing:
     cu_seqlens: tuple[int, ...]
     cu_seqlens_padded: tuple[int, ...] | None
     per_document: bool  # rotary positions restart at each document (qkv_format "thd")
+    # Rotary positions restart every sample_tokens tokens: a micro-batch's samples laid end to end
+    # (documents.py), each with the positions Megatron gives it alone. None: one sample.
+    sample_tokens: int | None = None
 
     @property
     def mask(self) -> dict:
@@ -50,6 +57,26 @@ def packing_of(packed_seq_params) -> Packing | None:
     packing = Packing(mask.cu_seqlens, mask.cu_seqlens_padded, packed_seq_params.qkv_format == "thd")
     packed_seq_params.lightseq_packing = packing
     return packing
+
+
+def in_place_of_mask(packing: Packing) -> torch.Tensor:
+    """What the batch split hands the model as ``attention_mask`` for documents read from the batch
+    (an empty tensor carrying them; :func:`packing_of_mask` reads it back)."""
+    carrier = torch.empty(0, dtype=torch.bool)
+    carrier.lightseq_packing = packing
+    return carrier
+
+
+def packing_of_mask(attention_mask) -> Packing | None:
+    return getattr(attention_mask, "lightseq_packing", None)
+
+
+def sbhd_params(packing: Packing):
+    """The packed_seq_params for documents that came without any (in place of the mask)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor(packing.cu_seqlens, dtype=torch.int32)
+    return for_megatron(PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu), packing)
 
 
 def for_megatron(packed_seq_params, packing: Packing):
@@ -88,4 +115,6 @@ def rotary_positions(layout: str, rank: int, world_size: int, tokens: int, packi
         starts = torch.tensor(packing.cu_seqlens_padded or packing.cu_seqlens)
         doc = (torch.searchsorted(starts, global_, right=True) - 1).clamp(max=len(starts) - 2)
         global_ = global_ - starts[doc]
+    elif packing is not None and packing.sample_tokens:
+        global_ = global_ % packing.sample_tokens
     return global_.to(device), int(global_.max()) + 1

@@ -1,0 +1,38 @@
+"""`run --cpu` takes the cluster's command unchanged: the flags that need CUDA become their local
+equivalents, each change reported, the rest of the command left as it was."""
+from megatron_lightseq.jobs.megatron_cpu import cpu_command
+
+CLUSTER = ["pretrain_gpt.py", "--num-layers", "2", "--transformer-impl", "transformer_engine", "--use-flash-attn",
+           "--attention-backend", "flash", "--tp-comm-overlap", "--distributed-backend=nccl", "--no-rope-fusion",
+           "--context-parallel-size", "2", "--lightseq-layout", "zigzag"]
+
+
+def test_cluster_flags_replaced_and_each_change_said():
+    argv, env = list(CLUSTER), {}
+    notes = cpu_command(argv, env)
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    kept = ["pretrain_gpt.py", "--num-layers", "2", "--no-rope-fusion", "--context-parallel-size", "2",
+            "--lightseq-layout", "zigzag"]
+    assert argv[:len(kept)] == kept
+    added = argv[len(kept):]
+    assert added[:6] == ["--distributed-backend", "gloo", "--transformer-impl", "local", "--attention-backend", "auto"]
+    assert sorted(added[6:]) == sorted(["--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+                                        "--no-masked-softmax-fusion", "--no-bias-dropout-fusion",
+                                        "--no-bias-gelu-fusion"])
+    assert "--use-flash-attn" not in argv and "--tp-comm-overlap" not in argv
+    said = "\n".join(notes)
+    for fragment in ("CUDA_DEVICE_MAX_CONNECTIONS=1 set", "--distributed-backend=nccl -> --distributed-backend gloo",
+                     "--transformer-impl transformer_engine -> --transformer-impl local", "--use-flash-attn -> dropped",
+                     "--attention-backend flash -> --attention-backend auto", "--no-persist-layer-norm added"):
+        assert fragment in said, said
+    assert "--no-rope-fusion added" not in said  # already there: nothing to say
+    assert len(notes) == 6 + 5
+
+
+def test_a_command_already_local_changes_only_the_defaults():
+    argv = ["pretrain_gpt.py", "--attention-backend", "lightseq", "--transformer-impl", "local"]
+    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    notes = cpu_command(argv, env)
+    assert argv[:5] == ["pretrain_gpt.py", "--attention-backend", "lightseq", "--transformer-impl", "local"]
+    assert notes[0] == "--distributed-backend (default) -> --distributed-backend gloo: NCCL needs GPUs; gloo runs on CPU processes"
+    assert not any("transformer-impl" in n or "attention-backend" in n for n in notes)
