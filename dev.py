@@ -73,11 +73,11 @@ def main(argv: list[str]) -> int:
     if code or argv[1:]:
         return code
     print("\nThe Megatron tests again, with megatron-core 0.19.2:")
-    # The glue, the equivalence cases at odd CP and TP x CP (plain, packed, windowed), remat and
-    # checkpoints; the TP-traffic counts check the planner, not the glue.
+    # The glue, the equivalence cases at odd CP and TP x CP (plain, packed, windowed), remat,
+    # checkpoints and the hybrid --cp-comm-type groups; the TP-traffic counts check the planner, not the glue.
     return run(MCORE19, ["-m", "pytest", "-q", "tests/test_megatron_glue.py", "tests/test_megatron_gpt.py",
                          "tests/test_megatron_remat.py", "tests/test_megatron_packed.py",
-                         "tests/test_megatron_checkpoint.py", "-k",
+                         "tests/test_megatron_checkpoint.py", "tests/test_megatron_hybrid.py", "-k",
                          "(not test_lightseq_matches_cp1 and not test_packed_and_windowed) or cp3 or tp2"])
 
 
