@@ -1,4 +1,6 @@
-"""The kernel benchmark runs end to end on tiny shapes (its numbers mean nothing on CPU)."""
+"""The benchmarks run end to end on tiny sizes (their numbers are for the JSON, not for tests):
+the kernel benchmark writes every section; the host-overhead one's steady state makes no
+collective or host read, plain and packed."""
 import importlib.util
 import json
 import os
@@ -6,10 +8,16 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_kernel_benchmark_smoke_writes_every_section(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "benchmarks", "kernels.py"))
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module (the folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_kernel_benchmark_smoke_writes_every_section(tmp_path):
+    bench = _benchmark("kernels")
     out = tmp_path / "kernels.json"
     assert bench.main(["--smoke", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -17,3 +25,12 @@ def test_kernel_benchmark_smoke_writes_every_section(tmp_path):
     assert {r["mask"] for r in result["blocks"]} == {"causal", "full"}
     assert {r["world_size"] for r in result["emulated"]["rows"]} == {2, 3}
     assert all(r["kernels"]["torch"]["fwd_s"] > 0 for r in result["blocks"])
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    bench = _benchmark("overhead")
+    out = tmp_path / "overhead.json"
+    assert bench.main(["--world-sizes", "2", "3", "--calls", "2", "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["runs"]["latest"]["rows"]
+    assert {(r["world_size"], r["workload"]) for r in rows} == {(p, w) for p in (2, 3) for w in bench.WORKLOADS}
+    assert all(r["call_s"] > 0 and r["collectives_per_call"] == 0 == r["host_reads_per_call"] for r in rows)
