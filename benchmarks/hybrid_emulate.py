@@ -25,7 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_lightseq.distattn.emulate import emulate_dist_attn  # noqa: E402
+from megatron_lightseq.distattn.run.emulate import emulate_dist_attn  # noqa: E402
 from megatron_lightseq.kernels import resolve_kernel  # noqa: E402
 
 

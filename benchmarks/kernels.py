@@ -27,10 +27,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_lightseq.distattn.emulate import emulate_dist_attn  # noqa: E402
+from megatron_lightseq.distattn.run.emulate import emulate_dist_attn  # noqa: E402
 from megatron_lightseq.kernels import get_kernel, kernel_names, resolve_kernel  # noqa: E402
 from megatron_lightseq.kernels.auto import device_time  # noqa: E402
-from megatron_lightseq.kernels.mask import Mask  # noqa: E402
+from megatron_lightseq.distattn.plan.mask import Mask  # noqa: E402
 from megatron_lightseq.kernels.merge import merge_into  # noqa: E402
 
 CAUSAL = Mask(causal=True)

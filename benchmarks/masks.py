@@ -23,8 +23,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron_lightseq.distattn.plan import Shape  # noqa: E402
-from megatron_lightseq.distattn.schedules import build_plan, choose_schedule  # noqa: E402
+from megatron_lightseq.distattn.plan.plan import Shape  # noqa: E402
+from megatron_lightseq.distattn.plan.schedules import build_plan, choose_schedule  # noqa: E402
 from megatron_lightseq.planner.masks import documents, megatron_thd_padding  # noqa: E402
 
 TOKENS = 128 * 1024

@@ -73,7 +73,7 @@ class _VirtualGroup:
     """P virtual ranks with their own agreed-signature state, as P processes would have."""
 
     def __init__(self, world_size: int) -> None:
-        from megatron_lightseq.distattn.exchange import Mailbox, VirtualExchange
+        from megatron_lightseq.distattn.transport.exchange import Mailbox, VirtualExchange
 
         self.mailbox = Mailbox()
         self.exchanges = [VirtualExchange(self.mailbox, r, world_size) for r in range(world_size)]
@@ -125,7 +125,7 @@ class _VirtualGroup:
 def _one_call(group: _VirtualGroup, inputs, options) -> int:
     """One forward + backward on every virtual rank; the plan's steps (forward + backward)."""
     from megatron_lightseq.distattn.checks import checked_call
-    from megatron_lightseq.distattn.executor import backward_steps, forward_steps
+    from megatron_lightseq.distattn.run.executor import backward_steps, forward_steps
 
     calls = [group.timed(r, lambda r=r: checked_call(*inputs[r][:3], exchange=group.exchanges[r], **options))
              for r in range(len(inputs))]

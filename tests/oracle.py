@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lightseq.kernels.mask import Mask
+from megatron_lightseq.distattn.plan.mask import Mask
 
 CAUSAL, FULL = Mask(causal=True), Mask(causal=False)  # the plain masks, for kernel calls
 

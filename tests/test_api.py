@@ -130,7 +130,7 @@ def test_single_process_call_and_trace_scope():
 def test_cuda_graph_capture_is_refused_by_name(monkeypatch):
     """Inside a CUDA graph capture dist_attn says it cannot be captured, before anything that would
     break the capture (host reads, timing, allocations); elsewhere nothing changes."""
-    from megatron_lightseq.distattn.checks import refuse_capture
+    from megatron_lightseq.distattn.transport.agreement import refuse_capture
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):

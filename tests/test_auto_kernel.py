@@ -98,7 +98,7 @@ def test_auto_on_cpu_is_torchs_flash_op_without_measuring():
 
 def _agreed_choice(rank, world_size):
     import megatron_lightseq as mls
-    import megatron_lightseq.distattn.call as call_module
+    import megatron_lightseq.distattn.run.pipeline as call_module
 
     auto = AutoKernel([get_kernel("torch"), get_kernel("math")])
     measured = []

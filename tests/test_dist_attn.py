@@ -12,7 +12,7 @@ import torch
 
 import megatron_lightseq as mls
 from harness import run_ranks
-from megatron_lightseq.distattn.plan import Shape
+from megatron_lightseq.distattn.plan.plan import Shape
 from mask_cases import dense_allowed, documents, masked_reference
 from oracle import reference_attention, reference_with_grads
 
@@ -79,7 +79,7 @@ def _exact_matrix(rank, world_size):
 
 def _mask_matrix(rank, world_size):
     """Documents and windows on real ranks (tests/test_masks.py sweeps them wider, emulated)."""
-    from megatron_lightseq.distattn import layout as layouts
+    from megatron_lightseq.distattn.plan import layout as layouts
 
     layouts.MIN_CHUNK_TOKENS = 2  # 8 chunks a rank in short sequences too (this process only)
     p = world_size

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import megatron_lightseq as mls
-from megatron_lightseq.distattn.emulate import emulate_dist_attn
+from megatron_lightseq.distattn.run.emulate import emulate_dist_attn
 from oracle import reference_with_grads
 
 
@@ -32,12 +32,12 @@ def test_kernel_calls_name_the_calls_the_executor_makes():
     """What kernel="auto" settles before the first transfer (executor.kernel_calls) is what the
     executor then calls, on every rank: with the balanced layout a rank's own queries may sit in
     several runs of rows, which the forward runs as "forward" and merges after, not "forward_into"."""
-    from megatron_lightseq.distattn.call import resolve_call
-    from megatron_lightseq.distattn.executor import forward_call, kernel_calls
+    from megatron_lightseq.distattn.plan.call import resolve_plan
+    from megatron_lightseq.distattn.run.executor import forward_call, kernel_calls
     from megatron_lightseq.kernels import get_kernel, register_kernel
     from megatron_lightseq.kernels.auto import AutoKernel
     from megatron_lightseq.kernels.base import BlockKernel
-    from megatron_lightseq.kernels.mask import make_mask
+    from megatron_lightseq.distattn.plan.mask import mask_of
     from mask_cases import documents
 
     made, math = [], get_kernel("math")
@@ -69,11 +69,11 @@ def test_kernel_calls_name_the_calls_the_executor_makes():
     k, v = (torch.randn(1, tokens, 1, 8, generator=g, dtype=torch.float64) for _ in range(2))
     emulate_dist_attn(q, k, v, dout, world_size=p, layout="balanced", schedule="ring", kernel="recording", **mask)
     q0, k0 = (mls.shard(x, layout="balanced", rank=0, world_size=p, **mask) for x in (q, k))
-    call = resolve_call(q0, k0, world_size=p, layout="balanced", schedule="ring", mask=make_mask(**mask),
-                        softmax_scale=None, kernel="recording")
-    chunk_len = q0.shape[1] // len(call.plan.owned(0))
-    own_split = [b for step in call.plan.forward for r, rs in enumerate(step) for b in rs.blocks
-                 if b.q_owner == r and forward_call(call.plan, r, b, chunk_len) == "forward"]
+    shape = mls.Shape.of(q0, k0)
+    views = [resolve_plan(shape, world_size=p, layout="balanced", schedule="ring", mask=mask_of(**mask), rank=r)
+             for r in range(p)]
+    own_split = [b for view in views for rs in view.forward for b in rs.blocks
+                 if b.q_owner == view.rank and forward_call(view, b) == "forward"]
     assert own_split, "the case must have a rank's own queries in several runs"
-    settled = [AutoKernel.kind(*c) for c in kernel_calls(call, mls.Shape.of(q0, k0), q.device, True)]
+    settled = [AutoKernel.kind(*c) for view in views for c in kernel_calls(view, shape, q.device, 8 ** -0.5, True)]
     assert sorted(settled) == sorted(made)

@@ -6,9 +6,9 @@ scripts/gpu_check.sh."""
 import pytest
 import torch
 
-from megatron_lightseq.distattn.emulate import emulate_dist_attn
+from megatron_lightseq.distattn.run.emulate import emulate_dist_attn
 from megatron_lightseq.kernels import AUTO_ORDER, get_kernel, resolve_kernel
-from megatron_lightseq.kernels.mask import Mask
+from megatron_lightseq.distattn.plan.mask import Mask
 from oracle import CAUSAL, allowed_by_hand, assert_within_twice_plain, block_reference, reference_with_grads
 
 pytestmark = pytest.mark.gpu

@@ -8,11 +8,11 @@ import torch
 
 import megatron_lightseq as mls
 from harness import run_ranks
-from megatron_lightseq.distattn.emulate import emulate_dist_attn
-from megatron_lightseq.distattn.hybrid import HeadSplit, build_hybrid_plan, outer_layout, resolve_hybrid
-from megatron_lightseq.distattn.layout import layout_of
-from megatron_lightseq.distattn.plan import Shape
-from megatron_lightseq.kernels.mask import make_mask
+from megatron_lightseq.distattn.run.emulate import emulate_dist_attn
+from megatron_lightseq.distattn.plan.hybrid import HeadSplit, build_hybrid_plan, outer_layout, resolve_hybrid
+from megatron_lightseq.distattn.plan.layout import layout_of
+from megatron_lightseq.distattn.plan.plan import Shape
+from megatron_lightseq.distattn.plan.mask import mask_of
 from mask_cases import dense_allowed, documents, masked_reference
 
 F64 = dict(rtol=1e-10, atol=1e-10)
@@ -73,7 +73,7 @@ def test_emulated_hybrid_matches_the_oracle_and_its_bytes(p, u):
         local = mls.shard(q, layout=layout, rank=0, world_size=p, **mask).shape[1]
         shape = Shape(q.shape[0], local, h, hkv, 8, torch.float64)
         hyb = resolve_hybrid(shape, world_size=p, inner=u, layout=layout, schedule="auto",
-                             mask=make_mask(mask["causal"], mask.get("cu_seqlens"), mask.get("window_size", (-1, -1))))
+                             mask=mask_of(mask["causal"], mask.get("cu_seqlens"), mask.get("window_size", (-1, -1))))
         assert (t.a2a_bytes_sent, t.a2a_bytes_received) == (_predicted(hyb, shape, "intra"),) * 2, label
         assert (t.bytes_sent, t.bytes_received) == (_predicted(hyb, shape, "inter"),) * 2, label
         assert (t.a2a_bytes_sent > 0) == (u > 1), label
@@ -163,7 +163,7 @@ def _hybrid_on_ranks(rank, world_size, splits):
                 torch.testing.assert_close(pick(a), pick(part), **F64, msg=lambda m: f"{label}: {name}: {m}")
             shape = Shape.of(q, k)
             hyb = resolve_hybrid(shape, world_size=world_size, inner=u, layout=layout, schedule="auto",
-                                 mask=make_mask(causal, mask.get("cu_seqlens"), mask.get("window_size", (-1, -1))))
+                                 mask=mask_of(causal, mask.get("cu_seqlens"), mask.get("window_size", (-1, -1))))
             for side, got in (("sends", (t.a2a_bytes_sent, t.bytes_sent)), ("recvs", (t.a2a_bytes_received, t.bytes_received))):
                 want = (hyb.bytes(rank, shape, side=side, link="intra", lse=True), hyb.bytes(rank, shape, side=side, link="inter"))
                 assert got == want, f"{label} {side}: {got} != {want}"

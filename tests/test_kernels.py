@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from megatron_lightseq.kernels import get_kernel, kernel_names, resolve_kernel
-from megatron_lightseq.kernels.base import mask_kind, span_of
-from megatron_lightseq.kernels.mask import Mask
+from megatron_lightseq.kernels.base import mask_kind
+from megatron_lightseq.distattn.plan.runs import span_of
+from megatron_lightseq.distattn.plan.mask import Mask
 from megatron_lightseq.kernels.merge import merge_into
 from oracle import CAUSAL, FULL, allowed_by_hand, block_reference, reference_attention
 

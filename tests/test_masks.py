@@ -9,8 +9,8 @@ import torch
 
 import megatron_lightseq as mls
 from mask_cases import DOCUMENTS, dense_allowed, documents, masked_reference, padded
-from megatron_lightseq.distattn.emulate import emulate_dist_attn
-from megatron_lightseq.distattn.plan_check import check_plan
+from megatron_lightseq.distattn.run.emulate import emulate_dist_attn
+from megatron_lightseq.distattn.plan.check import check_plan
 
 EXACT = dict(rtol=1e-10, atol=1e-10)
 HEADS = [(4, 4), (6, 2), (4, 1)]
@@ -20,7 +20,7 @@ HEADS = [(4, 4), (6, 2), (4, 1)]
 def small_chunks(monkeypatch):
     """Chunks of 2 tokens instead of 16, so that short test sequences are cut 8 chunks a rank too;
     one intra-op thread (these tensors are tiny: more threads only contend)."""
-    from megatron_lightseq.distattn import layout, schedules
+    from megatron_lightseq.distattn.plan import layout, schedules
 
     monkeypatch.setattr(layout, "MIN_CHUNK_TOKENS", 2)
     threads = torch.get_num_threads()
@@ -167,8 +167,8 @@ def test_chunk_pair_areas_are_exact():
     """work.py's prefix-sum count against the dense mask, over random masks of every kind."""
     import random
 
-    from megatron_lightseq.distattn.work import _Pieces, _Tokens, area_from
-    from megatron_lightseq.kernels.mask import make_mask
+    from megatron_lightseq.distattn.plan.work import _Pieces, _Tokens, area_from
+    from megatron_lightseq.distattn.plan.mask import mask_of
 
     rng = random.Random(0)
     for _ in range(400):
@@ -182,7 +182,7 @@ def test_chunk_pair_areas_are_exact():
         window = (rng.choice((-1, 0, 1, 3, 50)), rng.choice((-1, 0)) if causal else rng.choice((-1, 0, 2, 50)))
         want = dense_allowed(tokens, causal=causal, window_size=window, **mask)
         want = want.view(chunks, tokens // chunks, chunks, tokens // chunks).sum((1, 3))
-        made = make_mask(causal, mask.get("cu_seqlens"), window, mask.get("cu_seqlens_padded"))
+        made = mask_of(causal, mask.get("cu_seqlens"), window, mask.get("cu_seqlens_padded"))
         pieces = _Pieces.of(made, tokens)
         assert pieces is not None, (made, tokens)  # the fast way knows every mask's edges
         for sums in (pieces, _Tokens(made, tokens)):

@@ -91,7 +91,7 @@ def _compare(rank, world_size, p: Packed):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.enums import AttnBackend
 
-    from megatron_lightseq.distattn import layout as layouts
+    from megatron_lightseq.distattn.plan import layout as layouts
 
     layouts.MIN_CHUNK_TOKENS = 2  # several chunks a rank in this short sequence (this process only)
     case = p.case
@@ -215,7 +215,7 @@ def _dataloader_documents(rank, world_size, position):
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnBackend
 
-    from megatron_lightseq.distattn import layout as layouts
+    from megatron_lightseq.distattn.plan import layout as layouts
     from megatron_lightseq.megatron.batch import get_document_batch_on_this_cp_rank
 
     layouts.MIN_CHUNK_TOKENS = 2

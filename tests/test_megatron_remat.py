@@ -63,7 +63,7 @@ def _recompute_variants(rank, world_size):
 def _remat_agrees_backward_kernels(mlm, reference):
     """kernel="auto" under remat: the first pass (under no_grad) settles the backward kernels with
     the group too, once for all layers; the recompute and the backward settle and measure nothing."""
-    import megatron_lightseq.distattn.call as call_module
+    import megatron_lightseq.distattn.run.pipeline as call_module
     from megatron_lightseq.kernels import get_kernel
     from megatron_lightseq.kernels.auto import AutoKernel
 

@@ -1,4 +1,4 @@
-"""The memory model of dist_attn (planner/memory.py: attention_bytes) against the tensors the
+"""The memory model of dist_attn (distattn/run/memory.py: attention_bytes) against the tensors the
 executor and kernels create, counted as they are made and freed (allocations.py) while one rank
 of a plan runs forward and backward on meta tensors (real sizes, nothing computed) with
 Megatron's layout ([s, b, h, d] views) and a transport that delivers nothing but keeps what it
@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from allocations import Allocations
-from megatron_lightseq.distattn.call import Call, resolve_plan
-from megatron_lightseq.distattn.exchange import Exchange, Pending
-from megatron_lightseq.distattn.executor import backward_steps, drive, forward_steps
-from megatron_lightseq.distattn.plan import Shape
+from megatron_lightseq.distattn.plan.call import resolve_plan
+from megatron_lightseq.distattn.transport.exchange import Exchange, Pending
+from megatron_lightseq.distattn.run.executor import backward_steps, drive, forward_steps
+from megatron_lightseq.distattn.plan.plan import Shape
 from megatron_lightseq.kernels import merge
 from megatron_lightseq.kernels.cudnn import CudnnKernel
-from megatron_lightseq.kernels.mask import Mask
-from megatron_lightseq.planner.memory import attention_bytes, attention_rank_bytes, lightseq_memory
+from megatron_lightseq.distattn.plan.mask import Mask
+from megatron_lightseq.distattn import attention_bytes, attention_rank_bytes
+from megatron_lightseq.planner.memory import lightseq_memory
 from megatron_lightseq.planner.model import MODELS
 
 triton_kernels = pytest.importorskip("megatron_lightseq.kernels.triton_kernels")
@@ -52,11 +53,11 @@ def meta_kernels(monkeypatch):
 def _measured(kernel, plan, rank, batch, seqlen, heads, headdim=64):
     sbhd = lambda n: torch.empty(seqlen, batch, n, headdim, device="meta", dtype=torch.bfloat16).transpose(0, 1)
     q, k, v, dout = sbhd(heads[0]), sbhd(heads[1]), sbhd(heads[1]), sbhd(heads[0])
-    call = Call(plan, kernel, headdim ** -0.5)
+    view, scale = plan.view(rank), headdim ** -0.5
     with Allocations("meta") as fwd:
-        out, lse = drive(forward_steps(call, _Keeping(rank, plan.world_size), q, k, v))
+        out, lse = drive(forward_steps(view, kernel, scale, _Keeping(rank, plan.world_size), q, k, v))
     with Allocations("meta") as bwd:
-        drive(backward_steps(call, _Keeping(rank, plan.world_size), dout, q, k, v, out, lse))
+        drive(backward_steps(view, kernel, scale, _Keeping(rank, plan.world_size), dout, q, k, v, out, lse))
     return fwd.peak, bwd.peak
 
 
@@ -79,10 +80,10 @@ def test_memory_model_bounds_what_the_executor_and_kernels_allocate(meta_kernels
     for rank in range(world_size):
         got = _measured(meta_kernels[kernel], plan, rank, batch, seqlen, heads)
         for phase, peak in zip(("forward", "backward"), got):
-            model = attention_rank_bytes(plan, shape, rank, phase, kernel)
+            model = attention_rank_bytes(plan.view(rank), shape, phase, kernel)
             assert peak <= model <= 1.04 * peak, (rank, phase, peak, model)
     assert attention_bytes(plan, shape, kernel=kernel) == max(
-        attention_rank_bytes(plan, shape, r, p, kernel) for r in range(world_size) for p in ("forward", "backward"))
+        attention_rank_bytes(plan.view(r), shape, p, kernel) for r in range(world_size) for p in ("forward", "backward"))
 
 
 def test_memory_model_counts_what_the_old_estimate_left_out():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import megatron_lightseq as mls
-from megatron_lightseq.distattn.hybrid import build_hybrid_plan
-from megatron_lightseq.distattn.plan import Shape
+from megatron_lightseq.distattn.plan.hybrid import build_hybrid_plan
+from megatron_lightseq.distattn.plan.plan import Shape
 from megatron_lightseq.planner import hybrid
 from megatron_lightseq.planner.model import MODELS, Machine
 from megatron_lightseq.planner.timing import plan_seconds

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from megatron_lightseq import build_plan
-from megatron_lightseq.distattn.plan import Payload, Shape, Transfer
-from megatron_lightseq.distattn.plan_check import check_plan
-from megatron_lightseq.distattn.schedules import SCHEDULES, choose_schedule
+from megatron_lightseq.distattn.plan.plan import Payload, Shape, Transfer
+from megatron_lightseq.distattn.plan.check import check_plan
+from megatron_lightseq.distattn.plan.schedules import SCHEDULES, choose_schedule
 
 ALL = [(s, lay, p, c) for s in SCHEDULES for lay in ("contiguous", "zigzag") for p in range(1, 17)
        for c in (True, False)]

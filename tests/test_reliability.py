@@ -210,7 +210,7 @@ def _watched(rank, world_size, mode):
 
     import torch.distributed as dist
 
-    from megatron_lightseq.distattn import exchange as exchange_module
+    from megatron_lightseq.distattn.transport import exchange as exchange_module
 
     exchange_module.HOST_WAIT_BACKENDS = ()
     aborted = []

@@ -8,7 +8,7 @@ triton = pytest.importorskip("triton")
 import megatron_lightseq as mls  # noqa: E402
 from harness import run_ranks  # noqa: E402
 from megatron_lightseq.kernels import get_kernel  # noqa: E402
-from megatron_lightseq.kernels.mask import Mask  # noqa: E402
+from megatron_lightseq.distattn.plan.mask import Mask  # noqa: E402
 from megatron_lightseq.kernels.tiles import tile_tables  # noqa: E402
 from megatron_lightseq.kernels.triton_kernels import merge_into as triton_merge  # noqa: E402
 from megatron_lightseq.kernels.merge import merge_into  # noqa: E402

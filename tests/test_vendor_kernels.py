@@ -13,7 +13,7 @@ from megatron_lightseq.kernels import get_kernel
 from megatron_lightseq.kernels.base import mask_kind
 from megatron_lightseq.kernels.cudnn import CudnnKernel
 from megatron_lightseq.kernels.flash_attn_adapter import FlashAttnKernel, unknown_parameters
-from megatron_lightseq.kernels.mask import Mask
+from megatron_lightseq.distattn.plan.mask import Mask
 from megatron_lightseq.kernels.sdpa import TorchSdpaKernel
 from oracle import CAUSAL, allowed_by_hand, block_reference
 from test_kernels import MASKED, SPANS, _inputs, assert_matches, masked_case

@@ -1,13 +1,19 @@
-"""``dist_attn``: exact attention over a sequence split across the ranks of a process group."""
+"""``dist_attn``: exact attention over a sequence split across the ranks of a process group.
+
+The public keywords become one Mask and one Call (plan/call.py) here; the ranks agree on the call
+(transport/agreement.py) and the autograd Function runs this rank's pipeline (run/pipeline.py).
+"""
 from __future__ import annotations
 
 import torch
 
-from .autograd import DistAttnFunction
-from .checks import checked_call
-from .exchange import GroupExchange
-from .failures import DEFAULT_TIMEOUT
-from .ulysses import hybrid_attn
+from ..kernels import kernel_names, unknown_kernel
+from .plan.call import FIELDS, local_problem
+from .plan.mask import mask_of
+from .run.pipeline import DistAttnFunction, RankRun, prepare
+from .transport.agreement import agree, refuse_capture
+from .transport.exchange import GroupExchange, Mailbox, VirtualExchange
+from .transport.failures import DEFAULT_TIMEOUT
 
 
 def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, layout: str = "contiguous",
@@ -45,16 +51,10 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     seqlen_local)`` in float32 (float64 for float64 inputs), not differentiable. Differentiable in
     q, k and v; the backward uses the saved out and lse and does not re-run the forward.
     """
-    if heads_group is not None:
-        return hybrid_attn(q, k, v, inner_group=heads_group, outer_group=group, timeout=timeout, label=label,
-                           return_lse=return_lse, backward=backward, layout=layout, schedule=schedule, causal=causal,
-                           cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
-                           softmax_scale=softmax_scale, kernel=kernel)
-    exchange = GroupExchange(group, timeout=timeout, label=label)
-    call = checked_call(q, k, v, exchange=exchange, layout=layout, schedule=schedule, causal=causal,
-                        cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
-                        softmax_scale=softmax_scale, kernel=kernel, backward=backward)
-    out, lse = DistAttnFunction.apply(q, k, v, call, exchange, None)
+    run = _agreed_run(q, k, v, group, heads_group, timeout, label, backward, layout=layout, schedule=schedule,
+                      causal=causal, cu_seqlens=cu_seqlens, window_size=window_size,
+                      cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel)
+    out, lse = DistAttnFunction.apply(q, k, v, run, None, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -69,13 +69,58 @@ def dist_attn_from_saved(q, k, v, out, lse, *, group=None, layout: str = "contig
     aware checkpointing uses it.
     With ``heads_group`` q, k, v, out and lse still go through the all-to-all (the outer plan's
     backward needs them by heads); the outer plan computes and sends nothing."""
-    if heads_group is not None:
-        return hybrid_attn(q, k, v, inner_group=heads_group, outer_group=group, timeout=timeout, label=label,
-                           saved=(out, lse), layout=layout, schedule=schedule, causal=causal, cu_seqlens=cu_seqlens,
-                           window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
-                           softmax_scale=softmax_scale, kernel=kernel)
-    exchange = GroupExchange(group, timeout=timeout, label=label)
-    call = checked_call(q, k, v, exchange=exchange, layout=layout, schedule=schedule, causal=causal,
-                        cu_seqlens=cu_seqlens, window_size=window_size, cu_seqlens_padded=cu_seqlens_padded,
-                        softmax_scale=softmax_scale, kernel=kernel, backward=True)
-    return DistAttnFunction.apply(q, k, v, call, exchange, (out, lse))[0]
+    run = _agreed_run(q, k, v, group, heads_group, timeout, label, True, layout=layout, schedule=schedule,
+                      causal=causal, cu_seqlens=cu_seqlens, window_size=window_size,
+                      cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel)
+    return DistAttnFunction.apply(q, k, v, run, (out, lse), False)[0]
+
+
+def _exchanges(group, heads_group, timeout, label) -> tuple[GroupExchange | VirtualExchange, GroupExchange | None]:
+    """(the plan's exchange, the all-to-all's or None)."""
+    if heads_group is None:
+        return GroupExchange(group, timeout=timeout, label=label), None
+    inner = GroupExchange(heads_group, timeout=timeout, label=label)
+    if group is None:  # pure Ulysses: the outer plan runs on one rank
+        outer = VirtualExchange(Mailbox(), 0, 1)
+        outer.timeout, outer.label = timeout, label
+    else:
+        outer = GroupExchange(group, timeout=timeout, label=label)
+        # a rank failing in one group (a kernel in the outer plan, a wait in the all-to-all) leaves
+        # ranks of the other waiting on it: record the failure in both
+        inner.linked, outer.linked = outer, inner
+    return outer, inner
+
+
+def _agreed_run(q, k, v, group, heads_group, timeout, label, backward, *, layout, schedule, causal, cu_seqlens,
+                window_size, cu_seqlens_padded, softmax_scale, kernel) -> RankRun:
+    """This rank's run of the call, once every rank of its group(s) has passed its checks and
+    all agree on the call; else ValueError on every rank together, before any transfer.
+    ``backward``: whether a backward will run from the results (None: grad mode and
+    requires_grad say)."""
+    if isinstance(q, torch.Tensor):
+        refuse_capture(q.device)
+    plan_ex, inner_ex = _exchanges(group, heads_group, timeout, label)
+    if backward is None:
+        backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
+    run, problem = None, local_problem(q, k, v, layout=layout, schedule=schedule, softmax_scale=softmax_scale,
+                                       timeout=timeout)
+    if problem is None and kernel not in kernel_names():
+        problem = unknown_kernel(kernel)
+    if problem is None and not isinstance(backward, bool):
+        problem = f"backward must be None, True or False, got {backward!r}"
+    if problem is None:
+        try:
+            mask = mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
+            inner = None if inner_ex is None else inner_ex.world_size
+            call, block_kernel = prepare(q, k, mask=mask, layout=layout, schedule=schedule,
+                                         softmax_scale=softmax_scale, kernel=kernel, backward=backward,
+                                         world_size=plan_ex.world_size * (inner or 1), inner=inner)
+            run = RankRun(call, block_kernel, plan_ex, inner_ex)
+        except ValueError as e:  # the mask, the kernel for these inputs, sizes that do not fit
+            problem = str(e)
+    settle = None
+    if run is not None and hasattr(run.kernel, "settle"):  # kernel="auto" on CUDA
+        settle = lambda: run.settle(q.device)  # noqa: E731
+    agree((plan_ex,) if inner_ex is None else (inner_ex, plan_ex), None if run is None else run.call, problem,
+          FIELDS, settle)
+    return run

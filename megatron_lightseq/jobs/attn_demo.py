@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..distattn.schedules import SCHEDULE_CHOICES
+from ..distattn.plan.schedules import SCHEDULE_CHOICES
 from ..kernels import OPTIONAL, kernel_names, unknown_kernel
 from .launch import Place, RanksFailed, run_local
 
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _oracle(args, dtype):
     """Inputs (in ``dtype``) and the float64 whole-sequence (out, dq, dk, dv), same on every rank."""
-    from ..kernels.mask import Mask
+    from ..distattn import Mask
     from ..kernels.math import MathKernel
 
     g = torch.Generator().manual_seed(0)
@@ -69,9 +69,8 @@ def _oracle(args, dtype):
 
 def _rank_main(place: Place, args) -> list[dict]:
     import megatron_lightseq as mls
-    from ..distattn.call import resolve_plan
-    from ..distattn.plan import Shape
-    from ..kernels.mask import Mask
+    from ..distattn import Mask, Shape
+    from ..distattn.plan.call import resolve_plan
 
     rank = place.rank
     torch.set_num_threads(1)

@@ -252,7 +252,7 @@ def _trace_to_file(folder: str) -> None:
     import atexit
     import json
 
-    from ..distattn.trace import trace
+    from ..distattn import trace
 
     counting = trace()
     counters = counting.__enter__()

@@ -277,9 +277,8 @@ def _rank_main(place: Place, args):
 def _predicted(args, world: int) -> dict:
     """Bytes per GPU per layer per step: lightseq's from each step's plan (the busiest rank over the
     run, as measured), TP's from the planner's count of one layer's collectives."""
-    from ..distattn.call import resolve_plan
-    from ..distattn.plan import Shape
-    from ..kernels.mask import make_mask
+    from ..distattn import Shape, mask_of
+    from ..distattn.plan.call import resolve_plan
     from ..megatron.config import layout_for
     from ..planner.model import ModelSpec
     from ..planner.traffic import tp_traffic
@@ -289,7 +288,7 @@ def _predicted(args, world: int) -> dict:
     per_rank = [0] * world
     for step in range(args.steps):
         cu = _documents(args, step)
-        mask = make_mask(True, cu)
+        mask = mask_of(True, cu)
         padded = layout_of_run(args, world, mask)
         shape = Shape(args.batch, padded // world, args.heads, args.kv_heads, args.hidden // args.heads,
                       torch.float32)
@@ -303,7 +302,7 @@ def _predicted(args, world: int) -> dict:
 
 def layout_of_run(args, world: int, mask) -> int:
     """The sequence's length as the lightseq ranks hold it (padded to whole chunks with documents)."""
-    from ..distattn.layout import layout_of
+    from ..distattn.plan.layout import layout_of
     from ..megatron.config import layout_for
 
     lay = layout_of(layout_for(args.lightseq, mask.cu_seqlens is not None), world, mask, args.seq)

@@ -25,10 +25,32 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import BlockKernel, Span, mask_kind
-from .mask import Mask
+from .base import BlockKernel, MaskLike, Span, mask_kind
 
 Timer = Callable[[Callable[[], object], torch.device], float]
+_CALLS = ("forward_into", "forward", "backward")
+_MASK_KINDS = ("full", "causal", "general")
+_DTYPES = ("torch.float64", "torch.float32", "torch.bfloat16", "torch.float16")
+_DEVICES = ("cpu", "cuda", "meta", "xpu", "mps")
+# The kinds one rank's blocks can take: 3 calls x 3 mask kinds x 8 x 8 block lengths in chunks
+# (a block holds 1 to 8 of a rank's chunks a side, distattn/plan/layout.MAX_CHUNKS_PER_RANK).
+KINDS_PER_RANK = 3 * 3 * 8 * 8
+_CODE = 11  # numbers per kind: call, mask kind, dtype, device, q shape (4), k's sequence and heads, a spare
+
+
+def _encode(kind: str) -> list[float]:
+    """A kind (AutoKernel.kind) as numbers that travel in settle()'s row; _decode reverses it."""
+    call, q_shape, k_shape, dtype, device, mask = kind.split("|")
+    b, sq, h, d = (int(x) for x in q_shape.split("x"))
+    _, sk, g, _ = (int(x) for x in k_shape.split("x"))
+    return [float(x) for x in (_CALLS.index(call), _MASK_KINDS.index(mask), _DTYPES.index(dtype),
+                               _DEVICES.index(device), b, sq, h, d, sk, g, 0)]
+
+
+def _decode(code: tuple) -> str:
+    call, mask, dtype, device, b, sq, h, d, sk, g, _ = (int(x) for x in code)
+    return "|".join((_CALLS[call], f"{b}x{sq}x{h}x{d}", f"{b}x{sk}x{g}x{d}", _DTYPES[dtype], _DEVICES[device],
+                     _MASK_KINDS[mask]))
 
 
 def device_time(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
@@ -90,30 +112,44 @@ class AutoKernel(BlockKernel):
             self._times[kind] = {c: 0.0 if c == name else 1.0 for c in names}  # a vote in settle()
 
     def settle(self, requests, agree) -> None:
-        """Choose, with the group, the kernel for every kind of block in ``requests`` ((call,
-        q shape, k shape, dtype, device, block) each, the same list on every rank), before any
-        runs: each rank measures what it has not yet, ``agree`` (one collective) gathers every
-        rank's times, and the least total wins (ties: the candidates' order)."""
+        """Choose, with the group, the kernel for every kind of block any rank runs, before any
+        runs. ``requests``: this rank's kernel calls ((call, q shape, k shape, dtype, device,
+        block) each). Each rank measures its own kinds it has not measured yet; ``agree`` (one
+        collective) gathers every rank's kinds and times in a row of fixed size; for each kind
+        the least total over the ranks that run it wins (ties: the candidates' order). Every
+        rank records every kind's choice, so that later lookups (:meth:`_nearest`) agree."""
         kinds = {}
-        for call, q_shape, k_shape, dtype, device, block in requests:
-            kinds.setdefault(self.kind(call, q_shape, k_shape, dtype, device, block),
-                             (call, q_shape, k_shape, dtype, device, block))
+        for request in requests:
+            kinds.setdefault(self.kind(*request), request)
+        if len(kinds) > KINDS_PER_RANK:
+            raise RuntimeError(f"kernel='auto': {len(kinds)} kinds of block on one rank, more than the "
+                               f"{KINDS_PER_RANK} a settlement carries")
+        n = len(self.candidates)
         mine = []
         for kind, request in kinds.items():
             if kind not in self._times:
                 self._times[kind] = self._measure(*request)
-            mine += [self._times[kind].get(c.name, float("inf")) for c in self.candidates]
+            mine += _encode(kind) + [self._times[kind].get(c.name, float("inf")) for c in self.candidates]
+        mine += [-1.0] * ((KINDS_PER_RANK - len(kinds)) * (_CODE + n))
         every = agree(mine)
-        n = len(self.candidates)
         self._grouped = self._grouped or len(every) > 1
-        for i, kind in enumerate(kinds):
-            totals = [sum(row[i * n + j] for row in every) for j in range(n)]
-            best = min(range(n), key=lambda j: (totals[j], j))
-            if totals[best] == float("inf"):  # some rank could run none of them
-                failed = [r for r, row in enumerate(every) if all(x == float("inf") for x in row[i * n:(i + 1) * n])]
+        totals: dict[tuple, list[float]] = {}
+        failed: dict[tuple, list[int]] = {}
+        for rank, row in enumerate(every):
+            for i in range(0, len(row), _CODE + n):
+                code, times = tuple(row[i:i + _CODE]), row[i + _CODE:i + _CODE + n]
+                if code[0] < 0:
+                    break
+                totals[code] = [a + b for a, b in zip(totals.get(code, [0.0] * n), times)]
+                if all(t == float("inf") for t in times):
+                    failed.setdefault(code, []).append(rank)
+        for code in sorted(totals):
+            kind, total = _decode(code), totals[code]
+            best = min(range(n), key=lambda j: (total[j], j))
+            if total[best] == float("inf"):  # some rank could run none of them
                 errors = "; ".join(f"{c}: {e}" for c, e in self._errors.get(kind, {}).items()) or "see that rank's error"
                 raise RuntimeError(f"kernel='auto': no candidate of {[c.name for c in self.candidates]} runs the "
-                                   f"blocks {kind} on rank(s) {failed} ({errors}); name a kernel that can")
+                                   f"blocks {kind} on rank(s) {failed.get(code)} ({errors}); name a kernel that can")
             self._chosen[kind] = self.candidates[best]
 
     def _measure(self, call: str, q_shape, k_shape, dtype, device, block: dict) -> dict[str, float]:
@@ -181,14 +217,14 @@ class AutoKernel(BlockKernel):
         ran = [c for c in self.candidates if not any(c.name in e for e in self._errors.values())]
         return (ran or self.candidates)[0]
 
-    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         block = dict(q_span=q_span, k_span=k_span, mask=mask, scale=scale)
         self._pick("forward_into", q, k, block).forward_into(q, k, v, out_acc, lse_acc, **block)
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         block = dict(q_span=q_span, k_span=k_span, mask=mask, scale=scale)
         return self._pick("forward", q, k, block).forward(q, k, v, **block)
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         block = dict(q_span=q_span, k_span=k_span, mask=mask, scale=scale)
         return self._pick("backward", q, k, block).backward(dout, q, k, v, out, lse, **block)

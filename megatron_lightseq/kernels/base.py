@@ -4,7 +4,7 @@ Shapes (legend used across the package): B batch, S tokens, H query heads, G key
 (H a multiple of G), D head dim. Tensors are ``_BSHD`` like flash-attn; the LSE is ``_BHS``.
 
 A block knows where its tokens sit in the whole sequence: ``q_span`` and ``k_span`` are tuples
-of (start, stop) token ranges, concatenated in row order. ``mask`` (mask.py) says which keys a
+of (start, stop) token ranges, concatenated in row order. ``mask`` (the core's Mask, :class:`MaskLike` here) says which keys a
 query may see: for a query at position i, the keys at positions in ``mask.bounds(i)``. That
 covers any block of any layout and any mask; :func:`mask_kind` tells a kernel when the cheap
 forms (no mask, top-left causal) are exact.
@@ -25,13 +25,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from functools import lru_cache
+from typing import Protocol
 
 import torch
 
-from .mask import Mask
 from .merge import merge_into
 
 Span = tuple[tuple[int, int], ...]
+
+
+class MaskLike(Protocol):
+    """What a kernel needs of a mask (the core's :class:`megatron_lightseq.distattn.plan.mask.Mask`):
+    for query positions, the first and last key position each may see. Hashable: kernels cache
+    per (spans, mask)."""
+
+    def bounds(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class BlockKernel(ABC):
@@ -44,31 +52,19 @@ class BlockKernel(ABC):
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool: ...
 
     @abstractmethod
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float): ...
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float): ...
 
     @abstractmethod
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask,
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: MaskLike,
                  scale: float): ...
 
-    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: Mask,
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: MaskLike,
                      scale: float) -> None:
         merge_into(out_acc, lse_acc, *self.forward(q, k, v, q_span=q_span, k_span=k_span, mask=mask, scale=scale))
 
 
-def span_of(chunks: tuple[int, ...], chunk_len: int) -> Span:
-    """Token ranges of consecutive chunk ids, adjacent ranges joined."""
-    ranges: list[tuple[int, int]] = []
-    for c in chunks:
-        start, stop = c * chunk_len, (c + 1) * chunk_len
-        if ranges and ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], stop)
-        else:
-            ranges.append((start, stop))
-    return tuple(ranges)
-
-
 @lru_cache(maxsize=4096)
-def mask_kind(q_span: Span, k_span: Span, mask: Mask) -> str:
+def mask_kind(q_span: Span, k_span: Span, mask: MaskLike) -> str:
     """"full" (no key hidden), "causal" (exactly the lower triangle from the top-left of a square
     block, the one mask besides none that vendor ops know) or "general"."""
     qp, kp = positions(q_span, torch.device("cpu")), positions(k_span, torch.device("cpu"))
@@ -87,7 +83,7 @@ def positions(span: Span, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(a, b, device=device) for a, b in span])
 
 
-def allowed_mask(q_span: Span, k_span: Span, mask: Mask, device: torch.device) -> torch.Tensor:
+def allowed_mask(q_span: Span, k_span: Span, mask: MaskLike, device: torch.device) -> torch.Tensor:
     """Bool [Sq, Sk]: True where a query may see a key."""
     lo, hi = mask.bounds(positions(q_span, device))
     kp = positions(k_span, device)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockKernel, Span, accum_dtype, allowed_mask, mask_kind
-from .mask import Mask
+from .base import BlockKernel, MaskLike, Span, accum_dtype, allowed_mask, mask_kind
 
 
 def _scores(q, k, q_span, k_span, mask, scale):
@@ -33,7 +32,7 @@ class MathKernel(BlockKernel):
     def supports(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         return q.is_floating_point()
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         b, sq, h, d = q.shape
         g = k.shape[2]
         s = _scores(q, k, q_span, k_span, mask, scale)
@@ -42,7 +41,7 @@ class MathKernel(BlockKernel):
         out = torch.einsum("bgnqk,bkgd->bqgnd", p, v.to(p.dtype)).reshape(b, sq, h, d)
         return out.to(q.dtype), lse.reshape(b, h, sq)
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask,
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: MaskLike,
                  scale: float):
         b, sq, h, d = q.shape
         g = k.shape[2]

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Span, allowed_mask, mask_kind
-from .mask import Mask
+from .base import MaskLike, Span, allowed_mask, mask_kind
 from .vendor import FixedMaskKernel, bhsd, repeat_kv, sum_repeated
 
 aten = torch.ops.aten
@@ -20,7 +19,7 @@ _CUDA_DTYPES = (torch.bfloat16, torch.float16)
 _NO_RNG = torch.zeros((), dtype=torch.int64)  # the op's philox seed/offset; unread without dropout
 
 
-def _cpu_mask(q_span: Span, k_span: Span, mask: Mask, q: torch.Tensor):
+def _cpu_mask(q_span: Span, k_span: Span, mask: MaskLike, q: torch.Tensor):
     """(is_causal, additive mask or None, rows that see no key or None) for the CPU op."""
     kind = mask_kind(q_span, k_span, mask)
     if kind != "general":
@@ -38,7 +37,7 @@ class TorchSdpaKernel(FixedMaskKernel):
             return q.dtype in _CPU_DTYPES
         return q.device.type == "cuda" and q.dtype in _CUDA_DTYPES and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         if q.device.type != "cpu":
             return super().forward(q, k, v, q_span=q_span, k_span=k_span, mask=mask, scale=scale)
         is_causal, additive, blind_rows = _cpu_mask(q_span, k_span, mask, q)
@@ -48,7 +47,7 @@ class TorchSdpaKernel(FixedMaskKernel):
             lse = lse.masked_fill(blind_rows, float("-inf"))
         return bhsd(out), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         if q.device.type != "cpu":
             return super().backward(dout, q, k, v, out, lse, q_span=q_span, k_span=k_span, mask=mask,
                                     scale=scale)

@@ -27,8 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Span, positions
-from .mask import Mask
+from .base import MaskLike, Span, positions
 
 GRANULE = 16
 
@@ -77,7 +76,7 @@ def _everything(n: int, n_other: int, mask_all: bool) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def tile_tables(q_span: Span, k_span: Span, mask: Mask, device: torch.device) -> Tiles:
+def tile_tables(q_span: Span, k_span: Span, mask: MaskLike, device: torch.device) -> Tiles:
     """The block's :class:`Tiles` on ``device``, built once per (spans, mask, device)."""
     qp, kp = positions(q_span, torch.device("cpu")), positions(k_span, torch.device("cpu"))
     lo, hi = mask.bounds(qp)

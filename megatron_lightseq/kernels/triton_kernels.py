@@ -33,8 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .base import BlockKernel, Span
-from .mask import Mask
+from .base import BlockKernel, MaskLike, Span
 from .tiles import Tiles, tile_tables
 
 
@@ -387,7 +386,7 @@ class TritonKernel(BlockKernel):
         on_device = q.device.type == "cuda" or _interpreted()
         return on_device and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256
 
-    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: Mask, scale: float,
+    def forward_into(self, q, k, v, out_acc, lse_acc, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float,
                      merge: bool = True):
         """Merge this block into the running fp32 (out_acc [B,S,H,D], lse_acc [B,H,S]) in place;
         with ``merge=False`` overwrite them instead (out_acc may then have any float dtype).
@@ -402,14 +401,14 @@ class TritonKernel(BlockKernel):
                 *_bsh(out_acc), lse_acc.stride(0), lse_acc.stride(1),
                 **_mask_variant(t), MERGE=merge, D=d, BLOCK_D=_block_d(d))
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         b, sq, h, _ = q.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
         self.forward_into(q, k, v, out, lse, q_span=q_span, k_span=k_span, mask=mask, scale=scale, merge=False)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         """Gradients from the merged (out, lse). Every input is read through its strides (dout in
         Megatron's [s, b, h, d] order, out a row slice of the executor's result); dq, dk, dv are
         new dense tensors in the inputs' dtypes, dk and dv with G heads."""

@@ -12,8 +12,7 @@ import functools
 
 import torch
 
-from .base import BlockKernel, Span, mask_kind
-from .mask import Mask
+from .base import BlockKernel, MaskLike, Span, mask_kind
 from .math import MathKernel
 
 
@@ -64,13 +63,13 @@ class FixedMaskKernel(BlockKernel):
 
     any_mask = False
 
-    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def forward(self, q, k, v, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         kind = mask_kind(q_span, k_span, mask)
         if kind == "general":
             return _any_mask_kernel(q, k).forward(q, k, v, q_span=q_span, k_span=k_span, mask=mask, scale=scale)
         return self._forward(q, k, v, kind == "causal", scale)
 
-    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: Mask, scale: float):
+    def backward(self, dout, q, k, v, out, lse, *, q_span: Span, k_span: Span, mask: MaskLike, scale: float):
         kind = mask_kind(q_span, k_span, mask)
         if kind == "general":
             return _any_mask_kernel(q, k).backward(dout, q, k, v, out, lse, q_span=q_span, k_span=k_span,

@@ -11,8 +11,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from ..distattn.layout import shard
-from ..kernels.mask import make_mask
+from ..distattn import mask_of, shard
 from .config import LightSeqConfig, layout_for
 from .documents import PER_TOKEN_KEYS, flattened, merged_cu_seqlens, starts_from_eod, starts_from_positions
 from .packed import Packing, in_place_of_mask, packing_of
@@ -45,7 +44,7 @@ def get_batch_on_this_cp_rank(batch: dict, cp_group=None, *, layout: str | None 
     if layout is None:
         layout = layout_for(_registered_settings(), packed=cu_seqlens is not None)
     size, rank = group.size(), group.rank()
-    documents = make_mask(True, cu_seqlens, (-1, -1), cu_seqlens_padded)  # boundaries read once
+    documents = mask_of(True, cu_seqlens, (-1, -1), cu_seqlens_padded)  # boundaries read once
     mask = dict(cu_seqlens=documents.cu_seqlens, cu_seqlens_padded=documents.cu_seqlens_padded)
     if size == 1 and cu_seqlens is None:
         return batch

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..distattn.failures import DEFAULT_TIMEOUT
-from ..distattn.layout import LAYOUTS
+from ..distattn.transport.failures import DEFAULT_TIMEOUT
+from ..distattn import LAYOUTS
 
 LAYOUT_CHOICES = LAYOUTS + ("auto",)
-from ..distattn.schedules import SCHEDULE_CHOICES
+from ..distattn.plan.schedules import SCHEDULE_CHOICES
 from ..kernels import kernel_names
 
 

@@ -17,7 +17,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from ..distattn import dist_attn, dist_attn_from_saved
-from ..distattn.hybrid import split_problem
+from ..distattn import split_problem
 from .config import LightSeqConfig, layout_for
 from .cp_groups import attention_groups, cp_comm_of
 from .packed import packing_of, window_of

@@ -20,8 +20,7 @@ from functools import lru_cache
 
 import torch
 
-from ..distattn.layout import positions
-from ..kernels.mask import make_mask
+from ..distattn import mask_of, positions
 
 
 @dataclass(frozen=True)
@@ -50,10 +49,10 @@ def packing_of(packed_seq_params) -> Packing | None:
         return None
     if kv is not None and kv is not q and not torch.equal(kv, q):
         raise NotImplementedError("the lightseq backend does self-attention: cu_seqlens_kv must equal cu_seqlens_q")
-    mask = make_mask(True, q, (-1, -1), packed_seq_params.cu_seqlens_q_padded)
-    problem = mask.problem()
-    if problem:
-        raise ValueError(f"packed_seq_params: {problem}")
+    try:
+        mask = mask_of(True, q, (-1, -1), packed_seq_params.cu_seqlens_q_padded)
+    except ValueError as e:
+        raise ValueError(f"packed_seq_params: {e}") from None
     packing = Packing(mask.cu_seqlens, mask.cu_seqlens_padded, packed_seq_params.qkv_format == "thd")
     packed_seq_params.lightseq_packing = packing
     return packing

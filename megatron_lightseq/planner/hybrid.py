@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..distattn.hybrid import HeadSplit, replicated_kv_heads, split_problem
+from ..distattn import HeadSplit, replicated_kv_heads, split_problem
 from .model import Machine, ModelSpec
 from .timing import BWD_SHARE, FWD_SHARE, _gemm_seconds
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..distattn.plan import Shape
-from ..distattn.schedules import build_plan, choose_schedule
+from ..distattn import Shape
+from ..distattn import build_plan, choose_schedule
 from .model import ModelSpec
 from .traffic import attention_shape
 

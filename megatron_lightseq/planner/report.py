@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..distattn.schedules import build_plan
+from ..distattn import build_plan
 from .memory import lightseq_memory, max_sequence, tp_memory
 from .model import Machine, ModelSpec
 from .timing import lightseq_seconds, tp_degree, tp_seconds

@@ -8,8 +8,7 @@ remat skips the attention forward in the recompute, the others repeat it.
 """
 from __future__ import annotations
 
-from ..distattn.plan import Plan, payload_bytes
-from ..distattn.schedules import build_plan
+from ..distattn import Plan, build_plan, payload_bytes
 from .model import Machine, ModelSpec
 from .traffic import attention_shape, tp_collectives, _ring_bytes
 

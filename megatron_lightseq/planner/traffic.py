@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distattn.plan import Shape
-from ..distattn.schedules import build_plan
+from ..distattn import Shape
+from ..distattn import build_plan
 from .model import ModelSpec
 
 _DTYPES = {2: torch.bfloat16, 4: torch.float32}

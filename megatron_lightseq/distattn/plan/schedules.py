@@ -14,17 +14,17 @@ from __future__ import annotations
 from collections import defaultdict
 from functools import lru_cache
 
-from ..kernels.mask import Mask, make_mask
-from .layout import Layout, layout_of
-from .plan import Block, PairWork, Payload, Plan, RankStep, Shape, Steps, Transfer
-from .plan_check import check_plan
+from .mask import Mask, mask_of
+from .layout import Layout, check_place, layout_of
+from .plan import Block, PairWork, Payload, Plan, RankPlan, RankStep, Shape, Steps, Transfer
+from .check import check_plan
 
 SCHEDULES = ("ring", "lightseq")
 SCHEDULE_CHOICES = SCHEDULES + ("auto",)  # what a user may ask for
 Task = tuple[int, int, Block]  # (step, executing rank, block)
 
 
-def pair_block(layout: Layout, work: PairWork, q_owner: int, kv_owner: int) -> Block | None:
+def pair_block(work: PairWork, q_owner: int, kv_owner: int) -> Block | None:
     """The one block holding all the work between q_owner's queries and kv_owner's keys, or None
     (PairWork.blocks). With the plain layouts every such block is full or a causal diagonal
     aligned at its top-left, so a single kernel call does it without wasted work."""
@@ -36,7 +36,7 @@ def _ring_tasks(layout: Layout, work: PairWork) -> list[Task]:
     tasks = []
     for t in range(p):
         for r in range(p):
-            block = pair_block(layout, work, r, (r - t) % p)
+            block = pair_block(work, r, (r - t) % p)
             if block is not None:
                 tasks.append((t, r, block))
     return tasks
@@ -47,13 +47,13 @@ def _lightseq_tasks(layout: Layout, work: PairWork) -> list[Task]:
         # Already balanced: every rank has one block per partner. Same steps as the ring.
         return _ring_tasks(layout, work)
     p = layout.world_size
-    tasks = [(0, r, pair_block(layout, work, r, r)) for r in range(p)]
+    tasks = [(0, r, pair_block(work, r, r)) for r in range(p)]
     for t in range(1, p // 2 + 1):
         for r in range(p):
             if r >= t:  # own queries against the keys of distance t
-                tasks.append((t, r, pair_block(layout, work, r, r - t)))
+                tasks.append((t, r, pair_block(work, r, r - t)))
             elif 2 * t != p:  # helper: queries at distance p-t against own keys
-                tasks.append((t, r, pair_block(layout, work, r + p - t, r)))
+                tasks.append((t, r, pair_block(work, r + p - t, r)))
     return tasks
 
 
@@ -136,16 +136,26 @@ def _route(tasks: list[Task], layout: Layout, ring: bool, backward: bool) -> Ste
 
 
 def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = True, cu_seqlens=None,
-               window_size=(-1, -1), cu_seqlens_padded=None, tokens: int | None = None) -> Plan:
+               window_size=(-1, -1), cu_seqlens_padded=None, tokens: int | None = None,
+               rank: int | None = None) -> Plan | RankPlan:
     """The plan of ``schedule`` ("ring" or "lightseq") for this layout, world size and mask:
     ``cu_seqlens`` document boundaries over the whole sequence and ``window_size`` (left, right)
     as in flash-attn; ``tokens``, the sequence's length, is needed for a window without
-    documents and for the balanced layout without documents."""
-    mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
-    problem = mask.problem()
-    if problem:
-        raise ValueError(problem)
-    return plan_for(schedule, layout_of(layout, world_size, mask, tokens), mask)
+    documents and for the balanced layout without documents. With ``rank``, only that rank's
+    view (:class:`RankPlan`), equal to the whole plan's rows for it; without, the whole plan."""
+    mask = mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
+    lay = layout_of(layout, world_size, mask, tokens)
+    if rank is None:
+        return plan_for(schedule, lay, mask)
+    check_place(rank, lay.world_size)
+    return rank_plan(schedule, lay, mask, rank)
+
+
+@lru_cache(maxsize=256)
+def rank_plan(schedule: str, layout: Layout, mask: Mask, rank: int) -> RankPlan:
+    """Rank ``rank``'s view of the plan of ``schedule`` on a built layout; cached, since a rank
+    asks for it once per shape (and once per batch of new documents)."""
+    return plan_for(schedule, layout, mask).view(rank)
 
 
 @lru_cache(maxsize=128)
@@ -173,8 +183,8 @@ def plan_for(schedule: str, layout: Layout, mask: Mask) -> Plan:
 def choose_schedule(layout: str, world_size: int, causal: bool, shape: Shape, cu_seqlens=None,
                     window_size=(-1, -1), cu_seqlens_padded=None) -> str:
     """The ``auto`` rule (:func:`auto_schedule`) for this layout, world size and mask."""
-    mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
-    problem = mask.problem() or Shape.problem(shape)
+    mask = mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
+    problem = Shape.problem(shape)
     if problem:
         raise ValueError(problem)
     tokens = mask.length or shape.seqlen_local * world_size

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from ..kernels.mask import Mask
+from .mask import Mask, mask_of
 
 LAYOUTS = ("contiguous", "zigzag", "balanced")
 MAX_CHUNKS_PER_RANK = 8
@@ -115,14 +115,18 @@ def layout_of(name: str, world_size: int, mask: Mask = Mask(), tokens: int | Non
     return Layout(name, owners, tokens, padded)
 
 
-def _mask_of(causal: bool, cu_seqlens, window_size, cu_seqlens_padded) -> Mask:
-    from ..kernels.mask import make_mask
-
-    mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
-    problem = mask.problem()
-    if problem:
-        raise ValueError(problem)
-    return mask
+def fitted_layout(name: str, world_size: int, mask: Mask, seqlen_local: int) -> Layout:
+    """The layout for local tensors of ``seqlen_local`` tokens on each of ``world_size`` ranks;
+    ValueError if that length does not fit the mask's documents."""
+    seqlen = seqlen_local * world_size
+    lay = layout_of(name, world_size, mask, mask.length or seqlen)
+    # Only documents pad (a window alone cuts the given length), so a mismatch is theirs.
+    if lay.padded_tokens is not None and lay.padded_tokens != seqlen:
+        raise ValueError(
+            f"cu_seqlens{'_padded' if mask.cu_seqlens_padded else ''} must cover the whole sequence: it ends at "
+            f"{lay.tokens}, which the {name} layout holds as {lay.padded_tokens} tokens over {world_size} ranks, so "
+            f"seqlen_local must be {lay.padded_tokens // world_size}, got {seqlen_local} ({seqlen} tokens in all)")
+    return lay
 
 
 def shard(full: torch.Tensor, *, layout: str, rank: int, world_size: int, dim: int = 1, causal: bool = True,
@@ -132,7 +136,7 @@ def shard(full: torch.Tensor, *, layout: str, rank: int, world_size: int, dim: i
     rank, world_size = check_place(rank, world_size)
     if not -full.dim() <= dim < full.dim():
         raise ValueError(f"dim must index the tensor's {full.dim()} dims, got {dim}")
-    lay = layout_of(layout, world_size, _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded), full.shape[dim])
+    lay = layout_of(layout, world_size, mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded), full.shape[dim])
     chunk = _chunk_len(lay, full.shape[dim], f"the sequence (dim {dim})")
     if lay.padded_tokens and lay.padded_tokens > full.shape[dim]:
         pad = list(full.shape)
@@ -150,7 +154,7 @@ def unshard(parts: Sequence[torch.Tensor], *, layout: str, dim: int = 1, causal:
     lengths = {p.shape[dim] for p in parts}
     if len(lengths) != 1:
         raise ValueError(f"every rank's part must have the same length along dim {dim}, got {sorted(lengths)}")
-    mask = _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
+    mask = mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
     seqlen = lengths.pop() * world_size
     lay = layout_of(layout, world_size, mask, mask.length or seqlen)
     chunk = _chunk_len(lay, seqlen, f"the parts (dim {dim})")
@@ -169,7 +173,7 @@ def positions(*, layout: str, rank: int, world_size: int, tokens: int | None = N
     padding tokens get the positions past the end. ``tokens``: the sequence's real length (with
     documents, the length they cover by default)."""
     rank, world_size = check_place(rank, world_size)
-    mask = _mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
+    mask = mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
     tokens = mask.length if tokens is None else as_count(tokens)
     if tokens is None or tokens < 1:
         raise ValueError(f"positions needs tokens (the sequence's length, >= 1) or cu_seqlens, got {tokens!r}")

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .exchange import Exchange
-from .hybrid import HybridPlan
+from ..transport.exchange import Exchange
+from ..plan.hybrid import HybridPlan
 
 COUNTERS = ("a2a_bytes_sent", "a2a_bytes_received")  # trace(): intra-group bytes, apart from the plan's
 
@@ -73,7 +73,7 @@ def to_heads(side: Side, xs: list[torch.Tensor], kinds: list[str], what: str):
     """Each local x (kind "q": split by query heads, "kv": by the K/V heads each rank needs) as its
     outer rank's tokens in the outer layout's order, this rank's heads. Generator (module doc)."""
     c, me = side.chunk_len, side.inner_rank
-    mine_runs = side.hyb.member_runs[side.rank]
+    mine_runs = side.hyb.member_runs(side.rank)
     outs = []
     for x, kind in zip(xs, kinds):
         span = side.heads(kind, me)
@@ -82,7 +82,7 @@ def to_heads(side: Side, xs: list[torch.Tensor], kinds: list[str], what: str):
     direct = xs[0].shape[0] == 1  # batch 1: the rows of a result are contiguous, receive into them
     sends, recvs, later = [], [], []
     for j in range(side.hyb.inner):
-        theirs = side.hyb.member_runs[side.member(j)]
+        theirs = side.hyb.member_runs(side.member(j))
         if j == me:
             for x, kind, out in zip(xs, kinds, outs):
                 for a, b, n in mine_runs:
@@ -112,7 +112,7 @@ def to_tokens(side: Side, xs: list[torch.Tensor], kinds: list[str], totals: list
     (H for "q", G for "kv"). "kv" pieces (K/V gradients) are summed: a head that several ranks
     received comes back from each. Generator (module doc)."""
     c, me = side.chunk_len, side.inner_rank
-    mine_runs = side.hyb.member_runs[side.rank]
+    mine_runs = side.hyb.member_runs(side.rank)
     local_len = sum(n for _, _, n in mine_runs) * c
     outs = []
     for x, kind, total in zip(xs, kinds, totals):
@@ -125,7 +125,7 @@ def to_tokens(side: Side, xs: list[torch.Tensor], kinds: list[str], totals: list
 
     sends, recvs, later = [], [], []
     for j in range(side.hyb.inner):
-        theirs = side.hyb.member_runs[side.member(j)]
+        theirs = side.hyb.member_runs(side.member(j))
         if j == me:
             for x, kind, out in zip(xs, kinds, outs):
                 for a, b, n in mine_runs:

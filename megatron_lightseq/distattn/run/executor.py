@@ -12,12 +12,12 @@ from functools import lru_cache
 
 import torch
 
-from ..kernels.base import accum_dtype, span_of
-from ..kernels.merge import merge_into
-from .call import Call
-from .exchange import Exchange, Pending
-from .plan import INPUT_KINDS, Block, Payload, Plan, Shape, Steps, payload_tensors
-from .trace import count
+from ...kernels.base import BlockKernel, accum_dtype
+from ...kernels.merge import merge_into
+from ..plan.plan import INPUT_KINDS, Block, Payload, RankPlan, Shape, payload_tensors
+from ..plan.runs import chunk_runs, one_run, span_of
+from ..transport.exchange import Exchange, Pending
+from ..transport.trace import count
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -25,42 +25,41 @@ Tensors = tuple[torch.Tensor, ...]
 class _RankRun:
     """State of one rank while it walks the steps of one phase."""
 
-    def __init__(self, plan: Plan, phase: str, exchange: Exchange, shape: Shape, local: dict[str, Tensors],
-                 q_kind: str) -> None:
-        self.plan, self.phase, self.exchange, self.shape = plan, phase, exchange, shape
-        self.steps: Steps = getattr(plan, phase)
-        self.rank = exchange.rank
-        self.q_kind = q_kind  # how queries travel in this phase: "q" forward, "qg" backward
-        self.chunk_len = shape.seqlen_local // len(plan.owned(self.rank))
+    def __init__(self, view: RankPlan, phase: str, exchange: Exchange, shape: Shape, local: dict[str, Tensors]) -> None:
+        assert exchange.rank == view.rank, "the exchange's rank runs this view"
+        self.view, self.phase, self.exchange, self.shape = view, phase, exchange, shape
+        self.steps = view.steps(phase)
+        self.rank = view.rank
+        self.chunk_len = shape.seqlen_local // len(view.owned)
         self.local = local  # kind -> this rank's own tensors for that kind (whole local sequence)
         self.held: dict[tuple[str, int], tuple[Payload, Tensors]] = {}  # received inputs
         self.results: dict[Payload, Tensors] = {}  # computed for other ranks, not yet sent
-        self.done_after = _done_after(plan, phase, self.rank, q_kind)
+        self.done_after = drop_after(view, phase)
         self.device_ = next(iter(local.values()))[0].device
 
     def runs(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> tuple[tuple[slice, slice], ...]:
         """Where ``chunks`` sit in a tensor of ``within``'s chunks, as (rows of a tensor of
         ``chunks``, rows of a tensor of ``within``), one pair per run of neighbouring chunks."""
-        return _runs(chunks, within, self.chunk_len)
+        return _rows_of(chunks, within, self.chunk_len)
 
     def take(self, kind: str, owner: int, chunks: tuple[int, ...]) -> Tensors:
         """``chunks`` of owner's ``kind`` tensors, local ones or a received payload: views when the
         chunks are neighbours there (always, with the plain layouts), else a copy."""
         if owner == self.rank:
-            tensors, within = self.local[kind], self.plan.owned(owner)
+            tensors, within = self.local[kind], self.view.owned
         else:
             payload, tensors = self.held[kind, owner]
             within = payload.chunks
-        rows = _take_rows(chunks, within, self.chunk_len)
-        if rows is None:  # all of them, in their order: the tensors themselves
+        if chunks == within:  # all of them, in their order: the tensors themselves
             return tensors
+        rows = [there for _, there in self.runs(chunks, within)]
         return tuple(_rows(t, rows[0]) if len(rows) == 1 else torch.cat([_rows(t, r) for r in rows], _seq_dim(t))
                      for t in tensors)
 
     def post(self, t: int) -> tuple[Pending, list[tuple[Payload, Tensors]]]:
         if t >= len(self.steps):
             return Pending([]), []
-        mine = self.steps[t][self.rank]
+        mine = self.steps[t]
         sends = []
         for tr in mine.sends:
             p = tr.payload
@@ -99,7 +98,7 @@ class _RankRun:
                 pending.wait()
                 self.arrive(arriving, absorb)
                 pending, arriving = self.post(t + 1)
-                blocks = self.steps[t][self.rank].blocks
+                blocks = self.steps[t].blocks
                 for block in blocks:
                     compute(block)
                 count(blocks=len(blocks))
@@ -113,24 +112,8 @@ class _RankRun:
 
 
 @lru_cache(maxsize=4096)
-def _runs(chunks: tuple[int, ...], within: tuple[int, ...], n: int) -> tuple[tuple[slice, slice], ...]:
-    found = []
-    for i, c in enumerate(chunks):
-        at = within.index(c)
-        if found and found[-1][1] == at:
-            found[-1][1] = at + 1
-        else:
-            found.append([i, at + 1, at])
-    return tuple((slice(i * n, (i + stop - start) * n), slice(start * n, stop * n)) for i, stop, start in found)
-
-
-@lru_cache(maxsize=4096)
-def _take_rows(chunks: tuple[int, ...], within: tuple[int, ...], n: int) -> tuple[slice, ...] | None:
-    """The rows of a tensor of ``within``'s chunks that hold ``chunks``, one slice per run; None
-    when that is the whole tensor in order (no view needed)."""
-    if chunks == within:
-        return None
-    return tuple(there for _, there in _runs(chunks, within, n))
+def _rows_of(chunks: tuple[int, ...], within: tuple[int, ...], n: int) -> tuple[tuple[slice, slice], ...]:
+    return tuple((slice(i * n, (i + k) * n), slice(at * n, (at + k) * n)) for i, at, k in chunk_runs(chunks, within))
 
 
 @lru_cache(maxsize=1024)
@@ -138,16 +121,16 @@ def _payload_tensors(kind: str, tokens: int, shape: Shape):
     return payload_tensors(kind, tokens, shape)
 
 
-def _done_after(plan: Plan, phase: str, rank: int, q_kind: str) -> tuple[tuple[tuple[str, int], ...], ...]:
-    """Per iteration t, the received inputs no later iteration needs (for a block, or for a send
-    posted during iteration t-1 for step t): dropped after t. Once per plan, rank and phase."""
-    cache = plan.runtime.setdefault("done_after", {})
-    key = (phase, rank)
-    if key not in cache:
-        steps = getattr(plan, phase)
+def drop_after(view: RankPlan, phase: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Per iteration t, the received inputs (kind, owner) no later iteration needs (for a block,
+    or for a send posted during iteration t-1 for step t): dropped after t. The executor's
+    lifetimes, which the memory model (memory.py) reads too; once per view and phase."""
+    cache = view.runtime.setdefault("drop_after", {})
+    if phase not in cache:
+        q_kind = "q" if phase == "forward" else "qg"
+        steps = view.steps(phase)
         last: dict[tuple[str, int], int] = {}
-        for t, step in enumerate(steps):
-            mine = step[rank]
+        for t, mine in enumerate(steps):
             for b in mine.blocks:
                 last[q_kind, b.q_owner] = t
                 last["kv", b.kv_owner] = t
@@ -158,8 +141,8 @@ def _done_after(plan: Plan, phase: str, rank: int, q_kind: str) -> tuple[tuple[t
         done = [[] for _ in steps]
         for k, t in last.items():
             done[max(t, 0)].append(k)
-        cache[key] = tuple(tuple(d) for d in done)
-    return cache[key]
+        cache[phase] = tuple(tuple(d) for d in done)
+    return cache[phase]
 
 
 @lru_cache(maxsize=4096)
@@ -167,13 +150,11 @@ def _block_spans(q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], chunk_le
     return dict(q_span=span_of(q_chunks, chunk_len), k_span=span_of(kv_chunks, chunk_len))
 
 
-def forward_call(plan: Plan, rank: int, b: Block, chunk_len: int) -> str:
-    """How the forward runs ``rank``'s block ``b``: "forward_into" for its own queries in one run
+def forward_call(view: RankPlan, b: Block) -> str:
+    """How the forward runs the view's block ``b``: "forward_into" for its own queries in one run
     of rows (merged in place), else "forward" (merged after, or sent back to their owner). The
-    executor and kernel="auto"'s settlement both ask here, so what is settled is what runs."""
-    if b.q_owner == rank and len(_runs(b.q_chunks, plan.owned(rank), chunk_len)) == 1:
-        return "forward_into"
-    return "forward"
+    executor, kernel="auto"'s settlement and the memory model all ask here."""
+    return "forward_into" if b.q_owner == view.rank and one_run(b.q_chunks, view.owned) else "forward"
 
 
 def drive(steps):
@@ -199,38 +180,33 @@ def _spans(run: _RankRun, b: Block):
     return _block_spans(b.q_chunks, b.kv_chunks, run.chunk_len)
 
 
-def kernel_calls(call: Call, shape: Shape, device: torch.device, backward: bool) -> list[tuple]:
-    """Every kernel call the plan makes on any rank, as (call, q shape, k shape, dtype, device,
-    block): what kernel="auto" settles before the first transfer."""
-    plan = call.plan
-    chunk_len = shape.seqlen_local // len(plan.owned(0))
+def kernel_calls(view: RankPlan, shape: Shape, device: torch.device, scale: float,
+                 backward: bool) -> list[tuple]:
+    """Every kernel call this rank's view makes, as (call, q shape, k shape, dtype, device,
+    block): what kernel="auto" settles with the group before the first transfer."""
+    chunk_len = shape.seqlen_local // len(view.owned)
     found = []
     for phase in ("forward", "backward") if backward else ("forward",):
-        for step in getattr(plan, phase):
-            for rank, rs in enumerate(step):
-                for b in rs.blocks:
-                    q_shape = (shape.batch, len(b.q_chunks) * chunk_len, shape.nheads, shape.headdim)
-                    k_shape = (shape.batch, len(b.kv_chunks) * chunk_len, shape.nheads_kv, shape.headdim)
-                    kind = "backward" if phase == "backward" else forward_call(plan, rank, b, chunk_len)
-                    block = dict(_block_spans(b.q_chunks, b.kv_chunks, chunk_len), mask=call.mask, scale=call.scale)
-                    found.append((kind, q_shape, k_shape, shape.dtype, device, block))
+        for rs in view.steps(phase):
+            for b in rs.blocks:
+                q_shape = (shape.batch, len(b.q_chunks) * chunk_len, shape.nheads, shape.headdim)
+                k_shape = (shape.batch, len(b.kv_chunks) * chunk_len, shape.nheads_kv, shape.headdim)
+                kind = "backward" if phase == "backward" else forward_call(view, b)
+                block = dict(_block_spans(b.q_chunks, b.kv_chunks, chunk_len), mask=view.mask, scale=scale)
+                found.append((kind, q_shape, k_shape, shape.dtype, device, block))
     return found
 
 
-def run_forward(call: Call, exchange: Exchange, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (out_BSHD, lse_BHS) of attention over the whole sequence."""
-    return drive(forward_steps(call, exchange, q, k, v))
-
-
-def forward_steps(call: Call, exchange: Exchange, q, k, v):
-    """run_forward as a generator (see _RankRun.run)."""
-    plan, kernel, rank = call.plan, call.kernel, exchange.rank
+def forward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: Exchange, q, k, v):
+    """This rank's (out_BSHD, lse_BHS) of attention over the whole sequence, as a generator
+    (see _RankRun.run; :func:`drive` runs it straight through)."""
+    rank, mask = view.rank, view.mask
     shape = Shape.of(q, k)
     acc = accum_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((shape.batch, shape.nheads, shape.seqlen_local), float("-inf"), dtype=acc, device=q.device)
-    run = _RankRun(plan, "forward", exchange, shape, {"q": (q,), "kv": (k, v)}, "q")
-    owned = plan.owned(rank)
+    run = _RankRun(view, "forward", exchange, shape, {"q": (q,), "kv": (k, v)})
+    owned = view.owned
 
     def merge(chunks, part_out, part_lse) -> None:
         runs = run.runs(chunks, owned)
@@ -242,8 +218,8 @@ def forward_steps(call: Call, exchange: Exchange, q, k, v):
 
     def compute(b: Block) -> None:
         (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
-        block = dict(mask=call.mask, scale=call.scale, **_spans(run, b))
-        if forward_call(plan, rank, b, run.chunk_len) == "forward_into":  # own queries, one run of rows
+        block = dict(mask=mask, scale=scale, **_spans(run, b))
+        if forward_call(view, b) == "forward_into":  # own queries, one run of rows
             there = run.runs(b.q_chunks, owned)[0][1]
             kernel.forward_into(q_, k_, v_, out[:, there], lse[:, :, there], **block)
         elif b.q_owner == rank:
@@ -260,19 +236,15 @@ def forward_steps(call: Call, exchange: Exchange, q, k, v):
     return out.to(q.dtype), lse
 
 
-def run_backward(call: Call, exchange: Exchange, dout, q, k, v, out, lse) -> tuple[torch.Tensor, ...]:
-    """This rank's (dq, dk, dv) from the saved forward results; the forward is not re-run."""
-    return drive(backward_steps(call, exchange, dout, q, k, v, out, lse))
-
-
-def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
-    """run_backward as a generator (see _RankRun.run)."""
-    plan, kernel, rank = call.plan, call.kernel, exchange.rank
+def backward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: Exchange, dout, q, k, v, out, lse):
+    """This rank's (dq, dk, dv) from the saved forward results (the forward is not re-run), as a
+    generator (see _RankRun.run)."""
+    rank, mask = view.rank, view.mask
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     local = {"qg": (q, out, lse, dout), "kv": (k, v)}
-    run = _RankRun(plan, "backward", exchange, Shape.of(q, k), local, "qg")
-    owned = plan.owned(rank)
+    run = _RankRun(view, "backward", exchange, Shape.of(q, k), local)
+    owned = view.owned
 
     def add(acc, chunks, part):  # in place into a view (``acc[rows] += x`` would also copy it back)
         runs = run.runs(chunks, owned)
@@ -282,9 +254,6 @@ def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
         for here, there in runs:
             _rows(acc, there).add_(_rows(part, here))
 
-    def add_dq(chunks, part):
-        add(dq, chunks, part)
-
     def add_dkv(chunks, part_k, part_v):
         add(dk, chunks, part_k)
         add(dv, chunks, part_v)
@@ -292,9 +261,9 @@ def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)
         k_, v_ = run.take("kv", b.kv_owner, b.kv_chunks)
-        dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, mask=call.mask, scale=call.scale, **_spans(run, b))
+        dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, mask=mask, scale=scale, **_spans(run, b))
         if b.q_owner == rank:
-            add_dq(b.q_chunks, dq_)
+            add(dq, b.q_chunks, dq_)
         else:
             run.results[Payload("dq", b.q_owner, b.q_chunks)] = (dq_,)
         if b.kv_owner == rank:
@@ -303,7 +272,10 @@ def backward_steps(call: Call, exchange: Exchange, dout, q, k, v, out, lse):
             run.results[Payload("dkv", b.kv_owner, b.kv_chunks)] = (dk_, dv_)
 
     def absorb(p: Payload, tensors) -> None:
-        (add_dq if p.kind == "dq" else add_dkv)(p.chunks, *tensors)
+        if p.kind == "dq":
+            add(dq, p.chunks, *tensors)
+        else:
+            add_dkv(p.chunks, *tensors)
 
     yield from run.run(compute, absorb)
     count(backward_calls=1)

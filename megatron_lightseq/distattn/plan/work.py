@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..kernels.mask import Mask
+from .mask import Mask
 
 
 @lru_cache(maxsize=64)

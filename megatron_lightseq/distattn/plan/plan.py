@@ -29,12 +29,11 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels.base import accum_dtype
-from ..kernels.mask import Mask
+from ...kernels.base import accum_dtype
+from .mask import Mask
 from .layout import Layout, as_count, check_place
 
-INPUT_KINDS = ("kv", "q", "qg")
-RESULT_KINDS = ("o", "dq", "dkv")
+INPUT_KINDS = ("kv", "q", "qg")  # the rest (o, dq, dkv) are partial results, sent home once
 PHASES = ("forward", "backward", "both")
 
 
@@ -171,8 +170,65 @@ def payload_bytes(kind: str, tokens: int, s: Shape) -> int:
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype, _ in payload_tensors(kind, tokens, s))
 
 
+def _check_shape(shape: Shape, chunks_per_rank: int) -> int:
+    """The chunk length for local tensors of ``shape``; ValueError for a shape a user got wrong."""
+    problem = Shape.problem(shape)
+    if problem or shape.seqlen_local % chunks_per_rank:
+        raise ValueError(problem or f"seqlen_local must be a multiple of the {chunks_per_rank} "
+                                    f"chunks a rank holds, got {shape.seqlen_local}")
+    return shape.seqlen_local // chunks_per_rank
+
+
+def _check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's view of a plan: ``forward[t]`` and ``backward[t]`` are its :class:`RankStep` at
+    step t (every rank's view has every step, empty ones included, so that all ranks walk the
+    same number). All the executor, the trace and the memory model read."""
+
+    schedule: str
+    layout: Layout
+    mask: Mask
+    rank: int
+    forward: tuple[RankStep, ...]
+    backward: tuple[RankStep, ...]
+
+    @cached_property
+    def runtime(self) -> dict:
+        """Scratch space the executor fills once per view (what it drops when), so that no call
+        works it out again; not part of the plan's value."""
+        return {}
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def owned(self) -> tuple[int, ...]:
+        """This rank's chunks, in its local order."""
+        return self.layout.owners[self.rank]
+
+    def steps(self, phase: str) -> tuple[RankStep, ...]:
+        return self.forward if phase == "forward" else self.backward
+
+    def traffic(self, shape: Shape, phase: str = "both", side: str = "sends") -> int:
+        """Bytes this rank sends (``side="sends"``) or receives (``"recvs"``) in ``phase``."""
+        _check_phase(phase)
+        chunk = _check_shape(shape, self.layout.chunks_per_rank)
+        phases = (self.forward, self.backward) if phase == "both" else (getattr(self, phase),)
+        return sum(payload_bytes(tr.payload.kind, chunk * len(tr.payload.chunks), shape)
+                   for steps in phases for rs in steps for tr in getattr(rs, side))
+
+
 @dataclass(frozen=True)
 class Plan:
+    """Every rank's steps: ``forward[t][rank]``. For the checks of the whole (plan_check.py),
+    describe() and the tests; a running rank builds and reads its own :class:`RankPlan`."""
+
     schedule: str
     layout: Layout
     mask: Mask
@@ -180,11 +236,11 @@ class Plan:
     backward: Steps
     work: PairWork = field(compare=False, repr=False, default=None)
 
-    @cached_property
-    def runtime(self) -> dict:
-        """Scratch space the executor fills once per plan (what each rank drops when), so that
-        no call works it out again; not part of the plan's value."""
-        return {}
+    def view(self, rank: int) -> RankPlan:
+        """Rank ``rank``'s rows, as build_plan(..., rank=rank) gives them."""
+        check_place(rank, self.world_size)
+        return RankPlan(self.schedule, self.layout, self.mask, rank, tuple(step[rank] for step in self.forward),
+                        tuple(step[rank] for step in self.backward))
 
     @property
     def world_size(self) -> int:
@@ -234,21 +290,8 @@ class Plan:
 
     def traffic(self, rank: int, shape: Shape, phase: str = "both", side: str = "sends") -> int:
         """Bytes ``rank`` sends (``side="sends"``) or receives (``"recvs"``) in ``phase``."""
-        if phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        check_place(rank, self.world_size)
-        problem = Shape.problem(shape)
-        if problem or shape.seqlen_local % self.layout.chunks_per_rank:
-            raise ValueError(problem or f"seqlen_local must be a multiple of the {self.layout.chunks_per_rank} "
-                                        f"chunks a rank holds, got {shape.seqlen_local}")
-        chunk = shape.seqlen_local // self.layout.chunks_per_rank
-        phases = (self.forward, self.backward) if phase == "both" else (getattr(self, phase),)
-        total = 0
-        for steps in phases:
-            for step in steps:
-                for tr in getattr(step[rank], side):
-                    total += payload_bytes(tr.payload.kind, chunk * len(tr.payload.chunks), shape)
-        return total
+        _check_phase(phase)
+        return self.view(rank).traffic(shape, phase, side)
 
     def bytes_sent(self, rank: int, *, batch: int, seqlen_local: int, nheads: int, nheads_kv: int,
                    headdim: int, dtype: torch.dtype, phase: str = "both") -> int:

@@ -16,7 +16,6 @@ and both ends only grow with i, which is what lets kernels and plans skip whole 
 from __future__ import annotations
 
 import operator
-
 import sys
 from dataclasses import dataclass
 
@@ -115,8 +114,9 @@ def _index_or_self(x):
         return x
 
 
-def make_mask(causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None) -> Mask:
-    """A Mask from the user's arguments (boundaries may be lists or int tensors)."""
+def mask_of(causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None) -> Mask:
+    """The Mask of flash-attn's keywords (boundaries may be lists or int tensors), built once at
+    the public API and carried whole from there; ValueError saying what is wrong with them."""
     def boundaries(cu):
         if isinstance(cu, torch.Tensor):
             cu = cu.tolist()
@@ -127,6 +127,14 @@ def make_mask(causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seq
         cu = tuple(cu)  # plain ints, as Megatron's path gives them, pass as they are (this runs every call)
         return cu if all(type(x) is int for x in cu) else tuple(_index_or_self(x) for x in cu)
 
-    window = tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
-    return Mask(causal=causal, cu_seqlens=boundaries(cu_seqlens), window=window,
-                cu_seqlens_padded=boundaries(cu_seqlens_padded))
+    try:
+        window = tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
+        mask = Mask(causal=causal, cu_seqlens=boundaries(cu_seqlens), window=window,
+                    cu_seqlens_padded=boundaries(cu_seqlens_padded))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cu_seqlens must be a sequence of ints and window_size a pair of ints, got {cu_seqlens!r} "
+                         f"and {window_size!r} ({e})") from None
+    problem = mask.problem()
+    if problem:
+        raise ValueError(problem)
+    return mask

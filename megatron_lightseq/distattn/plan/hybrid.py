@@ -27,11 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from ..kernels.base import accum_dtype
-from ..kernels.mask import Mask, make_mask
-from .layout import Layout, layout_of
-from .plan import PHASES, Plan, Shape
-from .schedules import SCHEDULES, auto_schedule, plan_for
+from ...kernels.base import accum_dtype
+from .layout import Layout, fitted_layout, layout_of
+from .mask import Mask, mask_of
+from .plan import PHASES, Plan, RankPlan, Shape
+from .runs import Run, chunk_runs
+from .schedules import SCHEDULES, auto_schedule, plan_for, rank_plan
 
 LINKS = ("intra", "inter")  # the all-to-all inside the inner group; the outer plan's point-to-point
 
@@ -101,35 +102,32 @@ def outer_layout(layout: Layout, inner: int) -> Layout:
     return Layout(layout.name, owners, layout.tokens, layout.padded_tokens)
 
 
-def runs(chunks: tuple[int, ...], within: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """Where ``chunks`` (one rank's, in its local order) sit in ``within`` (its outer rank's), as
-    (first local chunk, first outer chunk, count), one per run neighbouring in both."""
-    found: list[list[int]] = []
-    for i, c in enumerate(chunks):
-        at = within.index(c)
-        if found and found[-1][0] + found[-1][2] == i and found[-1][1] + found[-1][2] == at:
-            found[-1][2] += 1
-        else:
-            found.append([i, at, 1])
-    return [tuple(r) for r in found]
-
-
 @dataclass(frozen=True)
 class HybridPlan:
-    """The P-rank ``layout``, split as ``inner`` x ``outer.world_size``, and the outer plan."""
+    """The P-rank ``layout`` split as ``inner`` x P/inner: the all-to-all's heads (``split``) and
+    the outer plan of ``schedule`` over :func:`outer_layout`."""
 
     layout: Layout
     inner: int
-    outer: Plan
+    schedule: str
+    mask: Mask
     split: HeadSplit
 
     @property
     def world_size(self) -> int:
         return self.layout.world_size
 
-    @property
-    def schedule(self) -> str:
-        return self.outer.schedule
+    @cached_property
+    def outer_layout(self) -> Layout:
+        return outer_layout(self.layout, self.inner)
+
+    @cached_property
+    def outer(self) -> Plan:
+        """The whole outer plan (describe(), the tests); a running rank reads :meth:`outer_view`."""
+        return plan_for(self.schedule, self.outer_layout, self.mask)
+
+    def outer_view(self, outer_rank: int) -> RankPlan:
+        return rank_plan(self.schedule, self.outer_layout, self.mask, outer_rank)
 
     def place(self, rank: int) -> tuple[int, int]:
         """(outer rank, inner rank) of a P-layout rank."""
@@ -140,11 +138,9 @@ class HybridPlan:
         return Shape(shape.batch, shape.seqlen_local * self.inner, self.split.local_heads,
                      self.split.local_kv(inner_rank), shape.headdim, shape.dtype)
 
-    @cached_property
-    def member_runs(self) -> tuple[tuple[tuple[int, int, int], ...], ...]:
-        """Per P-layout rank, its chunks' runs in its outer rank's tokens (:func:`runs`)."""
-        return tuple(tuple(runs(self.layout.owners[r], self.outer.owned(r // self.inner)))
-                     for r in range(self.world_size))
+    def member_runs(self, rank: int) -> tuple[Run, ...]:
+        """P-layout rank ``rank``'s chunks' runs in its outer rank's tokens (runs.chunk_runs)."""
+        return chunk_runs(self.layout.owners[rank], self.outer_layout.owners[rank // self.inner])
 
     def bytes(self, rank: int, shape: Shape, *, phase: str = "both", side: str = "sends", link: str = "intra",
               lse: bool = False) -> int:
@@ -158,7 +154,7 @@ class HybridPlan:
                              f"got {phase!r}, {side!r}, {link!r}")
         o, i = self.place(rank)
         if link == "inter":
-            return self.outer.traffic(o, self.outer_shape(shape, i), phase, side)
+            return self.outer_view(o).traffic(self.outer_shape(shape, i), phase, side)
         item = shape.dtype.itemsize
         token = shape.batch * shape.seqlen_local * shape.headdim * item  # one head of one rank's tokens
         h = self.split.local_heads
@@ -178,11 +174,11 @@ class HybridPlan:
 
     def describe(self) -> str:
         """The split, each outer rank's chunks, then the outer plan (Plan.describe)."""
-        q = self.outer.world_size
-        lines = [f"hybrid {self.inner} x {q} (all-to-all over {self.inner} ranks, {self.outer.schedule} over {q})"]
+        q = self.world_size // self.inner
+        lines = [f"hybrid {self.inner} x {q} (all-to-all over {self.inner} ranks, {self.schedule} over {q})"]
         for o in range(q):
             members = ", ".join(str(o * self.inner + i) for i in range(self.inner))
-            lines.append(f"outer rank {o} = ranks {members}: chunks {self.outer.owned(o)}")
+            lines.append(f"outer rank {o} = ranks {members}: chunks {self.outer_layout.owners[o]}")
         return "\n".join(lines + [self.outer.describe()])
 
 
@@ -204,20 +200,13 @@ def resolve_hybrid(shape: Shape, *, world_size: int, inner: int, layout: str, sc
 
 @lru_cache(maxsize=256)
 def _resolve(shape: Shape, world_size: int, inner: int, layout: str, schedule: str, mask: Mask) -> HybridPlan:
-    seqlen = shape.seqlen_local * world_size
-    lay = layout_of(layout, world_size, mask, mask.length or seqlen)
-    if lay.padded_tokens is not None and lay.padded_tokens != seqlen:
-        raise ValueError(
-            f"cu_seqlens must cover the whole sequence: it ends at {lay.tokens}, which the {layout} layout holds "
-            f"as {lay.padded_tokens} tokens over {world_size} ranks, so seqlen_local must be "
-            f"{lay.padded_tokens // world_size}, got {shape.seqlen_local}")
+    lay = fitted_layout(layout, world_size, mask, shape.seqlen_local)
     split = HeadSplit(shape.nheads, shape.nheads_kv, inner)
-    outer = outer_layout(lay, inner)
-    shape0 = Shape(shape.batch, shape.seqlen_local * inner, split.local_heads, split.local_kv(0), shape.headdim,
-                   shape.dtype)
     if schedule == "auto":
-        schedule = auto_schedule(outer, mask, shape0)
-    return HybridPlan(lay, inner, plan_for(schedule, outer, mask), split)
+        shape0 = Shape(shape.batch, shape.seqlen_local * inner, split.local_heads, split.local_kv(0), shape.headdim,
+                       shape.dtype)
+        schedule = auto_schedule(outer_layout(lay, inner), mask, shape0)
+    return HybridPlan(lay, inner, schedule, mask, split)
 
 
 def build_hybrid_plan(schedule: str, *, layout: str, world_size: int, inner: int, nheads: int, nheads_kv: int,
@@ -226,12 +215,11 @@ def build_hybrid_plan(schedule: str, *, layout: str, world_size: int, inner: int
     """The hybrid plan of ``schedule`` ("ring" or "lightseq" for the outer plan) over
     ``world_size`` ranks split as ``inner`` (all-to-all) x world_size/inner (point-to-point), for
     ``nheads``/``nheads_kv`` heads; the mask as in build_plan. ValueError for a bad split."""
-    mask = make_mask(causal, cu_seqlens, window_size, cu_seqlens_padded)
-    problem = mask.problem() or split_problem(world_size, inner, nheads, nheads_kv)
+    mask = mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
+    problem = split_problem(world_size, inner, nheads, nheads_kv)
     if problem:
         raise ValueError(problem)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    lay = layout_of(layout, world_size, mask, tokens)
-    return HybridPlan(lay, inner, plan_for(schedule, outer_layout(lay, inner), mask),
+    return HybridPlan(layout_of(layout, world_size, mask, tokens), inner, schedule, mask,
                       HeadSplit(nheads, nheads_kv, inner))

@@ -1,0 +1,147 @@
+"""dist_attn's own working memory on one rank, step by step as the executor holds it (executor.py).
+
+What one call allocates besides its inputs: the running results in the accumulation dtype (fp32
+out and lse forward; fp32 dq, dk, dv backward) and their casts to the inputs' dtype at the end;
+every receive buffer from the step that posts it (while step t computes, step t+1's arrive) to
+the last step that reads it (the executor's own :func:`executor.drop_after`); the copies of
+inputs being sent (made dense for the transport: views of Megatron's [s, b, h, d] tensors at
+micro-batch > 1 are not) and results waiting to go, until their step's wait; and per block what
+the kernel makes (``block_bytes``). Checked against the tensors the executor and kernels create,
+counted on meta tensors (tests/test_memory_model.py). The planner reads it (planner/memory.py).
+"""
+from __future__ import annotations
+
+import math
+
+from ...kernels.base import accum_dtype
+from ..plan.plan import INPUT_KINDS, Payload, Plan, RankPlan, Shape, payload_bytes, payload_tensors
+from ..plan.runs import one_run
+from .executor import drop_after, forward_call
+
+# "cudnn" stands for the vendor ops' adapters that repeat K/V (cuDNN, torch's flash op on CUDA).
+KERNELS = ("triton", "cudnn")
+
+
+def block_bytes(kernel: str, call: str, sq: int, sk: int, shape: Shape, *, out_dense: bool = True,
+                dout_dense: bool = True, lse_dense: bool = True) -> int:
+    """Bytes a kernel allocates for one block of ``sq`` queries and ``sk`` keys, its results
+    included (``call``: "forward_into", "forward", "backward"; the ``*_dense`` flags: whether the
+    backward's out, d_out and lse come in dense, which a copy makes them where a kernel needs it).
+
+    - triton: GQA natively (no K/V repeated; dK/dV summed over a K/V head's query heads inside
+      the kernel); forward_into merges in place; backward: delta and a dense LSE;
+    - cudnn: K/V repeated to H heads for GQA, and dK/dV made with H heads before their sum;
+      backward: out, d_out and the LSE dense (the op's stride rules, kernels/cudnn.py).
+    What an op allocates inside itself beyond its results (cuDNN's workspace) is not counted.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    b, h, g, d, e = shape.batch, shape.nheads, shape.nheads_kv, shape.headdim, shape.dtype.itemsize
+    q_, kv_, lse_ = b * sq * h * d * e, b * sk * g * d * e, b * h * sq * 4
+    repeated = b * sk * h * d * e if kernel == "cudnn" and g < h else 0  # one of K, V with H heads
+    if call in ("forward", "forward_into"):
+        made = 2 * repeated + (0 if kernel == "triton" else q_ + lse_ + 16)  # + the op's int64 seed, offset
+        return made + (q_ + lse_ if call == "forward" and kernel == "triton" else 0)
+    grads = q_ + 2 * kv_ + 2 * repeated
+    copies = (0 if lse_dense else lse_) + (lse_ if kernel == "triton" else
+                                          (0 if out_dense else q_) + (0 if dout_dense else q_))
+    return 2 * repeated + copies + grads + (0 if kernel == "triton" else 8)  # the op's (cached) int64 zero seed
+
+
+def attention_rank_bytes(view: RankPlan, shape: Shape, phase: str, kernel: str = "triton") -> int:
+    """The most bytes dist_attn holds at once on the view's rank in ``phase`` ("forward",
+    "backward"), by the lifetimes above, for inputs in Megatron's layout (q, k, v, d_out views of
+    [s, b, h, d] tensors: dense at micro-batch 1 only)."""
+    steps, rank, owned = view.steps(phase), view.rank, view.owned
+    chunk = shape.seqlen_local // len(owned)
+    size = lambda p: payload_bytes(p.kind, chunk * len(p.chunks), shape)
+    acc = accum_dtype(shape.dtype).itemsize
+    b, s, h, g, d, e = shape.batch, shape.seqlen_local, shape.nheads, shape.nheads_kv, shape.headdim, shape.dtype.itemsize
+    if phase == "forward":
+        accumulators, casts = b * s * h * (d + 1) * acc, b * s * h * d * e
+    else:
+        accumulators, casts = b * s * (h + 2 * g) * d * acc, b * s * (h + 2 * g) * d * e
+    if kernel == "triton":  # its tile tables, cached per block (kernels/tiles.py): int32 per token and granule
+        spans = {(blk.q_chunks, blk.kv_chunks) for step in steps for blk in step.blocks}
+        sizes = [(len(qc) * chunk, len(kc) * chunk) for qc, kc in spans]
+        accumulators += sum(4 * (2 * sq + sk + 4 * -(-sq // 16) + 4 * -(-sk // 16)) for sq, sk in sizes)
+    drops = drop_after(view, phase)
+    held: dict[tuple[str, int], int] = {}
+    held_chunks: dict[tuple[str, int], tuple[int, ...]] = {}
+    results: dict = {}  # computed for other ranks, not yet posted
+
+    def dense(name: str, local: bool, whole: bool) -> bool:
+        """Whether the rows of tensor ``name`` a block or send takes are dense: Megatron's q, k, v,
+        d_out at micro-batch 1 only; the executor's out and lse, and received payloads, when taken
+        whole or (out) at micro-batch 1; an lse [B, H, S] slice of rows only if B * H is 1."""
+        if local and name in ("q", "k", "v", "dout"):
+            return b == 1
+        return whole or (b * h == 1 if name == "lse" else b == 1)
+
+    def send_bytes(p: Payload) -> int:
+        """Bytes sending ``p`` allocates: results move, inputs are made dense for the transport."""
+        if p.kind not in INPUT_KINDS:
+            return size(p)
+        local = p.owner == rank
+        within = owned if local else held_chunks[p.kind, p.owner]
+        if not one_run(p.chunks, within):
+            return size(p)  # rows of several runs are concatenated
+        whole = len(p.chunks) == len(within)
+        names = {"kv": ("k", "v"), "q": ("q",), "qg": ("q", "out", "lse", "dout")}[p.kind]
+        return sum(math.prod(shp) * dt.itemsize for name, (shp, dt, _) in
+                   zip(names, payload_tensors(p.kind, chunk * len(p.chunks), shape)) if not dense(name, local, whole))
+
+    def posted(t: int) -> tuple[int, int, list]:
+        """(bytes of step t's sends (copies and results), of its receive buffers, the receives)."""
+        if t >= len(steps):
+            return 0, 0, []
+        mine = steps[t]
+        return sum(send_bytes(tr.payload) for tr in mine.sends), sum(size(tr.payload) for tr in mine.recvs), mine.recvs
+
+    sending, receiving, arriving = posted(0)
+    peak = accumulators + sending + receiving
+    for t, step in enumerate(steps):
+        # wait: step t's sends are done; its inputs are held, its results merged (their buffers
+        # alive until the next post replaces them)
+        absorbed = 0
+        for tr in arriving:
+            if tr.payload.kind in INPUT_KINDS:
+                held[tr.payload.kind, tr.payload.owner] = size(tr.payload)
+                held_chunks[tr.payload.kind, tr.payload.owner] = tr.payload.chunks
+            else:
+                absorbed += size(tr.payload)
+        for tr in steps[t + 1].sends if t + 1 < len(steps) else ():
+            results.pop(tr.payload, None)
+        sending, receiving, arriving = posted(t + 1)
+        base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving
+        peak = max(peak, base + absorbed)
+        for blk in step.blocks:
+            sq, sk = chunk * len(blk.q_chunks), chunk * len(blk.kv_chunks)
+            local = blk.q_owner == rank
+            if phase == "forward":
+                made = block_bytes(kernel, forward_call(view, blk), sq, sk, shape)
+            else:
+                whole = len(blk.q_chunks) == len(owned if local else held_chunks["qg", blk.q_owner])
+                made = block_bytes(kernel, "backward", sq, sk, shape, out_dense=dense("out", local, whole),
+                                   dout_dense=dense("dout", local, whole), lse_dense=dense("lse", local, whole))
+            peak = max(peak, base + made)
+            if phase == "forward" and not local:
+                results[Payload("o", blk.q_owner, blk.q_chunks)] = b * sq * h * (d * e + 4)
+            if phase == "backward":
+                if not local:
+                    results[Payload("dq", blk.q_owner, blk.q_chunks)] = b * sq * h * d * e
+                if blk.kv_owner != rank:
+                    results[Payload("dkv", blk.kv_owner, blk.kv_chunks)] = 2 * b * sk * g * d * e
+            base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving
+        for key in drops[t]:
+            held.pop(key, None)
+    return max(peak, accumulators + sending + receiving + casts)
+
+
+def attention_bytes(plan: Plan | list[RankPlan], shape: Shape, *, kernel: str = "triton",
+                    backward: bool = True) -> int:
+    """The most bytes one dist_attn call holds at once on any rank of ``plan`` (a whole plan, or
+    the views to look at), forward and, when ``backward``, backward, beyond its inputs."""
+    views = [plan.view(r) for r in range(plan.world_size)] if isinstance(plan, Plan) else plan
+    phases = ("forward", "backward") if backward else ("forward",)
+    return max(attention_rank_bytes(v, shape, p, kernel) for v in views for p in phases)
