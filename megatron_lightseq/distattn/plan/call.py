@@ -17,6 +17,7 @@ from functools import cached_property
 
 import torch
 
+from ...kernels import kernel_names
 from .hybrid import HybridPlan, resolve_hybrid, split_problem
 from .layout import LAYOUTS, Layout, fitted_layout
 from .mask import Mask
@@ -88,7 +89,7 @@ class Call:
         mine = {"kernel": self.kernel, "cu_seqlens": _documents(self.mask), "window_size": str(self.mask.window)}
         if field in ("cu_seqlens", "window_size"):
             return mine[field] if crc(mine[field]) == value else "<another>"
-        names = {"kernel": (mine["kernel"],)}.get(field, _NAMED.get(field))
+        names = {"kernel": (*kernel_names(), mine["kernel"])}.get(field, _NAMED.get(field))
         if names is not None:
             return next((str(n) for n in names if crc(str(n)) == value), f"<unknown name #{value:.0f}>")
         if field in ("causal", "backward"):
