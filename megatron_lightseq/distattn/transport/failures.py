@@ -191,8 +191,6 @@ class GroupWatcher:
         self._store, self._on_failure, self._period = store, on_failure, period
         self._rank, self._world_size = rank, world_size
         self._steps: collections.deque = collections.deque()  # (done, peers, deadline, timeout, where), oldest first
-        self._stop = threading.Event()
-        self.fired: str | None = None
         self._thread = threading.Thread(target=self._run, name="lightseq-watch", daemon=True)
         self._thread.start()
 
@@ -202,15 +200,12 @@ class GroupWatcher:
         if self._thread.is_alive():  # once it has fired (or the store went away) nothing is watched
             self._steps.append((done, peers, time.monotonic() + timeout, timeout, where))
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _run(self) -> None:
         try:
-            while not self._stop.wait(self._period):
+            while True:
+                time.sleep(self._period)
                 record = self._check()
                 if record is not None:
-                    self.fired = record
                     self._on_failure(record)
                     return
         except Exception:  # noqa: BLE001 - the store or the group went away (shutdown): nothing to watch
