@@ -1,9 +1,12 @@
 """dist_attn's own host cost per layer call, outside the kernels and the transfers: the input
 checks and agreement, the plan, the executor's Python. P virtual ranks in one process
-(distattn/emulate.py's exchange, sends are copies into a mailbox), a kernel that computes
-nothing and tiny tensors, so what is timed is the host work each rank does per call.
+(distattn/run/emulate.py's exchanges, sends are copies into a mailbox), a kernel that computes
+nothing and tiny tensors, so what is timed is the host work each rank does per call: the API's
+``agreed_run`` and the rank's pipeline (run/pipeline.py), forward and backward, as dist_attn's
+autograd Function drives them; flat calls and hybrid ones (``--hybrid U``: an all-to-all over
+U ranks around the plan over P/U).
 
-    python benchmarks/overhead.py [--world-sizes 2 8 32] [--calls 100] [--profile 8] [--out PATH]
+    python benchmarks/overhead.py [--world-sizes 2 8 32] [--hybrid 2] [--calls 100] [--profile 8] [--out PATH]
 
 Each virtual rank is timed on its own (its checks, then its share of every forward and backward
 step of the lockstep), so a rank's time is what one GPU's host thread spends per layer call.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import json
 import os
 import pstats
@@ -32,7 +36,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADS, HEADDIM = 1, 8
+HEADS, HEADDIM = 2, 8  # two heads: the hybrid splits them
 WORKLOADS = ["plain", "packed", "packed-cached"]
 TOKENS_PER_RANK = 128  # 8 chunks of 16 per rank with documents: the most a rank holds (layout.py)
 
@@ -70,20 +74,18 @@ def _documents(world_size: int, call: int) -> tuple[int, ...]:
 
 
 class _VirtualGroup:
-    """P virtual ranks with their own agreed-signature state, as P processes would have."""
+    """P virtual ranks with their own agreed-signature state, as P processes would have; with
+    ``inner`` (hybrid) each also has its all-to-all group's exchange."""
 
-    def __init__(self, world_size: int) -> None:
-        from megatron_lightseq.distattn.transport.exchange import Mailbox, VirtualExchange
+    def __init__(self, world_size: int, inner: int | None = None) -> None:
+        from megatron_lightseq.distattn.run.emulate import virtual_exchanges
 
-        self.mailbox = Mailbox()
-        self.exchanges = [VirtualExchange(self.mailbox, r, world_size) for r in range(world_size)]
-        for x in self.exchanges:  # an older checkout (the "before" run): its virtual ranks kept no agreements
-            if not hasattr(x, "agreed"):
-                x.agreed = set()
+        self.exchanges, _ = virtual_exchanges(world_size, inner)
         self.seconds = [0.0] * world_size
         self.transport = [0.0] * world_size  # inside the virtual exchange's copies: the transfers' share
-        for rank, x in enumerate(self.exchanges):
-            x._post = self._timed_post(rank, x._post)
+        for rank, pair in enumerate(self.exchanges):
+            for x in filter(None, pair):
+                x._post = self._timed_post(rank, x._post)
 
     def _timed_post(self, rank: int, post):
         def timed(*args):
@@ -124,34 +126,37 @@ class _VirtualGroup:
 
 def _one_call(group: _VirtualGroup, inputs, options) -> int:
     """One forward + backward on every virtual rank; the plan's steps (forward + backward)."""
-    from megatron_lightseq.distattn.checks import checked_call
-    from megatron_lightseq.distattn.run.executor import backward_steps, forward_steps
+    from megatron_lightseq.distattn.api import agreed_run
 
-    calls = [group.timed(r, lambda r=r: checked_call(*inputs[r][:3], exchange=group.exchanges[r], **options))
-             for r in range(len(inputs))]
-    fwd = group.lockstep([forward_steps(c, x, *i[:3]) for c, x, i in zip(calls, group.exchanges, inputs)])
-    group.lockstep([backward_steps(c, x, i[3], *i[:3], *f) for c, x, i, f in zip(calls, group.exchanges, inputs, fwd)])
-    return len(calls[0].plan.forward) + len(calls[0].plan.backward)
+    runs = [group.timed(r, lambda r=r: agreed_run(*inputs[r][:3], *group.exchanges[r], True, **options))
+            for r in range(len(inputs))]
+    with torch.no_grad():  # as inside dist_attn's autograd Function
+        fwd = group.lockstep([run.forward(*i[:3]) for run, i in zip(runs, inputs)])
+        group.lockstep([run.backward(f[2], i[3]) for run, i, f in zip(runs, inputs, fwd)])
+    return len(runs[0].view.forward) + len(runs[0].view.backward)
+
+
+def _split(world_size: int, inner: int | None) -> str:
+    return "flat" if inner is None else f"{inner}x{world_size // inner}"
 
 
 def measure(world_size: int, workload: str, calls: int, repeats: int = 3,
-            profile: cProfile.Profile | None = None) -> dict:
+            profile: cProfile.Profile | None = None, inner: int | None = None) -> dict:
     import megatron_lightseq as mls
 
-    group = _VirtualGroup(world_size)
+    group = _VirtualGroup(world_size, inner)
     inputs = []
     for _ in range(world_size):
         q = torch.zeros(1, TOKENS_PER_RANK, HEADS, HEADDIM, requires_grad=True)
         k, v = (torch.zeros(1, TOKENS_PER_RANK, HEADS, HEADDIM, requires_grad=True) for _ in range(2))
         inputs.append((q, k, v, torch.zeros_like(q)))
     def options(i):
-        if workload == "packed-cached":  # the same documents every call: a batch's layers after its first
-            return dict(layout="balanced", schedule="auto", causal=True, softmax_scale=None, kernel="null",
-                        cu_seqlens=_documents(world_size, 0))
-        if workload == "packed":
-            return dict(layout="balanced", schedule="auto", causal=True, softmax_scale=None, kernel="null",
-                        cu_seqlens=_documents(world_size, i))
-        return dict(layout="zigzag", schedule="auto", causal=True, softmax_scale=None, kernel="null")
+        plain = dict(causal=True, softmax_scale=None, kernel="null", window_size=(-1, -1), cu_seqlens_padded=None)
+        if workload == "plain":
+            return dict(plain, layout="zigzag", schedule="auto", cu_seqlens=None)
+        # packed-cached: the same documents every call (a batch's layers after its first)
+        return dict(plain, layout="balanced", schedule="auto",
+                    cu_seqlens=_documents(world_size, 0 if workload == "packed-cached" else i))
 
     warmup = 3
     for i in range(warmup):  # the first batch of the shape agrees (and the caches fill)
@@ -175,7 +180,8 @@ def measure(world_size: int, workload: str, calls: int, repeats: int = 3,
         if best is None or median < best[0]:
             best = (median, rows)
     busiest, rows = best
-    return {"world_size": world_size, "workload": workload, "calls": calls, "repeats": repeats,
+    return {"world_size": world_size, "workload": workload, "split": _split(world_size, inner), "calls": calls,
+            "repeats": repeats,
             "call_s": busiest, "mean_rank_call_s": statistics.median(r[1] for r in rows),
             # without the virtual exchange's copies (on NCCL torch's batch_isend_irecv stands there)
             "call_without_transport_s": statistics.median(r[3] for r in rows),
@@ -189,6 +195,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 8, 32])
     p.add_argument("--workloads", nargs="+", default=WORKLOADS, choices=WORKLOADS)
+    p.add_argument("--hybrid", type=int, default=2, metavar="U",
+                   help="also time hybrid calls, U (all-to-all) x P/U (the plan), where U divides P; 0: none")
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3, help="runs of --calls calls; the quietest is reported")
     p.add_argument("--profile", type=int, metavar="P", help="print cProfile's top functions at this world size")
@@ -199,15 +207,16 @@ def main(argv=None) -> int:
     _null_kernel()
     print(f"dist_attn host time per layer call (forward + backward), null kernel, {TOKENS_PER_RANK} tokens per rank, "
           f"virtual ranks in one process, medians of {args.calls} calls, busiest rank")
-    print(f"{'P':>3} {'workload':>13} {'steps':>6} {'ms/call':>8} {'no copies':>10} {'us/step':>8} {'collectives':>12} "
+    print(f"{'P':>3} {'split':>7} {'workload':>13} {'steps':>6} {'ms/call':>8} {'no copies':>10} {'us/step':>8} {'collectives':>12} "
           f"{'host reads':>11}")
     results = []
     for world_size in args.world_sizes:
-        for workload in args.workloads:
+        hybrid = [args.hybrid] if args.hybrid and world_size % args.hybrid == 0 else []
+        for inner, workload in itertools.product([None] + hybrid, args.workloads):
             profile = cProfile.Profile() if args.profile == world_size else None
-            r = measure(world_size, workload, args.calls, args.repeats, profile)
+            r = measure(world_size, workload, args.calls, args.repeats, profile, inner)
             results.append(r)
-            print(f"{world_size:>3} {workload:>13} {r['steps']:>6.0f} {r['call_s'] * 1e3:>8.3f} "
+            print(f"{world_size:>3} {r['split']:>7} {workload:>13} {r['steps']:>6.0f} {r['call_s'] * 1e3:>8.3f} "
                   f"{r['call_without_transport_s'] * 1e3:>10.3f} {r['step_s'] * 1e6:>8.1f} "
                   f"{r['collectives_per_call']:>12.2f} {r['host_reads_per_call']:>11.2f}")
             if profile is not None:

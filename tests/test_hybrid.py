@@ -121,11 +121,45 @@ def test_hybrid_cuts_cross_group_bytes_by_the_inner_size():
         assert inter == 0 if u == 8 else inter * u < flat * 1.2
 
 
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what the capture guard looks at."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def _hybrid_steady_state(rank, world_size, outer, inner):
+    """A hybrid call under a (faked) CUDA graph capture is refused before anything else; packed
+    hybrid calls with new documents every batch agree once per shape: (collectives, host reads)
+    per call."""
+    capturing = torch.cuda.is_current_stream_capturing
+    torch.cuda.is_current_stream_capturing = lambda: True
+    try:
+        q = torch.randn(1, 8, 12, 8).as_subclass(_OnCuda)
+        mls.dist_attn(q, q, q, group=outer, heads_group=inner)
+        refused = None
+    except RuntimeError as e:
+        refused = str(e)
+    finally:
+        torch.cuda.is_current_stream_capturing = capturing
+    n, counts = 16 * world_size + 3, []
+    for batch in range(3):
+        mask = dict(cu_seqlens=documents("long-tailed", n, seed=100 + batch))
+        q, k, v, _ = (mls.shard(x, layout="balanced", rank=rank, world_size=world_size, **mask)
+                      for x in _inputs(n, 12, 2, seed=batch))
+        with mls.trace() as t:
+            mls.dist_attn(q, k, v, group=outer, heads_group=inner, layout="balanced", kernel="math", **mask)
+        counts.append((t.collectives, t.host_reads))
+    return refused, counts
+
+
 def _hybrid_on_ranks(rank, world_size, splits):
-    """Every split of this world on real ranks: a few cases each, their bytes, and a bad split."""
+    """Every split of this world on real ranks: a few cases each, their bytes, and a bad split;
+    with the first split, the steady state (_hybrid_steady_state)."""
     import torch.distributed as dist
 
-    results = []
+    results, steady = [], None
     for u in splits:
         q_count = world_size // u
         inner = [dist.new_group([o * u + i for i in range(u)]) for o in range(q_count)][rank // u]
@@ -139,6 +173,8 @@ def _hybrid_on_ranks(rank, world_size, splits):
             results.append(None)
         except ValueError as e:
             results.append(str(e))
+        if steady is None:
+            steady = _hybrid_steady_state(rank, world_size, outer, inner)
         cases = [("zigzag", True, (12, 2), {}), ("contiguous", False, (12, 12), {}),
                  ("zigzag", True, (12, 1), dict(window_size=(9, 0))), ("balanced", True, (12, 4), "docs")]
         for i, (layout, causal, (h, hkv), mask) in enumerate(cases):
@@ -167,12 +203,16 @@ def _hybrid_on_ranks(rank, world_size, splits):
             for side, got in (("sends", (t.a2a_bytes_sent, t.bytes_sent)), ("recvs", (t.a2a_bytes_received, t.bytes_received))):
                 want = (hyb.bytes(rank, shape, side=side, link="intra", lse=True), hyb.bytes(rank, shape, side=side, link="inter"))
                 assert got == want, f"{label} {side}: {got} != {want}"
-    return results
+    return results, steady
 
 
 @pytest.mark.parametrize("world_size,splits", [(4, (2, 4)), (6, (3, 2))])
 def test_hybrid_on_gloo_ranks(world_size, splits):
-    messages = run_ranks(world_size, _hybrid_on_ranks, splits, timeout=240)
+    ranks = run_ranks(world_size, _hybrid_on_ranks, splits, timeout=240)
+    messages = [m for m, _ in ranks]
+    for refused, counts in (s for _, s in ranks):
+        assert refused is not None and "cannot be captured in a CUDA graph" in refused, refused
+        assert counts[0][0] >= 1 and counts[1:] == [(0, 0), (0, 0)], counts  # new documents: no re-agreement
     for u, per_rank in zip(splits, zip(*messages)):
         assert all(m is not None for m in per_rank), (u, per_rank)
         assert "multiple of the all-to-all group size" in per_rank[0] or "multiple of nheads_kv" in per_rank[0]

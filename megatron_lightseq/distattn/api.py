@@ -51,9 +51,9 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     seqlen_local)`` in float32 (float64 for float64 inputs), not differentiable. Differentiable in
     q, k and v; the backward uses the saved out and lse and does not re-run the forward.
     """
-    run = _agreed_run(q, k, v, group, heads_group, timeout, label, backward, layout=layout, schedule=schedule,
-                      causal=causal, cu_seqlens=cu_seqlens, window_size=window_size,
-                      cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel)
+    run = _run(q, k, v, group, heads_group, timeout, label, backward, layout=layout, schedule=schedule,
+               causal=causal, cu_seqlens=cu_seqlens, window_size=window_size,
+               cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel)
     out, lse = DistAttnFunction.apply(q, k, v, run, None, return_lse)
     return (out, lse) if return_lse else out
 
@@ -69,9 +69,9 @@ def dist_attn_from_saved(q, k, v, out, lse, *, group=None, layout: str = "contig
     aware checkpointing uses it.
     With ``heads_group`` q, k, v, out and lse still go through the all-to-all (the outer plan's
     backward needs them by heads); the outer plan computes and sends nothing."""
-    run = _agreed_run(q, k, v, group, heads_group, timeout, label, True, layout=layout, schedule=schedule,
-                      causal=causal, cu_seqlens=cu_seqlens, window_size=window_size,
-                      cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel)
+    run = _run(q, k, v, group, heads_group, timeout, label, True, layout=layout, schedule=schedule,
+               causal=causal, cu_seqlens=cu_seqlens, window_size=window_size,
+               cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel)
     return DistAttnFunction.apply(q, k, v, run, (out, lse), False)[0]
 
 
@@ -91,15 +91,21 @@ def _exchanges(group, heads_group, timeout, label) -> tuple[GroupExchange | Virt
     return outer, inner
 
 
-def _agreed_run(q, k, v, group, heads_group, timeout, label, backward, *, layout, schedule, causal, cu_seqlens,
-                window_size, cu_seqlens_padded, softmax_scale, kernel) -> RankRun:
+def _run(q, k, v, group, heads_group, timeout, label, backward, **options) -> RankRun:
+    """This rank's agreed run of the call over its process group(s)."""
+    if isinstance(q, torch.Tensor):
+        refuse_capture(q.device)  # before the exchanges' set-up: a capture must not see any of it
+    plan_ex, inner_ex = _exchanges(group, heads_group, timeout, label)
+    return agreed_run(q, k, v, plan_ex, inner_ex, backward, timeout=timeout, **options)
+
+
+def agreed_run(q, k, v, plan_ex, inner_ex, backward, *, layout, schedule, causal, cu_seqlens, window_size,
+               cu_seqlens_padded, softmax_scale, kernel, timeout=DEFAULT_TIMEOUT) -> RankRun:
     """This rank's run of the call, once every rank of its group(s) has passed its checks and
     all agree on the call; else ValueError on every rank together, before any transfer.
-    ``backward``: whether a backward will run from the results (None: grad mode and
-    requires_grad say)."""
-    if isinstance(q, torch.Tensor):
-        refuse_capture(q.device)
-    plan_ex, inner_ex = _exchanges(group, heads_group, timeout, label)
+    ``plan_ex``/``inner_ex``: the plan's exchange and the all-to-all's (None: a flat call), real
+    or virtual (benchmarks/overhead.py times virtual ranks through here). ``backward``: whether a
+    backward will run from the results (None: grad mode and requires_grad say)."""
     if backward is None:
         backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
     run, problem = None, local_problem(q, k, v, layout=layout, schedule=schedule, softmax_scale=softmax_scale,

@@ -20,7 +20,7 @@ from ..transport.exchange import Mailbox, VirtualExchange
 from .pipeline import RankRun, prepare
 
 
-def _lockstep(generators) -> list:
+def lockstep(generators) -> list:
     """Advance every rank to its next wait, round after round; each rank's return value."""
     results = [None] * len(generators)
     alive = dict(enumerate(generators))
@@ -34,16 +34,17 @@ def _lockstep(generators) -> list:
     return results
 
 
-def _virtual_runs(call, kernel, world_size: int, inner: int | None) -> tuple[list[RankRun], list[Mailbox]]:
-    """Every virtual rank's RankRun, as dist_attn's groups would number them, and their mailboxes."""
+def virtual_exchanges(world_size: int, inner: int | None) -> tuple[list[tuple], list[Mailbox]]:
+    """Every virtual rank's (plan exchange, all-to-all exchange or None), numbered as dist_attn's
+    groups number them (rank = outer rank x U + inner rank), and the mailboxes behind them."""
     if inner is None:
         box = Mailbox()
-        return [RankRun(call, kernel, VirtualExchange(box, r, world_size)) for r in range(world_size)], [box]
+        return [(VirtualExchange(box, r, world_size), None) for r in range(world_size)], [box]
     outer = world_size // inner
     inner_boxes, outer_boxes = [Mailbox() for _ in range(outer)], [Mailbox() for _ in range(inner)]
-    runs = [RankRun(call, kernel, VirtualExchange(outer_boxes[r % inner], r // inner, outer),
-                    VirtualExchange(inner_boxes[r // inner], r % inner, inner)) for r in range(world_size)]
-    return runs, inner_boxes + outer_boxes
+    return [(VirtualExchange(outer_boxes[r % inner], r // inner, outer),
+             VirtualExchange(inner_boxes[r // inner], r % inner, inner)) for r in range(world_size)], \
+        inner_boxes + outer_boxes
 
 
 def emulate_dist_attn(q, k, v, dout=None, *, world_size: int, layout: str = "contiguous", schedule: str = "auto",
@@ -61,12 +62,13 @@ def emulate_dist_attn(q, k, v, dout=None, *, world_size: int, layout: str = "con
     call, block_kernel = prepare(qs[0], ks[0], mask=mask, layout=layout, schedule=schedule,
                                  softmax_scale=softmax_scale, kernel=kernel, backward=dout is not None,
                                  world_size=world_size, inner=heads_group)
-    runs, boxes = _virtual_runs(call, block_kernel, world_size, heads_group)
-    fwd = _lockstep([run.forward(qs[r], ks[r], vs[r]) for r, run in enumerate(runs)])
+    exchanges, boxes = virtual_exchanges(world_size, heads_group)
+    runs = [RankRun(call, block_kernel, *pair) for pair in exchanges]
+    fwd = lockstep([run.forward(qs[r], ks[r], vs[r]) for r, run in enumerate(runs)])
     out, lse = whole([o for o, _, _ in fwd]), whole([l for _, l, _ in fwd], dim=2)
     if dout is None:
         return out, lse
     dos = parts(dout)
-    bwd = _lockstep([run.backward(fwd[r][2], dos[r]) for r, run in enumerate(runs)])
+    bwd = lockstep([run.backward(fwd[r][2], dos[r]) for r, run in enumerate(runs)])
     assert all(box.empty() for box in boxes), "every sent tensor was received"
     return (out, lse, *(whole([g[i] for g in bwd]) for i in range(3)))
