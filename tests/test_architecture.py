@@ -77,3 +77,50 @@ def test_no_import_circle():
         if m not in state:
             visit(m, [m])
     assert not circles, circles
+
+
+DISTATTN_NEVER = {  # distattn's parts: the plan is pure data, the transport knows no plan, the run uses both
+    "plan": {"run", "transport"},
+    "transport": {"plan", "run"},
+}
+
+
+def _part(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[1] == "distattn" else None
+
+
+def test_distattn_parts_import_one_way():
+    wrong = [(m, t) for m, targets in _graph().items() for t in targets
+             if _part(m) in DISTATTN_NEVER and _part(t) in DISTATTN_NEVER[_part(m)]]
+    assert not wrong, wrong
+    plan_modules = [p for m, p in _modules().items() if _part(m) == "plan"]
+    assert plan_modules and not [p for p in plan_modules if "torch.distributed" in p.read_text()]
+
+
+def test_q_reaches_a_kernel_through_at_most_six_modules(monkeypatch):
+    """Megatron's core attention calls dist_attn; from there to the kernel that computes, the
+    frames on the stack lie in at most five modules (api, run/pipeline, run/executor, the kernel's
+    own and its base), so q's options cross at most six from core attention to a kernel."""
+    import inspect
+
+    import torch
+
+    import megatron_lightseq as mls
+    from megatron_lightseq.kernels.math import MathKernel
+
+    assert "from ..distattn import dist_attn" in (PACKAGE / "megatron" / "core_attention.py").read_text()
+    seen = []
+    forward = MathKernel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append([f.frame.f_globals.get("__name__", "") for f in inspect.stack()])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MathKernel, "forward", spy)
+    q = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    mls.dist_attn(q, q, q, kernel="math")
+    stack = seen[0]
+    calls = stack[:next(i for i, m in enumerate(stack) if m == "megatron_lightseq.distattn.api") + 1]
+    modules = {m for m in calls if m.startswith("megatron_lightseq.")}
+    assert len(modules) <= 5 and "megatron_lightseq.distattn.run.executor" in modules, sorted(modules)
