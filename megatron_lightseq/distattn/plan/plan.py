@@ -111,8 +111,9 @@ class PairWork:
         if layout.padded_tokens is not None:
             from .work import chunk_pair_area
 
-            full = (layout.padded_tokens // layout.chunk_count) ** 2
-            self.area = chunk_pair_area(mask, layout.padded_tokens, layout.chunk_count) / full
+            self._full = (layout.padded_tokens // layout.chunk_count) ** 2
+            self.counts = chunk_pair_area(mask, layout.padded_tokens, layout.chunk_count)  # int64 query-key pairs
+            self.area = self.counts / self._full
             self._rows = self.area.tolist()
 
     def __call__(self, q_chunk: int, kv_chunk: int) -> float:
@@ -121,6 +122,30 @@ class PairWork:
         if not self.causal or kv_chunk < q_chunk:
             return 1.0
         return 0.5 if kv_chunk == q_chunk else 0.0
+
+    def size(self, block: "Block") -> float:
+        """The block's work in full chunk pairs. Sums exact integers, then divides once: the rank
+        pair sums (:attr:`pair_sizes`) give the very same floats, whatever the order."""
+        if self.area is None:
+            return sum(self(qc, kc) for qc in block.q_chunks for kc in block.kv_chunks)
+        return int(self.counts[list(block.q_chunks)][:, list(block.kv_chunks)].sum()) / self._full
+
+    @cached_property
+    def pair_sizes(self):
+        """numpy [P, P] (layouts cut for a length only): the work between rank x's queries and
+        rank y's keys, equal to ``size(blocks[x, y])`` (chunks left out of a block have none)."""
+        import numpy as np
+
+        index = np.array(self.layout.owners).ravel()  # chunk ids in rank order
+        p, m = self.layout.world_size, self.layout.chunks_per_rank
+        return self.counts[index][:, index].reshape(p, m, p, m).sum((1, 3)) / self._full
+
+    def block(self, x: int, y: int) -> "Block | None":
+        """``blocks.get((x, y))``; on the plain layouts (one or two chunks a rank) worked out for
+        this pair alone, so that one rank's plan does not pay for every pair."""
+        if self.area is None:
+            return self._pair(self.layout.owners, x, y)
+        return self.blocks.get((x, y))
 
     @cached_property
     def blocks(self) -> dict[tuple[int, int], "Block"]:
@@ -133,7 +158,7 @@ class PairWork:
         import numpy as np
 
         index = np.array(owners)  # [P, m] chunk ids
-        has = self.area[index[:, :, None, None], index[None, None, :, :]] > 0  # [P, m, P, m]
+        has = self.counts[index[:, :, None, None], index[None, None, :, :]] > 0  # [P, m, P, m]
         q_need, kv_need = has.any(3), has.any(1)  # [P, m, P], [P, P, m]
         found = {}
         for x, y in zip(*np.nonzero(has.any((1, 3)))):
@@ -274,9 +299,7 @@ class Plan:
 
     def block_work(self, block: Block) -> float:
         """Chunk-pairs a block computes (causal diagonal chunks count half)."""
-        if self.work.area is not None:  # one numpy sum, not a Python loop over chunk pairs
-            return float(self.work.area[list(block.q_chunks)][:, list(block.kv_chunks)].sum())
-        return sum(self.work(qc, kc) for qc in block.q_chunks for kc in block.kv_chunks)
+        return self.work.size(block)
 
     def critical_bytes(self, shape: Shape) -> int:
         """Sum over steps, forward and backward, of the most bytes any one rank receives: the
