@@ -15,6 +15,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Callable
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -85,60 +86,100 @@ def _plain_lengths(steps: int, task, p: int) -> tuple[int, int]:
                      if (b := task(t, x)) is not None])
 
 
-def _masked_tasks(layout: Layout, work: PairWork, helpers: bool) -> list[Task]:
-    """Plans for documents and windows: one block per pair of ranks whose chunks share work,
-    computed by the queries' owner with only the needed K/V chunks sent to it, nearest partner
-    first (with a window a rank talks only to the ranks within it). With ``helpers`` (the
-    lightseq schedule) the most loaded ranks hand blocks to the K/V's owner, who receives the
-    queries and returns (out, lse), as long as that lowers the larger of the two loads."""
-    p = layout.world_size
-    executor = _masked_executors(work, p, helpers)
-    order = defaultdict(list)  # executor -> its blocks: own queries nearest first, then those it helps with
-    for (x, y), block in work.blocks.items():
-        order[executor[x, y]].append(((executor[x, y] != x, (x - y) % p, x), block))
-    return [(t, r, block) for r, mine in order.items() for t, (_, block) in enumerate(sorted(mine, key=lambda e: e[0]))]
+class _Masked(NamedTuple):
+    """A plan for documents or a window, as [P, P] matrices over (q owner, kv owner) pairs."""
+
+    work: PairWork
+    has: np.ndarray  # the pair has a block (some work between its chunks)
+    executor: np.ndarray  # the rank that computes it
+    step: np.ndarray  # the step it computes it at
+    lengths: tuple[int, int]  # the forward's and the backward's step counts
+
+    def tasks(self, xs: np.ndarray, ys: np.ndarray) -> list[Task]:
+        """The tasks of the pairs (xs[i], ys[i]), each with a block."""
+        return list(zip(self.step[xs, ys].tolist(), self.executor[xs, ys].tolist(), self.work.blocks_of(xs, ys)))
+
+    def tasks_of(self, rank: int) -> list[Task]:
+        """The tasks that touch ``rank``: its row and column of pairs (it computes only blocks of
+        its own queries or keys)."""
+        ys, = np.nonzero(self.has[rank])
+        xs, = np.nonzero(self.has[:, rank])
+        xs = xs[xs != rank]
+        return self.tasks(np.concatenate([np.full(len(ys), rank), xs]), np.concatenate([ys, np.full(len(xs), rank)]))
 
 
 @lru_cache(maxsize=8)
-def _masked_plan(schedule: str, layout: Layout, mask: Mask) -> tuple[PairWork, list[Task], tuple[int, int]]:
-    """(work, every task, step counts) of a masked plan: global, but linear in its blocks, and
-    shared by the ranks one process builds (emulation) and by auto_schedule."""
+def _masked_plan(schedule: str, layout: Layout, mask: Mask) -> _Masked:
+    """Plans for documents and windows: one block per pair of ranks whose chunks share work,
+    computed by the queries' owner with only the needed K/V chunks sent to it, nearest partner
+    first (with a window a rank talks only to the ranks within it). With the lightseq schedule
+    the most loaded ranks hand blocks to the K/V's owner, who receives the queries and returns
+    (out, lse), as long as that lowers the larger of the two loads (_hand_over). Global, but
+    numpy over rank pairs; cached for the ranks one process builds (emulation) and for auto."""
     work = PairWork(layout, mask)
-    tasks = _masked_tasks(layout, work, helpers=schedule == "lightseq")
-    return work, tasks, _lengths(tasks)
+    p = layout.world_size
+    has = work.pair_sizes > 0
+    executor = _masked_executors(work, has, schedule == "lightseq")
+    step = _masked_steps(has, executor)
+    rows, cols = np.nonzero(has)
+    helped = executor[rows, cols] != rows
+    fwd = int((step[rows, cols] + 2 * helped).max()) + 1
+    bwd = int((step[rows, cols] + 2 * (rows != cols)).max()) + 1  # off the diagonal dK/dV or dq go home
+    return _Masked(work, has, executor, step, (fwd, bwd))
 
 
-def _masked_executors(work: PairWork, p: int, helpers: bool) -> dict[tuple[int, int], int]:
-    """(q owner, kv owner) -> the rank that computes their block: the queries' owner, unless
-    ``helpers`` hands it to the K/V's owner (_hand_over)."""
-    executor = {key: key[0] for key in work.blocks}
+def _masked_executors(work: PairWork, has: np.ndarray, helpers: bool) -> np.ndarray:
+    """[P, P]: the rank that computes each pair's block: the queries' owner, unless ``helpers``
+    hands it to the K/V's owner (_hand_over)."""
+    p = len(has)
+    executor = np.repeat(np.arange(p)[:, None], p, 1)
     if helpers:
-        sizes = work.pair_sizes.tolist()
-        _hand_over(executor, {key: sizes[key[0]][key[1]] for key in executor}, p)
+        xs, ys = np.nonzero(has)
+        keys = list(zip(xs.tolist(), ys.tolist()))
+        for x, y in _hand_over(keys, dict(zip(keys, work.pair_sizes[xs, ys].tolist())), p):
+            executor[x, y] = y
     return executor
 
 
-def _hand_over(executor: dict, sizes: dict, p: int) -> None:
-    """Move blocks from the most loaded rank to the K/V owners while the larger load drops.
-    The most loaded rank comes from a heap (stale entries skipped) and only its own remaining
-    blocks are weighed, so a move costs O(its blocks + log P), not a scan of every block."""
+def _masked_steps(has: np.ndarray, executor: np.ndarray) -> np.ndarray:
+    """[P, P]: each pair's step. An executor computes its own queries' blocks first, nearest
+    partner first (distance (x - y) mod P), then the blocks it helps with, nearest first. Rolled
+    so that column d is distance d, a running count along it is the step."""
+    p = len(has)
+    me, d = np.arange(p)[:, None], np.arange(p)[None, :]
+    partner, helped_of = (me - d) % p, (me + d) % p  # pair (me, partner) and (helped_of, me) at distance d
+    own = has[me, partner] & (executor[me, partner] == me)
+    helps = has[helped_of, me] & (executor[helped_of, me] == me) & (d != 0)
+    step = np.full((p, p), -1, dtype=np.int64)
+    rows = np.broadcast_to(me, (p, p))
+    step[rows[own], partner[own]] = (np.cumsum(own, 1) - 1)[own]
+    step[helped_of[helps], rows[helps]] = (own.sum(1, keepdims=True) + np.cumsum(helps, 1) - 1)[helps]
+    return step
+
+
+def _hand_over(keys: list, sizes: dict, p: int) -> list:
+    """The pairs (of ``keys``, all computed by their queries' owner) to hand to the K/V owner:
+    move blocks from the most loaded rank while the larger of the two loads drops. The most
+    loaded rank comes from a heap (stale entries skipped) and only its own remaining blocks are
+    weighed, so a move costs O(its blocks + log P), not a scan of every block."""
     load = [0.0] * p
     mine = defaultdict(list)  # rank -> its own blocks it still computes, with another rank's keys
-    for key, rank in executor.items():
-        load[rank] += sizes[key]
-        if rank == key[0] != key[1]:
-            mine[rank].append(key)
+    for key in keys:
+        load[key[0]] += sizes[key]
+        if key[0] != key[1]:
+            mine[key[0]].append(key)
     heap = [(-load[r], r) for r in range(p)]
     heapq.heapify(heap)
+    moved = []
     while True:
         while -heap[0][0] != load[heap[0][1]]:  # stale: that rank's load changed since
             heapq.heappop(heap)
-        x = heap[0][1]  # the most loaded, the lowest such rank on ties (as max(load, -r))
+        x = heap[0][1]  # the most loaded, the lowest such rank on ties
         best = min(((max(load[x] - sizes[key], load[key[1]] + sizes[key]), key) for key in mine[x]), default=None)
         if best is None or best[0] >= load[x]:
-            return
+            return moved
         key = best[1]
-        executor[key] = key[1]
+        moved.append(key)
         mine[x].remove(key)
         load[x] -= sizes[key]
         load[key[1]] += sizes[key]
@@ -254,8 +295,8 @@ def rank_plan(schedule: str, layout: Layout, mask: Mask, rank: int) -> RankPlan:
         steps, task = _plain_tasks(schedule, layout, PairWork(layout, mask))
         tasks, lengths, ring = _tasks_of(steps, task, p, rank), _plain_lengths(steps, task, p), schedule == "ring"
     else:
-        _, every, lengths = _masked_plan(schedule, layout, mask)
-        tasks, ring = [e for e in every if e[1] == rank or rank in (e[2].q_owner, e[2].kv_owner)], False
+        masked = _masked_plan(schedule, layout, mask)
+        tasks, lengths, ring = masked.tasks_of(rank), masked.lengths, False
     fwd, bwd = (_route_rank(tasks, layout, mask.causal, ring, backward, rank, n)
                 for backward, n in ((False, lengths[0]), (True, lengths[1])))
     return RankPlan(schedule, layout, mask, rank, fwd, bwd)
@@ -279,7 +320,8 @@ def plan_for(schedule: str, layout: Layout, mask: Mask) -> Plan:
         steps, task = _plain_tasks(schedule, layout, work)
         tasks, ring = _all_tasks(steps, task, layout.world_size), schedule == "ring"
     else:
-        (work, tasks, _), ring = _masked_plan(schedule, layout, mask), False
+        masked, ring = _masked_plan(schedule, layout, mask), False
+        work, tasks = masked.work, masked.tasks(*np.nonzero(masked.has))
     plan = Plan(schedule, layout, mask, forward=_route(tasks, layout, ring, backward=False),
                 backward=_route(tasks, layout, ring, backward=True), work=work)
     if layout.padded_tokens is None:
@@ -307,15 +349,10 @@ def auto_schedule(layout: Layout, mask: Mask, shape: Shape) -> str:
     if layout.padded_tokens is None:
         return _plain_auto(layout, mask)
     # Documents or a window: ring and lightseq differ only in helpers.
-    work = _masked_plan("ring", layout, mask)[0]
-    if _masked_executors(work, layout.world_size, True) == _masked_executors(work, layout.world_size, False):
+    plans = {name: _masked_plan(name, layout, mask) for name in SCHEDULES}
+    if (plans["lightseq"].executor == plans["ring"].executor).all():
         return "ring"  # no block is handed over: the same plan, and ties go to the ring
-
-    def cost(name: str):
-        work, tasks, _ = _masked_plan(name, layout, mask)
-        return (*_critical(work, tasks, layout, shape), SCHEDULES.index(name))
-
-    return min(SCHEDULES, key=cost)
+    return min(SCHEDULES, key=lambda name: (*_critical(plans[name], shape), SCHEDULES.index(name)))
 
 
 def _plain_auto(layout: Layout, mask: Mask) -> str:
@@ -331,20 +368,31 @@ def _plain_auto(layout: Layout, mask: Mask) -> str:
     return "lightseq" if layout.world_size >= (3 if layout.name == "contiguous" else 4) else "ring"
 
 
-def _critical(work: PairWork, tasks: list[Task], layout: Layout, shape: Shape) -> tuple[float, int]:
-    """(Plan.critical_work, Plan.critical_bytes) of a masked plan from its tasks, summed per step
-    in the same order as the whole plan's properties, so that the floats are the same."""
-    load = defaultdict(lambda: defaultdict(float))  # step -> rank -> work
-    for t, x, blk in tasks:
-        load[t][x] += work.size(blk)
+def _critical(plan: _Masked, shape: Shape) -> tuple[float, int]:
+    """(Plan.critical_work, Plan.critical_bytes) of a masked plan from its matrices: one block per
+    executor and step, and no transfer twice, so per-step maxima of sums need no steps. The work
+    is summed step by step as the Plan sums it, so that the floats are the same."""
+    layout, rows, cols = plan.work.layout, *np.nonzero(plan.has)
+    step, executor = plan.step[rows, cols], plan.executor[rows, cols]
+    busiest = np.zeros(plan.lengths[0])
+    np.maximum.at(busiest, step, plan.work.pair_sizes[rows, cols])
     critical_work = 0.0
-    for t in range(max(load) + 1):
-        critical_work += max(load[t].values(), default=0.0)
+    for w in busiest.tolist():
+        critical_work += w
+    has = plan.work._by_rank[rows, :, cols, :] > 0  # [pairs, m, m]
+    q_chunks, kv_chunks = has.any(2).sum(1), has.any(1).sum(1)
     chunk = shape.seqlen_local // layout.chunks_per_rank
+    unit = {kind: payload_bytes(kind, chunk, shape) for kind in ("q", "o", "qg", "dq", "kv", "dkv")}  # linear in tokens
+    helped, remote = executor != rows, executor != cols
     total = 0
-    for backward in (False, True):
-        received = defaultdict(lambda: defaultdict(int))  # step -> rank -> bytes
-        for s, tr in {tr for task in tasks for tr in _task_transfers(task, layout, "direct", backward)}:
-            received[s][tr.dst] += payload_bytes(tr.payload.kind, chunk * len(tr.payload.chunks), shape)
-        total += sum(max(r.values()) for r in received.values())
+    for backward, n in zip((False, True), plan.lengths):
+        received = np.zeros((n + 2, layout.world_size), dtype=np.int64)
+        q_kind, q_result = ("qg", "dq") if backward else ("q", "o")
+        parts = [(helped, step, executor, q_chunks * unit[q_kind]), (helped, step + 2, rows, q_chunks * unit[q_result]),
+                 (remote, step, executor, kv_chunks * unit["kv"])]
+        if backward:
+            parts.append((remote, step + 2, cols, kv_chunks * unit["dkv"]))
+        for where, at, dst, size in parts:
+            np.add.at(received, (at[where], dst[where]), size[where])
+        total += int(received.max(1).sum())
     return critical_work / layout.chunks_per_rank**2, total
