@@ -27,15 +27,22 @@ def chunk_pair_area(mask: Mask, tokens: int, chunk_count: int) -> np.ndarray:
 
 
 def area_from(sums: "_Tokens | _Pieces", tokens: int, chunk_count: int) -> np.ndarray:
-    """chunk_pair_area from either way of summing (both are tested against a dense mask)."""
+    """chunk_pair_area from either way of summing (both are tested against a dense mask). The
+    prefix sums are taken at the O(chunks) boundaries only: both sums grow with k (sizes and lo
+    are >= 0), so the sum at a clipped point is the clipped sum, and what is left per (query
+    chunk, boundary) is a few elementwise operations."""
     length = tokens // chunk_count
     bounds = np.arange(chunk_count + 1, dtype=np.int64) * length
     whole = sums.ending_by(bounds)  # before it: intervals end by b
     started = np.maximum(sums.starting_before(bounds), whole)  # before it: start before b
-    first = (np.arange(chunk_count, dtype=np.int64) * length)[:, None]
-    r1 = np.clip(whole[None, :], first, first + length)
-    r2 = np.clip(started[None, :], first, first + length)
-    below = (sums.size(r1) - sums.size(first)) + (r2 - r1) * bounds[None, :] - (sums.lo(r2) - sums.lo(r1))
+    first, last = bounds[:-1, None], bounds[1:, None]  # each query chunk's first and next token
+
+    def clipped(values, at):  # values(clip(at, first, last)), from the values at the points
+        return np.clip(values(at)[None, :], values(bounds)[:-1, None], values(bounds)[1:, None])
+
+    r1, r2 = np.clip(whole[None, :], first, last), np.clip(started[None, :], first, last)
+    below = (clipped(sums.size, whole) - sums.size(first)) + (r2 - r1) * bounds[None, :] - (
+        clipped(sums.lo, started) - clipped(sums.lo, whole))
     return below[:, 1:] - below[:, :-1]
 
 
@@ -171,8 +178,8 @@ def _swap_until_balanced(work: np.ndarray, owner: np.ndarray, world_size: int) -
 def _chunks_moved(area: np.ndarray, owner: np.ndarray, world_size: int) -> int:
     """The busiest rank's K/V chunks in and out: each chunk goes once to every other rank with a
     query chunk that sees some of it (what a masked plan sends, in chunks)."""
-    seen = np.zeros((world_size, len(owner)), dtype=bool)  # rank -> key chunks its queries see
-    np.logical_or.at(seen, owner, area > 0)
+    by_rank = np.argsort(owner, kind="stable").reshape(world_size, -1)  # every rank holds as many chunks
+    seen = (area[by_rank] > 0).any(1)  # rank -> key chunks its queries see
     seen[owner, np.arange(len(owner))] = False  # its own chunks do not travel
     received = seen.sum(1)
     sent = np.bincount(owner, weights=seen.sum(0), minlength=world_size)
