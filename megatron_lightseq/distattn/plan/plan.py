@@ -11,6 +11,11 @@ block of step t may use what arrived at steps <= t, and a transfer of step s may
 arrived at steps <= s-1 or what blocks of steps <= s-2 produced. The trailing steps of a plan
 may carry transfers only: they return the last partial results.
 
+A running rank builds only its own rows, a :class:`RankPlan` (``build_plan(..., rank=r)``): the
+same steps as the whole plan's ``forward[t][r]`` (every step, empty ones included), built from
+the work that touches r alone (schedules.py). The whole :class:`Plan` is for the checks
+(check.py), describe() and the tests.
+
 Payload kinds (what travels; ``owner`` is the rank whose tokens they are):
   forward  ``kv``  k and v of ``chunks``               (to a rank that computes with them)
            ``q``   q of ``chunks``                     (to a helper)
@@ -270,7 +275,7 @@ class RankPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every rank's steps: ``forward[t][rank]``. For the checks of the whole (plan_check.py),
+    """Every rank's steps: ``forward[t][rank]``. For the checks of the whole (check.py),
     describe() and the tests; a running rank builds and reads its own :class:`RankPlan`."""
 
     schedule: str

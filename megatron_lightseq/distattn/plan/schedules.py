@@ -8,6 +8,14 @@ Schedules (see docs/schedules.md for the trade-offs and the ``auto`` rule):
   t a rank r < t receives the queries of rank r+P-t, computes them against its own K/V and sends
   (out, lse) back. Distances t and P-t are covered in one step, so the plan takes floor(P/2)+1
   steps for any P (odd P is perfectly balanced; even P idles half the ranks in the last step).
+
+Both are built as tasks (step, executing rank, block), then routed: every remote input and
+partial result becomes a transfer. The whole plan (:func:`plan_for`) routes every task; a
+running rank's view (:func:`rank_plan`) routes only the tasks that touch it and knows the
+whole plan's step counts from its last steps, so it costs O(P log P) on the plain layouts, not
+the whole plan's O(P^2) and more. With documents or a window the blocks, who computes them and
+when are [P, P] matrices over rank pairs (numpy, :class:`_Masked`), and a view takes its row
+and column. ``auto`` compares the schedules' critical work and bytes without any plan's steps.
 """
 from __future__ import annotations
 
