@@ -160,12 +160,19 @@ def _swap_until_balanced(work: np.ndarray, owner: np.ndarray, world_size: int) -
     load = np.bincount(owner, weights=work, minlength=world_size)
     for _ in range(4 * len(work) if world_size > 1 else 0):
         x = int(np.argmax(load))
-        mine, others = np.nonzero(owner == x)[0], np.nonzero(owner != x)[0]
-        moved = work[mine][:, None] - work[others][None, :]  # [m, chunks elsewhere]
-        after = np.maximum(load[x] - moved, load[owner[others]][None, :] + moved)
+        mine = np.flatnonzero(owner == x)
+        heavy = work[mine]
+        # Only chunks lighter than one of x's, of ranks lighter than x, can lower x's load: the
+        # others' swaps all leave a rank at or above it, so dropping them keeps the first best
+        # (few numpy calls a swap: at a thousand chunks their overhead is the cost).
+        their_load = load[owner]
+        others = np.flatnonzero((their_load < load[x]) & (work < heavy.max()))
+        moved = heavy[:, None] - work[others]  # [m, candidates]
+        after = np.maximum(load[x] - moved, their_load[others] + moved)
         after[moved <= 0] = np.inf
-        i, j = np.unravel_index(int(np.argmin(after)), after.shape)
-        if after[i, j] >= load[x]:
+        best = int(after.argmin()) if after.size else 0
+        i, j = divmod(best, max(after.shape[1], 1))
+        if not after.size or after[i, j] >= load[x]:
             break
         a, b = mine[i], others[j]
         y = owner[b]
