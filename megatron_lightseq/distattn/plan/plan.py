@@ -165,15 +165,17 @@ class PairWork:
             return self._pair(self.layout.owners, x, y)
         return self.blocks.get((x, y))
 
+    def needed(self, xs, ys):
+        """numpy bool [n, m] twice (layouts cut for a length): which of x's query chunks and of y's
+        key chunks have work in the pair (xs[i], ys[i]), in the owners' local order."""
+        has = self._by_rank[xs, :, ys, :] > 0  # [n, m, m]
+        return has.any(2), has.any(1)
+
     def blocks_of(self, xs, ys) -> list["Block"]:
         """The blocks of the pairs (xs[i], ys[i]), each with work (layouts cut for a length): only
         the chunks with work on either side, found for these pairs alone."""
-        import numpy as np
-
-        index = np.array(self.layout.owners)  # [P, m] chunk ids
-        has = self._by_rank[xs, :, ys, :] > 0  # [n, m, m]
-        q_need, kv_need = has.any(2).tolist(), has.any(1).tolist()
-        rows = index.tolist()
+        q_need, kv_need = (need.tolist() for need in self.needed(xs, ys))
+        rows = self.layout.owners
         return [Block(x, tuple(c for c, n in zip(rows[x], qn) if n), y, tuple(c for c, n in zip(rows[y], kn) if n))
                 for x, y, qn, kn in zip(xs.tolist(), ys.tolist(), q_need, kv_need)]
 

@@ -60,8 +60,8 @@ def _plain_tasks(schedule: str, layout: Layout, work: PairWork) -> tuple[int, Ca
     return p, lambda t, x: pair_block(work, x, (x - t) % p)
 
 
-def _all_tasks(steps: int, task, p: int) -> list[Task]:
-    return [(t, x, b) for t in range(steps) for x in range(p) if (b := task(t, x)) is not None]
+def _all_tasks(steps: range, task, p: int) -> list[Task]:
+    return [(t, x, b) for t in steps for x in range(p) if (b := task(t, x)) is not None]
 
 
 def _tasks_of(steps: int, task, p: int, rank: int) -> list[Task]:
@@ -90,8 +90,7 @@ def _plain_lengths(steps: int, task, p: int) -> tuple[int, int]:
     """_lengths of the whole plain plan from its last two steps with work (only tasks there can
     end past the last step); the top step is found from above, in O(P) on the plain layouts."""
     last = next(t for t in reversed(range(steps)) if any(task(t, x) is not None for x in range(p)))
-    return _lengths([(t, x, b) for t in range(max(last - 1, 0), last + 1) for x in range(p)
-                     if (b := task(t, x)) is not None])
+    return _lengths(_all_tasks(range(max(last - 1, 0), last + 1), task, p))
 
 
 class _Masked(NamedTuple):
@@ -326,7 +325,7 @@ def plan_for(schedule: str, layout: Layout, mask: Mask) -> Plan:
     if layout.padded_tokens is None:  # the plain layouts, any length
         work = PairWork(layout, mask)
         steps, task = _plain_tasks(schedule, layout, work)
-        tasks, ring = _all_tasks(steps, task, layout.world_size), schedule == "ring"
+        tasks, ring = _all_tasks(range(steps), task, layout.world_size), schedule == "ring"
     else:
         masked, ring = _masked_plan(schedule, layout, mask), False
         work, tasks = masked.work, masked.tasks(*np.nonzero(masked.has))
@@ -387,8 +386,7 @@ def _critical(plan: _Masked, shape: Shape) -> tuple[float, int]:
     critical_work = 0.0
     for w in busiest.tolist():
         critical_work += w
-    has = plan.work._by_rank[rows, :, cols, :] > 0  # [pairs, m, m]
-    q_chunks, kv_chunks = has.any(2).sum(1), has.any(1).sum(1)
+    q_chunks, kv_chunks = (need.sum(1) for need in plan.work.needed(rows, cols))
     chunk = shape.seqlen_local // layout.chunks_per_rank
     unit = {kind: payload_bytes(kind, chunk, shape) for kind in ("q", "o", "qg", "dq", "kv", "dkv")}  # linear in tokens
     helped, remote = executor != rows, executor != cols
