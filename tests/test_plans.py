@@ -7,6 +7,7 @@ import torch
 from megatron_lightseq import build_plan
 from megatron_lightseq.distattn.plan.plan import Payload, Shape, Transfer
 from megatron_lightseq.distattn.plan.check import check_plan
+from megatron_lightseq.distattn.plan.hybrid import resolve_hybrid
 from megatron_lightseq.distattn.plan.layout import layout_of
 from megatron_lightseq.distattn.plan.mask import Mask, mask_of
 from megatron_lightseq.distattn.plan.schedules import SCHEDULES, auto_schedule, choose_schedule, plan_for
@@ -173,3 +174,19 @@ def test_auto_closed_form_on_plain_layouts():
             for causal in (True, False):
                 lay = layout_of(layout, p, Mask(causal=causal))
                 assert auto_schedule(lay, Mask(causal=causal), shape) == _whole_plan_rule(lay, Mask(causal), shape)
+
+
+def test_a_rank_never_builds_a_whole_plan():
+    """Views, auto and the hybrid plan's per-rank parts (outer views, member runs, bytes) at a P
+    where whole plans would be slow: none of them goes through plan_for."""
+    p, shape = 64, Shape(1, 256, 4, 2, 16, torch.bfloat16)
+    plan_for.cache_clear()
+    for layout in ("contiguous", "zigzag", "balanced"):
+        for kw in (dict(causal=True), dict(cu_seqlens=(0, 900, 5000, 256 * p))):
+            mask = mask_of(kw.get("causal", True), kw.get("cu_seqlens"))
+            schedule = choose_schedule(layout, p, mask.causal, shape, cu_seqlens=mask.cu_seqlens)
+            view = build_plan(schedule, layout=layout, world_size=p, rank=p - 1, tokens=256 * p, **kw)
+            assert view.forward and view.traffic(shape) > 0
+            hyb = resolve_hybrid(shape, world_size=p, inner=4, layout=layout, schedule="auto", mask=mask)
+            assert hyb.member_runs(5) and hyb.bytes(5, shape, link="inter") > 0
+    assert plan_for.cache_info().misses == 0
