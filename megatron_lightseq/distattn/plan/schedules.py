@@ -46,8 +46,9 @@ def pair_block(work: PairWork, q_owner: int, kv_owner: int) -> Block | None:
 
 def _plain_tasks(schedule: str, layout: Layout, work: PairWork) -> tuple[int, Callable[[int, int], Block | None]]:
     """(steps, task) for a plain layout: ``task(t, x)`` is the block rank x computes at step t,
-    or None. A rank's task touches only rank x and rank (x-t) mod P or its mirror, so one rank's
-    tasks are found among two candidates a step (_tasks_of) without listing every rank's."""
+    or None. In both schedules it pairs rank x with rank (x - t) mod P alone (a helper's queries
+    come from x + P - t, the same rank), so the tasks touching a rank r at step t are those of r
+    and of (r + t) mod P (_tasks_of), found without listing every rank's."""
     p = layout.world_size
     if schedule == "lightseq" and layout.name == "contiguous" and work.causal:
         def lightseq(t: int, x: int) -> Block | None:
@@ -65,8 +66,8 @@ def _all_tasks(steps: range, task, p: int) -> list[Task]:
 
 
 def _tasks_of(steps: int, task, p: int, rank: int) -> list[Task]:
-    """The tasks that touch ``rank`` (it computes them, or owns their queries or keys): with both
-    plain schedules those of rank itself and of rank (rank+t) mod P at step t."""
+    """The tasks that touch ``rank`` (it computes them, or owns their queries or keys), in the
+    whole plan's order: at step t those of rank itself and of (rank + t) mod P (_plain_tasks)."""
     found = []
     for t in range(steps):
         for x in sorted({rank, (rank + t) % p}):
