@@ -149,7 +149,7 @@ class PairWork:
 
         index = np.array(self.layout.owners).ravel()
         p, m = self.layout.world_size, self.layout.chunks_per_rank
-        return self.counts[index][:, index].reshape(p, m, p, m)
+        return self.counts.take(index, 0).take(index, 1).reshape(p, m, p, m)  # take: twice as fast as [index]
 
     @cached_property
     def pair_sizes(self):
