@@ -1,6 +1,6 @@
 """The benchmarks run end to end on tiny sizes (their numbers are for the JSON, not for tests):
 the kernel benchmark writes every section; the host-overhead one's steady state makes no
-collective or host read, plain and packed."""
+collective or host read, plain and packed; the plan-build one times views and whole plans."""
 import importlib.util
 import json
 import os
@@ -34,3 +34,17 @@ def test_overhead_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["runs"]["latest"]["rows"]
     assert {(r["world_size"], r["workload"]) for r in rows} == {(p, w) for p in (2, 3) for w in bench.WORKLOADS}
     assert all(r["call_s"] > 0 and r["collectives_per_call"] == 0 == r["host_reads_per_call"] for r in rows)
+
+
+def test_plan_build_benchmark_smoke(tmp_path):
+    bench = _benchmark("plan_build")
+    out = tmp_path / "plan_build.json"
+    assert bench.main(["--max-p", "16", "--balanced-max-p", "8", "--docs-max-p", "8", "--whole-max-p", "8",
+                       "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    plain = {(r["layout"], r["schedule"], r["world_size"]) for r in result["plain_causal"]}
+    assert plain == {(lay, s, p) for lay in ("contiguous", "zigzag") for s in ("ring", "lightseq") for p in (8, 16)} | {
+        ("balanced", s, 8) for s in ("ring", "lightseq")}
+    assert {(r["schedule"], r["world_size"]) for r in result["documents_rows"]} == {("ring", 8), ("lightseq", 8)}
+    assert all(r["rank_s"] > 0 and (r["world_size"] > 8 or r["whole_s"] > 0)
+               for r in result["plain_causal"] + result["documents_rows"])

@@ -1,4 +1,4 @@
-"""Plan properties for P = 1..16, without processes."""
+"""Plan properties for P = 1..16, per-rank views against whole plans, the auto rule; without processes."""
 import dataclasses
 
 import pytest
@@ -7,7 +7,10 @@ import torch
 from megatron_lightseq import build_plan
 from megatron_lightseq.distattn.plan.plan import Payload, Shape, Transfer
 from megatron_lightseq.distattn.plan.check import check_plan
-from megatron_lightseq.distattn.plan.schedules import SCHEDULES, choose_schedule
+from megatron_lightseq.distattn.plan.hybrid import resolve_hybrid
+from megatron_lightseq.distattn.plan.layout import layout_of
+from megatron_lightseq.distattn.plan.mask import Mask, mask_of
+from megatron_lightseq.distattn.plan.schedules import SCHEDULES, auto_schedule, choose_schedule, plan_for
 
 ALL = [(s, lay, p, c) for s in SCHEDULES for lay in ("contiguous", "zigzag") for p in range(1, 17)
        for c in (True, False)]
@@ -116,3 +119,74 @@ def test_unknown_names_raise():
         build_plan("striped", layout="contiguous", world_size=2)
     with pytest.raises(ValueError, match="layout must be one of"):
         build_plan("ring", layout="diagonal", world_size=2)
+
+
+# Per-rank views (build_plan(..., rank=r)) are built from the tasks touching the rank alone; they
+# must equal the whole plan's rows, and the whole plan assembled from them must pass the checks.
+def _mask_cases(p: int) -> list[dict]:
+    return [dict(causal=True), dict(causal=False), dict(cu_seqlens=(0, 5 * p, 7 * p, 16 * p + 3)),
+            dict(cu_seqlens=(0, 3, 40 * p), causal=False), dict(window_size=(20, 0), tokens=32 * p)]
+
+
+VIEW_CASES = [(s, lay, p, i) for s in SCHEDULES for lay in ("contiguous", "zigzag", "balanced")
+              for p in (*range(1, 10), 16, 33) for i in range(5)]
+
+
+@pytest.mark.parametrize("schedule,layout,world_size,case", VIEW_CASES)
+def test_rank_views_equal_the_whole_plan(schedule, layout, world_size, case):
+    kw = _mask_cases(world_size)[case]
+    if layout == "balanced" and "cu_seqlens" not in kw:
+        kw = dict(kw, tokens=32 * world_size)
+    whole = build_plan(schedule, layout=layout, world_size=world_size, **kw)
+    views = [build_plan(schedule, layout=layout, world_size=world_size, rank=r, **kw) for r in range(world_size)]
+    assert views == [whole.view(r) for r in range(world_size)]
+    assembled = dataclasses.replace(whole, forward=tuple(zip(*(v.forward for v in views))),
+                                    backward=tuple(zip(*(v.backward for v in views))))
+    check_plan(assembled)
+
+
+def _whole_plan_rule(layout, mask, shape) -> str:
+    """auto_schedule as it was: from the whole plans' critical numbers."""
+    if layout.padded_tokens is not None:
+        ring, light = (plan_for(s, layout, mask) for s in SCHEDULES)
+        if [[rs.blocks for rs in st] for st in ring.forward] == [[rs.blocks for rs in st] for st in light.forward]:
+            return "ring"
+    return min(SCHEDULES, key=lambda s: (plan_for(s, layout, mask).critical_work,
+                                         plan_for(s, layout, mask).critical_bytes(shape), SCHEDULES.index(s)))
+
+
+@pytest.mark.parametrize("world_size", [*range(1, 10), 16, 24, 33, 40])
+def test_auto_decisions_match_the_whole_plans(world_size):
+    shape = Shape(1, 32 * world_size, 4, 2, 16, torch.bfloat16)
+    for layout in ("contiguous", "zigzag", "balanced"):
+        for kw in _mask_cases(world_size) + [dict(cu_seqlens=(0, 1, 2 * world_size, 30 * world_size))]:
+            if len(kw) == 1 and "causal" in kw and layout != "balanced" and world_size > 16:
+                continue  # plain layouts: the closed form, checked below
+            mask = mask_of(kw.get("causal", True), kw.get("cu_seqlens"), kw.get("window_size", (-1, -1)))
+            lay = layout_of(layout, world_size, mask, mask.length or 32 * world_size * world_size)
+            assert auto_schedule(lay, mask, shape) == _whole_plan_rule(lay, mask, shape), (layout, kw)
+
+
+def test_auto_closed_form_on_plain_layouts():
+    shape = Shape(1, 128, 4, 1, 64, torch.bfloat16)
+    for p in (*range(1, 17), 24, 33):
+        for layout in ("contiguous", "zigzag"):
+            for causal in (True, False):
+                lay = layout_of(layout, p, Mask(causal=causal))
+                assert auto_schedule(lay, Mask(causal=causal), shape) == _whole_plan_rule(lay, Mask(causal), shape)
+
+
+def test_a_rank_never_builds_a_whole_plan():
+    """Views, auto and the hybrid plan's per-rank parts (outer views, member runs, bytes) at a P
+    where whole plans would be slow: none of them goes through plan_for."""
+    p, shape = 64, Shape(1, 256, 4, 2, 16, torch.bfloat16)
+    plan_for.cache_clear()
+    for layout in ("contiguous", "zigzag", "balanced"):
+        for kw in (dict(causal=True), dict(cu_seqlens=(0, 900, 5000, 256 * p))):
+            mask = mask_of(kw.get("causal", True), kw.get("cu_seqlens"))
+            schedule = choose_schedule(layout, p, mask.causal, shape, cu_seqlens=mask.cu_seqlens)
+            view = build_plan(schedule, layout=layout, world_size=p, rank=p - 1, tokens=256 * p, **kw)
+            assert view.forward and view.traffic(shape) > 0
+            hyb = resolve_hybrid(shape, world_size=p, inner=4, layout=layout, schedule="auto", mask=mask)
+            assert hyb.member_runs(5) and hyb.bytes(5, shape, link="inter") > 0
+    assert plan_for.cache_info().misses == 0

@@ -11,6 +11,11 @@ block of step t may use what arrived at steps <= t, and a transfer of step s may
 arrived at steps <= s-1 or what blocks of steps <= s-2 produced. The trailing steps of a plan
 may carry transfers only: they return the last partial results.
 
+A running rank builds only its own rows, a :class:`RankPlan` (``build_plan(..., rank=r)``): the
+same steps as the whole plan's ``forward[t][r]`` (every step, empty ones included), built from
+the work that touches r alone (schedules.py). The whole :class:`Plan` is for the checks
+(check.py), describe() and the tests.
+
 Payload kinds (what travels; ``owner`` is the rank whose tokens they are):
   forward  ``kv``  k and v of ``chunks``               (to a rank that computes with them)
            ``q``   q of ``chunks``                     (to a helper)
@@ -107,20 +112,72 @@ class PairWork:
 
     def __init__(self, layout: Layout, mask: Mask) -> None:
         self.causal, self.layout = mask.causal, layout
-        self.area = None  # numpy [chunks, chunks], in full chunk pairs, where the layout was cut for a length
+        self.counts = None  # numpy int64 [chunks, chunks], query-key pairs, where the layout was cut for a length
         if layout.padded_tokens is not None:
             from .work import chunk_pair_area
 
-            full = (layout.padded_tokens // layout.chunk_count) ** 2
-            self.area = chunk_pair_area(mask, layout.padded_tokens, layout.chunk_count) / full
-            self._rows = self.area.tolist()
+            self._full = (layout.padded_tokens // layout.chunk_count) ** 2
+            self.counts = chunk_pair_area(mask, layout.padded_tokens, layout.chunk_count)
+
+    @cached_property
+    def area(self):
+        """numpy [chunks, chunks] in full chunk pairs (layouts cut for a length), else None."""
+        return None if self.counts is None else self.counts / self._full
+
+    @cached_property
+    def _rows(self) -> list:
+        return self.area.tolist()  # Python floats: one lookup per pair for the checks' loops
 
     def __call__(self, q_chunk: int, kv_chunk: int) -> float:
-        if self.area is not None:
+        if self.counts is not None:
             return self._rows[q_chunk][kv_chunk]
         if not self.causal or kv_chunk < q_chunk:
             return 1.0
         return 0.5 if kv_chunk == q_chunk else 0.0
+
+    def size(self, block: "Block") -> float:
+        """The block's work in full chunk pairs. Sums exact integers, then divides once: the rank
+        pair sums (:attr:`pair_sizes`) give the very same floats, whatever the order."""
+        if self.counts is None:
+            return sum(self(qc, kc) for qc in block.q_chunks for kc in block.kv_chunks)
+        return int(self.counts[list(block.q_chunks)][:, list(block.kv_chunks)].sum()) / self._full
+
+    @cached_property
+    def _by_rank(self):
+        """counts with chunks in rank order, as [P, m, P, m] (layouts cut for a length)."""
+        import numpy as np
+
+        index = np.array(self.layout.owners).ravel()
+        p, m = self.layout.world_size, self.layout.chunks_per_rank
+        return self.counts.take(index, 0).take(index, 1).reshape(p, m, p, m)  # take: twice as fast as [index]
+
+    @cached_property
+    def pair_sizes(self):
+        """numpy [P, P] (layouts cut for a length only): the work between rank x's queries and
+        rank y's keys, equal to ``size(blocks[x, y])`` (chunks left out of a block have none);
+        0 where the pair has no block."""
+        return self._by_rank.sum((1, 3)) / self._full
+
+    def block(self, x: int, y: int) -> "Block | None":
+        """``blocks.get((x, y))``; on the plain layouts (one or two chunks a rank) worked out for
+        this pair alone, so that one rank's plan does not pay for every pair."""
+        if self.counts is None:
+            return self._pair(self.layout.owners, x, y)
+        return self.blocks.get((x, y))
+
+    def needed(self, xs, ys):
+        """numpy bool [n, m] twice (layouts cut for a length): which of x's query chunks and of y's
+        key chunks have work in the pair (xs[i], ys[i]), in the owners' local order."""
+        has = self._by_rank[xs, :, ys, :] > 0  # [n, m, m]
+        return has.any(2), has.any(1)
+
+    def blocks_of(self, xs, ys) -> list["Block"]:
+        """The blocks of the pairs (xs[i], ys[i]), each with work (layouts cut for a length): only
+        the chunks with work on either side, found for these pairs alone."""
+        q_need, kv_need = (need.tolist() for need in self.needed(xs, ys))
+        rows = self.layout.owners
+        return [Block(x, tuple(c for c, n in zip(rows[x], qn) if n), y, tuple(c for c, n in zip(rows[y], kn) if n))
+                for x, y, qn, kn in zip(xs.tolist(), ys.tolist(), q_need, kv_need)]
 
     @cached_property
     def blocks(self) -> dict[tuple[int, int], "Block"]:
@@ -128,18 +185,12 @@ class PairWork:
         the chunks with work on either side); pairs without work are absent."""
         owners = self.layout.owners
         p = len(owners)
-        if self.area is None:
+        if self.counts is None:
             return {(x, y): b for x in range(p) for y in range(p) if (b := self._pair(owners, x, y))}
         import numpy as np
 
-        index = np.array(owners)  # [P, m] chunk ids
-        has = self.area[index[:, :, None, None], index[None, None, :, :]] > 0  # [P, m, P, m]
-        q_need, kv_need = has.any(3), has.any(1)  # [P, m, P], [P, P, m]
-        found = {}
-        for x, y in zip(*np.nonzero(has.any((1, 3)))):
-            found[int(x), int(y)] = Block(int(x), tuple(int(c) for c in index[x][q_need[x, :, y]]), int(y),
-                                          tuple(int(c) for c in index[y][kv_need[x, y]]))
-        return found
+        xs, ys = np.nonzero(self.pair_sizes > 0)
+        return {(b.q_owner, b.kv_owner): b for b in self.blocks_of(xs, ys)}
 
     def _pair(self, owners, x: int, y: int) -> "Block | None":
         need = [(qc, kc) for qc in owners[x] for kc in owners[y] if self(qc, kc)]
@@ -226,7 +277,7 @@ class RankPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every rank's steps: ``forward[t][rank]``. For the checks of the whole (plan_check.py),
+    """Every rank's steps: ``forward[t][rank]``. For the checks of the whole (check.py),
     describe() and the tests; a running rank builds and reads its own :class:`RankPlan`."""
 
     schedule: str
@@ -274,9 +325,7 @@ class Plan:
 
     def block_work(self, block: Block) -> float:
         """Chunk-pairs a block computes (causal diagonal chunks count half)."""
-        if self.work.area is not None:  # one numpy sum, not a Python loop over chunk pairs
-            return float(self.work.area[list(block.q_chunks)][:, list(block.kv_chunks)].sum())
-        return sum(self.work(qc, kc) for qc in block.q_chunks for kc in block.kv_chunks)
+        return self.work.size(block)
 
     def critical_bytes(self, shape: Shape) -> int:
         """Sum over steps, forward and backward, of the most bytes any one rank receives: the

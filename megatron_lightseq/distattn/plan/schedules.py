@@ -8,15 +8,28 @@ Schedules (see docs/schedules.md for the trade-offs and the ``auto`` rule):
   t a rank r < t receives the queries of rank r+P-t, computes them against its own K/V and sends
   (out, lse) back. Distances t and P-t are covered in one step, so the plan takes floor(P/2)+1
   steps for any P (odd P is perfectly balanced; even P idles half the ranks in the last step).
+
+Both are built as tasks (step, executing rank, block), then routed: every remote input and
+partial result becomes a transfer. The whole plan (:func:`plan_for`) routes every task; a
+running rank's view (:func:`rank_plan`) routes only the tasks that touch it and knows the
+whole plan's step counts from its last steps, so it costs O(P log P) on the plain layouts, not
+the whole plan's O(P^2) and more. With documents or a window the blocks, who computes them and
+when are [P, P] matrices over rank pairs (numpy, :class:`_Masked`), and a view takes its row
+and column. ``auto`` compares the schedules' critical work and bytes without any plan's steps.
 """
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
+from collections.abc import Callable
 from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
 
 from .mask import Mask, mask_of
 from .layout import Layout, check_place, layout_of
-from .plan import Block, PairWork, Payload, Plan, RankPlan, RankStep, Shape, Steps, Transfer
+from .plan import Block, PairWork, Payload, Plan, RankPlan, RankStep, Shape, Steps, Transfer, payload_bytes
 from .check import check_plan
 
 SCHEDULES = ("ring", "lightseq")
@@ -28,111 +41,237 @@ def pair_block(work: PairWork, q_owner: int, kv_owner: int) -> Block | None:
     """The one block holding all the work between q_owner's queries and kv_owner's keys, or None
     (PairWork.blocks). With the plain layouts every such block is full or a causal diagonal
     aligned at its top-left, so a single kernel call does it without wasted work."""
-    return work.blocks.get((q_owner, kv_owner))
+    return work.block(q_owner, kv_owner)
 
 
-def _ring_tasks(layout: Layout, work: PairWork) -> list[Task]:
+def _plain_tasks(schedule: str, layout: Layout, work: PairWork) -> tuple[int, Callable[[int, int], Block | None]]:
+    """(steps, task) for a plain layout: ``task(t, x)`` is the block rank x computes at step t,
+    or None. In both schedules it pairs rank x with rank (x - t) mod P alone (a helper's queries
+    come from x + P - t, the same rank), so the tasks touching a rank r at step t are those of r
+    and of (r + t) mod P (_tasks_of), found without listing every rank's."""
     p = layout.world_size
-    tasks = []
-    for t in range(p):
-        for r in range(p):
-            block = pair_block(work, r, (r - t) % p)
-            if block is not None:
-                tasks.append((t, r, block))
-    return tasks
+    if schedule == "lightseq" and layout.name == "contiguous" and work.causal:
+        def lightseq(t: int, x: int) -> Block | None:
+            if x >= t:  # own queries against the keys of distance t (t = 0: the diagonal)
+                return pair_block(work, x, x - t)
+            return pair_block(work, x + p - t, x) if 2 * t != p else None  # helper: distance p-t, own keys
+
+        return p // 2 + 1, lightseq
+    # The ring, and lightseq where every rank has one block per partner already (balanced).
+    return p, lambda t, x: pair_block(work, x, (x - t) % p)
 
 
-def _lightseq_tasks(layout: Layout, work: PairWork) -> list[Task]:
-    if layout.name != "contiguous" or not work.causal:
-        # Already balanced: every rank has one block per partner. Same steps as the ring.
-        return _ring_tasks(layout, work)
-    p = layout.world_size
-    tasks = [(0, r, pair_block(work, r, r)) for r in range(p)]
-    for t in range(1, p // 2 + 1):
-        for r in range(p):
-            if r >= t:  # own queries against the keys of distance t
-                tasks.append((t, r, pair_block(work, r, r - t)))
-            elif 2 * t != p:  # helper: queries at distance p-t against own keys
-                tasks.append((t, r, pair_block(work, r + p - t, r)))
-    return tasks
+def _all_tasks(steps: range, task, p: int) -> list[Task]:
+    return [(t, x, b) for t in steps for x in range(p) if (b := task(t, x)) is not None]
 
 
-def _masked_tasks(layout: Layout, work: PairWork, helpers: bool) -> list[Task]:
+def _tasks_of(steps: int, task, p: int, rank: int) -> list[Task]:
+    """The tasks that touch ``rank`` (it computes them, or owns their queries or keys), in the
+    whole plan's order: at step t those of rank itself and of (rank + t) mod P (_plain_tasks)."""
+    found = []
+    for t in range(steps):
+        for x in sorted({rank, (rank + t) % p}):
+            b = task(t, x)
+            if b is not None and (x == rank or rank in (b.q_owner, b.kv_owner)):
+                found.append((t, x, b))
+    return found
+
+
+def _lengths(tasks) -> tuple[int, int]:
+    """The plan's forward and backward step counts: a task's inputs travel at its step or before
+    it, its partial results (o, dq, dkv) two steps after."""
+    fwd = bwd = 0
+    for t, x, b in tasks:
+        fwd = max(fwd, t + 2 * (b.q_owner != x))
+        bwd = max(bwd, t + 2 * (b.q_owner != x or b.kv_owner != x))
+    return fwd + 1, bwd + 1
+
+
+def _plain_lengths(steps: int, task, p: int) -> tuple[int, int]:
+    """_lengths of the whole plain plan from its last two steps with work (only tasks there can
+    end past the last step); the top step is found from above, in O(P) on the plain layouts."""
+    last = next(t for t in reversed(range(steps)) if any(task(t, x) is not None for x in range(p)))
+    return _lengths(_all_tasks(range(max(last - 1, 0), last + 1), task, p))
+
+
+class _Masked(NamedTuple):
+    """A plan for documents or a window, as [P, P] matrices over (q owner, kv owner) pairs."""
+
+    work: PairWork
+    has: np.ndarray  # the pair has a block (some work between its chunks)
+    executor: np.ndarray  # the rank that computes it
+    step: np.ndarray  # the step it computes it at
+    lengths: tuple[int, int]  # the forward's and the backward's step counts
+
+    def tasks(self, xs: np.ndarray, ys: np.ndarray) -> list[Task]:
+        """The tasks of the pairs (xs[i], ys[i]), each with a block."""
+        return list(zip(self.step[xs, ys].tolist(), self.executor[xs, ys].tolist(), self.work.blocks_of(xs, ys)))
+
+    def tasks_of(self, rank: int) -> list[Task]:
+        """The tasks that touch ``rank``: its row and column of pairs (it computes only blocks of
+        its own queries or keys)."""
+        ys, = np.nonzero(self.has[rank])
+        xs, = np.nonzero(self.has[:, rank])
+        xs = xs[xs != rank]
+        return self.tasks(np.concatenate([np.full(len(ys), rank), xs]), np.concatenate([ys, np.full(len(xs), rank)]))
+
+
+@lru_cache(maxsize=8)
+def _masked_plan(schedule: str, layout: Layout, mask: Mask) -> _Masked:
     """Plans for documents and windows: one block per pair of ranks whose chunks share work,
     computed by the queries' owner with only the needed K/V chunks sent to it, nearest partner
-    first (with a window a rank talks only to the ranks within it). With ``helpers`` (the
-    lightseq schedule) the most loaded ranks hand blocks to the K/V's owner, who receives the
-    queries and returns (out, lse), as long as that lowers the larger of the two loads."""
+    first (with a window a rank talks only to the ranks within it). With the lightseq schedule
+    the most loaded ranks hand blocks to the K/V's owner, who receives the queries and returns
+    (out, lse), as long as that lowers the larger of the two loads (_hand_over). Global, but
+    numpy over rank pairs; cached for the ranks one process builds (emulation) and for auto."""
+    work = PairWork(layout, mask)
     p = layout.world_size
-    blocks = work.blocks
-    executor = _masked_executors(work, p, helpers)
-    order = defaultdict(list)  # executor -> its blocks: own queries nearest first, then those it helps with
-    for (x, y), block in blocks.items():
-        order[executor[x, y]].append(((executor[x, y] != x, (x - y) % p, x), block))
-    return [(t, r, block) for r, mine in order.items() for t, (_, block) in enumerate(sorted(mine, key=lambda e: e[0]))]
+    has = work.pair_sizes > 0
+    executor = _masked_executors(work, has, schedule == "lightseq")
+    step = _masked_steps(has, executor)
+    rows, cols = np.nonzero(has)
+    helped = executor[rows, cols] != rows
+    fwd = int((step[rows, cols] + 2 * helped).max()) + 1
+    bwd = int((step[rows, cols] + 2 * (rows != cols)).max()) + 1  # off the diagonal dK/dV or dq go home
+    return _Masked(work, has, executor, step, (fwd, bwd))
 
 
-def _masked_executors(work: PairWork, p: int, helpers: bool) -> dict[tuple[int, int], int]:
-    """(q owner, kv owner) -> the rank that computes their block: the queries' owner, unless
-    ``helpers`` hands it to the K/V's owner (_hand_over)."""
-    executor = {key: key[0] for key in work.blocks}
+def _masked_executors(work: PairWork, has: np.ndarray, helpers: bool) -> np.ndarray:
+    """[P, P]: the rank that computes each pair's block: the queries' owner, unless ``helpers``
+    hands it to the K/V's owner (_hand_over)."""
+    p = len(has)
+    executor = np.repeat(np.arange(p)[:, None], p, 1)
     if helpers:
-        area = work.area  # numpy, in full chunk pairs
-        sizes = {key: float(area[list(b.q_chunks)][:, list(b.kv_chunks)].sum()) for key, b in work.blocks.items()}
-        _hand_over(executor, sizes, p)
+        xs, ys = np.nonzero(has)
+        keys = list(zip(xs.tolist(), ys.tolist()))
+        for x, y in _hand_over(keys, dict(zip(keys, work.pair_sizes[xs, ys].tolist())), p):
+            executor[x, y] = y
     return executor
 
 
-def _hand_over(executor: dict, sizes: dict, p: int) -> None:
-    """Move blocks from the most loaded rank to the K/V owners while the larger load drops."""
+def _masked_steps(has: np.ndarray, executor: np.ndarray) -> np.ndarray:
+    """[P, P]: each pair's step. An executor computes its own queries' blocks first, nearest
+    partner first (distance (x - y) mod P), then the blocks it helps with, nearest first. Rolled
+    so that column d is distance d, a running count along it is the step."""
+    p = len(has)
+    me, d = np.arange(p)[:, None], np.arange(p)[None, :]
+    partner, helped_of = (me - d) % p, (me + d) % p  # pair (me, partner) and (helped_of, me) at distance d
+    own = has[me, partner] & (executor[me, partner] == me)
+    helps = has[helped_of, me] & (executor[helped_of, me] == me) & (d != 0)
+    step = np.full((p, p), -1, dtype=np.int64)
+    rows = np.broadcast_to(me, (p, p))
+    step[rows[own], partner[own]] = (np.cumsum(own, 1) - 1)[own]
+    step[helped_of[helps], rows[helps]] = (own.sum(1, keepdims=True) + np.cumsum(helps, 1) - 1)[helps]
+    return step
+
+
+def _hand_over(keys: list, sizes: dict, p: int) -> list:
+    """The pairs (of ``keys``, all computed by their queries' owner) to hand to the K/V owner:
+    move blocks from the most loaded rank while the larger of the two loads drops. The most
+    loaded rank comes from a heap (stale entries skipped) and only its own remaining blocks are
+    weighed, so a move costs O(its blocks + log P), not a scan of every block."""
     load = [0.0] * p
-    for key, rank in executor.items():
-        load[rank] += sizes[key]
+    mine = defaultdict(list)  # rank -> its own blocks it still computes, with another rank's keys
+    for key in keys:
+        load[key[0]] += sizes[key]
+        if key[0] != key[1]:
+            mine[key[0]].append(key)
+    heap = [(-load[r], r) for r in range(p)]
+    heapq.heapify(heap)
+    moved = []
     while True:
-        x = max(range(p), key=lambda r: (load[r], -r))
-        moves = [(max(load[x] - sizes[key], load[key[1]] + sizes[key]), key) for key, rank in executor.items()
-                 if rank == x == key[0] and key[1] != x]
-        best = min(moves, default=None)
+        while -heap[0][0] != load[heap[0][1]]:  # stale: that rank's load changed since
+            heapq.heappop(heap)
+        x = heap[0][1]  # the most loaded, the lowest such rank on ties
+        best = min(((max(load[x] - sizes[key], load[key[1]] + sizes[key]), key) for key in mine[x]), default=None)
         if best is None or best[0] >= load[x]:
-            return
+            return moved
         key = best[1]
-        executor[key] = key[1]
+        moved.append(key)
+        mine[x].remove(key)
         load[x] -= sizes[key]
         load[key[1]] += sizes[key]
+        for r in (x, key[1]):
+            heapq.heappush(heap, (-load[r], r))
 
 
-def _route(tasks: list[Task], layout: Layout, ring: bool, backward: bool) -> Steps:
-    """Turn tasks into steps: add the transfer of every remote input and every partial result."""
-    p = layout.world_size
+def _task_transfers(task: Task, layout: Layout, kv: str, backward: bool):
+    """(step, Transfer) of every input a task needs from elsewhere and every partial result it
+    sends home. ``kv``: "hops" (the ring: the owner's whole K/V, forwarded hop by hop so it
+    arrives for the task's step), "direct" (only the needed chunks, from the owner) or "none"."""
+    t, x, blk = task
     q_kind, q_result = ("qg", "dq") if backward else ("q", "o")
-    transfers: set[tuple[int, Transfer]] = set()
-    for t, x, blk in tasks:
-        if blk.q_owner != x:
-            transfers.add((t, Transfer(blk.q_owner, x, Payload(q_kind, blk.q_owner, blk.q_chunks))))
-            transfers.add((t + 2, Transfer(x, blk.q_owner, Payload(q_result, blk.q_owner, blk.q_chunks))))
-        b = blk.kv_owner
-        if b != x:
-            if ring:  # the owner's whole K/V, forwarded hop by hop so it arrives for step t
-                payload = Payload("kv", b, layout.owners[b])
-                hops = (x - b) % p
-                for i in range(1, hops + 1):
-                    transfers.add((t - hops + i, Transfer((b + i - 1) % p, (b + i) % p, payload)))
-            else:
-                transfers.add((t, Transfer(b, x, Payload("kv", b, blk.kv_chunks))))
-            if backward:
-                transfers.add((t + 2, Transfer(x, b, Payload("dkv", b, blk.kv_chunks))))
-    n_steps = max([t for t, _, _ in tasks] + [s for s, _ in transfers]) + 1
+    if blk.q_owner != x:
+        yield t, Transfer(blk.q_owner, x, Payload(q_kind, blk.q_owner, blk.q_chunks))
+        yield t + 2, Transfer(x, blk.q_owner, Payload(q_result, blk.q_owner, blk.q_chunks))
+    b, p = blk.kv_owner, layout.world_size
+    if b == x:
+        return
+    if kv == "hops":
+        payload, hops = Payload("kv", b, layout.owners[b]), (x - b) % p
+        for i in range(1, hops + 1):
+            yield t - hops + i, Transfer((b + i - 1) % p, (b + i) % p, payload)
+    elif kv == "direct":
+        yield t, Transfer(b, x, Payload("kv", b, blk.kv_chunks))
+    if backward:
+        yield t + 2, Transfer(x, b, Payload("dkv", b, blk.kv_chunks))
+
+
+def _ring_forwards(layout: Layout, causal: bool, sender: int) -> list[tuple[int, Transfer]]:
+    """The K/V forwards ``sender`` posts in a ring plan on a plain layout, in O(P): at step i it
+    passes owner b = sender-i+1's whole K/V to sender+1 while some rank further on, at distance
+    >= i from b (one of sender+1 .. sender+P-i), computes with it, that is (causal) holds a query
+    chunk at or past b's first chunk: a running maximum over the ranks ahead."""
+    p, owners = layout.world_size, layout.owners
+    steps = np.arange(1, p)
+    owner = (sender - steps + 1) % p
+    if causal:
+        top = np.fromiter((max(c) for c in owners), dtype=np.int64, count=p)
+        ahead = np.maximum.accumulate(np.roll(top, -(sender + 1)))  # [k]: max over sender+1 .. sender+1+k
+        low = np.fromiter((min(c) for c in owners), dtype=np.int64, count=p)
+        keep = ahead[p - steps - 1] >= low[owner]
+        steps, owner = steps[keep], owner[keep]
+    nxt = (sender + 1) % p
+    return [(i, Transfer(sender, nxt, Payload("kv", b, owners[b]))) for i, b in zip(steps.tolist(), owner.tolist())]
+
+
+def _order(e):
+    """Both sides list a pair's transfers in one order (by plain tuples: fast)."""
+    s, tr = e
+    return s, tr.src, tr.dst, tr.payload.kind, tr.payload.owner, tr.payload.chunks
+
+
+def _rows(tasks, transfers, n_steps: int, ranks) -> list[tuple[RankStep, ...]]:
+    """Each of ``ranks``' steps: its blocks in task order, its transfers sorted (_order)."""
     blocks, sends, recvs = defaultdict(list), defaultdict(list), defaultdict(list)
     for t, x, blk in tasks:
         blocks[t, x].append(blk)
-    # Sorted, so that both sides list a pair's transfers in one order (by plain tuples: fast).
-    order = lambda e: (e[0], e[1].src, e[1].dst, e[1].payload.kind, e[1].payload.owner, e[1].payload.chunks)
-    for s, tr in sorted(transfers, key=order):
+    for s, tr in sorted(transfers, key=_order):
         sends[s, tr.src].append(tr)
         recvs[s, tr.dst].append(tr)
     none = ()
-    return tuple(tuple(RankStep(tuple(blocks.get((s, r), none)), tuple(sends.get((s, r), none)),
-                                tuple(recvs.get((s, r), none))) for r in range(p)) for s in range(n_steps))
+    return [tuple(RankStep(tuple(blocks.get((s, r), none)), tuple(sends.get((s, r), none)),
+                           tuple(recvs.get((s, r), none))) for s in range(n_steps)) for r in ranks]
+
+
+def _route(tasks: list[Task], layout: Layout, ring: bool, backward: bool) -> Steps:
+    """Turn every task into steps: add the transfer of every remote input and every partial result."""
+    transfers = {tr for task in tasks for tr in _task_transfers(task, layout, "hops" if ring else "direct", backward)}
+    n_steps = max([t for t, _, _ in tasks] + [s for s, _ in transfers]) + 1
+    return tuple(zip(*_rows(tasks, transfers, n_steps, range(layout.world_size))))
+
+
+def _route_rank(tasks: list[Task], layout: Layout, causal: bool, ring: bool, backward: bool, rank: int,
+                n_steps: int) -> tuple[RankStep, ...]:
+    """_route's rows for ``rank`` from the tasks that touch it (the ring's K/V forwards from
+    _ring_forwards, since those pass through ranks no task of its names)."""
+    p = layout.world_size
+    transfers = {tr for task in tasks for tr in _task_transfers(task, layout, "none" if ring else "direct", backward)
+                 if rank in (tr[1].src, tr[1].dst)}
+    if ring and p > 1:
+        transfers.update(_ring_forwards(layout, causal, rank))
+        transfers.update(e for e in _ring_forwards(layout, causal, (rank - 1) % p) if e[1].dst == rank)
+    return _rows([task for task in tasks if task[1] == rank], transfers, n_steps, (rank,))[0]
 
 
 def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = True, cu_seqlens=None,
@@ -153,26 +292,44 @@ def build_plan(schedule: str, *, layout: str, world_size: int, causal: bool = Tr
 
 @lru_cache(maxsize=256)
 def rank_plan(schedule: str, layout: Layout, mask: Mask, rank: int) -> RankPlan:
-    """Rank ``rank``'s view of the plan of ``schedule`` on a built layout; cached, since a rank
-    asks for it once per shape (and once per batch of new documents)."""
-    return plan_for(schedule, layout, mask).view(rank)
+    """Rank ``rank``'s view of the plan of ``schedule`` on a built layout, equal to
+    ``plan_for(...).view(rank)`` but built from the tasks that touch it: O(P log P) on the plain
+    layouts; with documents or a window the executors and step counts stay global (linear in the
+    blocks, :func:`_masked_plan`). Cached, since a rank asks for it once per shape (and once per
+    batch of new documents)."""
+    _check_schedule(schedule)
+    p = layout.world_size
+    if layout.padded_tokens is None:
+        steps, task = _plain_tasks(schedule, layout, PairWork(layout, mask))
+        tasks, lengths, ring = _tasks_of(steps, task, p, rank), _plain_lengths(steps, task, p), schedule == "ring"
+    else:
+        masked = _masked_plan(schedule, layout, mask)
+        tasks, lengths, ring = masked.tasks_of(rank), masked.lengths, False
+    fwd, bwd = (_route_rank(tasks, layout, mask.causal, ring, backward, rank, n)
+                for backward, n in ((False, lengths[0]), (True, lengths[1])))
+    return RankPlan(schedule, layout, mask, rank, fwd, bwd)
 
 
-@lru_cache(maxsize=128)
-def plan_for(schedule: str, layout: Layout, mask: Mask) -> Plan:
-    """The plan of ``schedule`` on a built layout; cached, since plans for documents are asked
-    for once per batch. Plans for plain masks are validated here (plan_check.py), once."""
+def _check_schedule(schedule: str) -> None:
     if schedule == "auto":  # resolved by the caller (dist_attn does), since it depends on the shapes too
         raise ValueError(f"a plan is of a named schedule, one of {SCHEDULES}: for 'auto', build the one "
                          "choose_schedule(...) returns")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULE_CHOICES}, got {schedule!r}")
-    work = PairWork(layout, mask)
+
+
+@lru_cache(maxsize=128)
+def plan_for(schedule: str, layout: Layout, mask: Mask) -> Plan:
+    """The whole plan of ``schedule`` on a built layout (every rank's steps: the checks, the
+    tests, describe()); cached. Plans for plain masks are validated here (check.py), once."""
+    _check_schedule(schedule)
     if layout.padded_tokens is None:  # the plain layouts, any length
-        tasks = (_ring_tasks if schedule == "ring" else _lightseq_tasks)(layout, work)
-        ring = schedule == "ring"
+        work = PairWork(layout, mask)
+        steps, task = _plain_tasks(schedule, layout, work)
+        tasks, ring = _all_tasks(range(steps), task, layout.world_size), schedule == "ring"
     else:
-        tasks, ring = _masked_tasks(layout, work, helpers=schedule == "lightseq"), False
+        masked, ring = _masked_plan(schedule, layout, mask), False
+        work, tasks = masked.work, masked.tasks(*np.nonzero(masked.has))
     plan = Plan(schedule, layout, mask, forward=_route(tasks, layout, ring, backward=False),
                 backward=_route(tasks, layout, ring, backward=True), work=work)
     if layout.padded_tokens is None:
@@ -195,13 +352,54 @@ def choose_schedule(layout: str, world_size: int, causal: bool, shape: Shape, cu
 def auto_schedule(layout: Layout, mask: Mask, shape: Shape) -> str:
     """Least critical-path compute (``Plan.critical_work``, the real unmasked work), then least
     critical-path traffic (``Plan.critical_bytes``), then the ring, whose neighbour-only traffic
-    crosses node boundaries least."""
-    def cost(name: str):
-        plan = plan_for(name, layout, mask)
-        return plan.critical_work, plan.critical_bytes(shape), SCHEDULES.index(name)
+    crosses node boundaries least. Decided without building any plan's steps: closed forms on
+    the plain layouts (:func:`_plain_auto`), per-step sums over the tasks otherwise."""
+    if layout.padded_tokens is None:
+        return _plain_auto(layout, mask)
+    # Documents or a window: ring and lightseq differ only in helpers.
+    plans = {name: _masked_plan(name, layout, mask) for name in SCHEDULES}
+    if (plans["lightseq"].executor == plans["ring"].executor).all():
+        return "ring"  # no block is handed over: the same plan, and ties go to the ring
+    return min(SCHEDULES, key=lambda name: (*_critical(plans[name], shape), SCHEDULES.index(name)))
 
-    if layout.padded_tokens is not None:  # documents or a window: ring and lightseq differ only in helpers
-        work = plan_for("ring", layout, mask).work
-        if _masked_executors(work, layout.world_size, True) == _masked_executors(work, layout.world_size, False):
-            return "ring"  # no block is handed over: the same plan, and ties go to the ring
-    return min(SCHEDULES, key=cost)
+
+def _plain_auto(layout: Layout, mask: Mask) -> str:
+    """The rule on the plain layouts (tests/test_plans.py checks it against the whole plans'
+    numbers). Without a causal mask both schedules run the same blocks and every rank receives
+    the same whole K/V a step either way: a tie, the ring. Causal, contiguous: lightseq's critical
+    work, floor(P/2) + 1/2, is below the ring's P - 1/2 from P = 3 (at P <= 2 the plans are the
+    same). Causal, zigzag: the same blocks, but lightseq sends only the K/V chunks a block needs,
+    and from P = 4 some step's busiest rank receives less than the ring's whole K/V plus dK/dV;
+    only K/V and dK/dV travel, so the shape does not matter."""
+    if not mask.causal:
+        return "ring"
+    return "lightseq" if layout.world_size >= (3 if layout.name == "contiguous" else 4) else "ring"
+
+
+def _critical(plan: _Masked, shape: Shape) -> tuple[float, int]:
+    """(Plan.critical_work, Plan.critical_bytes) of a masked plan from its matrices: one block per
+    executor and step, and no transfer twice, so per-step maxima of sums need no steps. The work
+    is summed step by step as the Plan sums it, so that the floats are the same."""
+    layout, rows, cols = plan.work.layout, *np.nonzero(plan.has)
+    step, executor = plan.step[rows, cols], plan.executor[rows, cols]
+    busiest = np.zeros(plan.lengths[0])
+    np.maximum.at(busiest, step, plan.work.pair_sizes[rows, cols])
+    critical_work = 0.0
+    for w in busiest.tolist():
+        critical_work += w
+    q_chunks, kv_chunks = (need.sum(1) for need in plan.work.needed(rows, cols))
+    chunk = shape.seqlen_local // layout.chunks_per_rank
+    unit = {kind: payload_bytes(kind, chunk, shape) for kind in ("q", "o", "qg", "dq", "kv", "dkv")}  # linear in tokens
+    helped, remote = executor != rows, executor != cols
+    total = 0
+    for backward, n in zip((False, True), plan.lengths):
+        received = np.zeros((n + 2, layout.world_size), dtype=np.int64)
+        q_kind, q_result = ("qg", "dq") if backward else ("q", "o")
+        parts = [(helped, step, executor, q_chunks * unit[q_kind]), (helped, step + 2, rows, q_chunks * unit[q_result]),
+                 (remote, step, executor, kv_chunks * unit["kv"])]
+        if backward:
+            parts.append((remote, step + 2, cols, kv_chunks * unit["dkv"]))
+        for where, at, dst, size in parts:
+            np.add.at(received, (at[where], dst[where]), size[where])
+        total += int(received.max(1).sum())
+    return critical_work / layout.chunks_per_rank**2, total

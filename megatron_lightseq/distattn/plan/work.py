@@ -27,15 +27,22 @@ def chunk_pair_area(mask: Mask, tokens: int, chunk_count: int) -> np.ndarray:
 
 
 def area_from(sums: "_Tokens | _Pieces", tokens: int, chunk_count: int) -> np.ndarray:
-    """chunk_pair_area from either way of summing (both are tested against a dense mask)."""
+    """chunk_pair_area from either way of summing (both are tested against a dense mask). The
+    prefix sums are taken at the O(chunks) boundaries only: both sums grow with k (sizes and lo
+    are >= 0), so the sum at a clipped point is the clipped sum, and what is left per (query
+    chunk, boundary) is a few elementwise operations."""
     length = tokens // chunk_count
     bounds = np.arange(chunk_count + 1, dtype=np.int64) * length
     whole = sums.ending_by(bounds)  # before it: intervals end by b
     started = np.maximum(sums.starting_before(bounds), whole)  # before it: start before b
-    first = (np.arange(chunk_count, dtype=np.int64) * length)[:, None]
-    r1 = np.clip(whole[None, :], first, first + length)
-    r2 = np.clip(started[None, :], first, first + length)
-    below = (sums.size(r1) - sums.size(first)) + (r2 - r1) * bounds[None, :] - (sums.lo(r2) - sums.lo(r1))
+    first, last = bounds[:-1, None], bounds[1:, None]  # each query chunk's first and next token
+
+    def clipped(values, at):  # values(clip(at, first, last)), from the values at the points
+        return np.clip(values(at)[None, :], values(bounds)[:-1, None], values(bounds)[1:, None])
+
+    r1, r2 = np.clip(whole[None, :], first, last), np.clip(started[None, :], first, last)
+    below = (clipped(sums.size, whole) - sums.size(first)) + (r2 - r1) * bounds[None, :] - (
+        clipped(sums.lo, started) - clipped(sums.lo, whole))
     return below[:, 1:] - below[:, :-1]
 
 
@@ -153,12 +160,19 @@ def _swap_until_balanced(work: np.ndarray, owner: np.ndarray, world_size: int) -
     load = np.bincount(owner, weights=work, minlength=world_size)
     for _ in range(4 * len(work) if world_size > 1 else 0):
         x = int(np.argmax(load))
-        mine, others = np.nonzero(owner == x)[0], np.nonzero(owner != x)[0]
-        moved = work[mine][:, None] - work[others][None, :]  # [m, chunks elsewhere]
-        after = np.maximum(load[x] - moved, load[owner[others]][None, :] + moved)
+        mine = np.flatnonzero(owner == x)
+        heavy = work[mine]
+        # Only chunks lighter than one of x's, of ranks lighter than x, can lower x's load: the
+        # others' swaps all leave a rank at or above it, so dropping them keeps the first best
+        # (few numpy calls a swap: at a thousand chunks their overhead is the cost).
+        their_load = load[owner]
+        others = np.flatnonzero((their_load < load[x]) & (work < heavy.max()))
+        moved = heavy[:, None] - work[others]  # [m, candidates]
+        after = np.maximum(load[x] - moved, their_load[others] + moved)
         after[moved <= 0] = np.inf
-        i, j = np.unravel_index(int(np.argmin(after)), after.shape)
-        if after[i, j] >= load[x]:
+        best = int(after.argmin()) if after.size else 0
+        i, j = divmod(best, max(after.shape[1], 1))
+        if not after.size or after[i, j] >= load[x]:
             break
         a, b = mine[i], others[j]
         y = owner[b]
@@ -171,8 +185,8 @@ def _swap_until_balanced(work: np.ndarray, owner: np.ndarray, world_size: int) -
 def _chunks_moved(area: np.ndarray, owner: np.ndarray, world_size: int) -> int:
     """The busiest rank's K/V chunks in and out: each chunk goes once to every other rank with a
     query chunk that sees some of it (what a masked plan sends, in chunks)."""
-    seen = np.zeros((world_size, len(owner)), dtype=bool)  # rank -> key chunks its queries see
-    np.logical_or.at(seen, owner, area > 0)
+    by_rank = np.argsort(owner, kind="stable").reshape(world_size, -1)  # every rank holds as many chunks
+    seen = (area[by_rank] > 0).any(1)  # rank -> key chunks its queries see
     seen[owner, np.arange(len(owner))] = False  # its own chunks do not travel
     received = seen.sum(1)
     sent = np.bincount(owner, weights=seen.sum(0), minlength=world_size)
