@@ -15,13 +15,12 @@ TITLES = {"lightseq": "lightseq (the plugin)", "megatron": "megatron (its own at
 GIB = 2**30
 
 
-def header(model: ModelSpec, result: Result, m: Machine, cfg_like: Config | None, note: str = "") -> list[str]:
+def header(model: ModelSpec, result: Result, m: Machine, recompute: tuple[str, ...], fsdp: bool) -> list[str]:
     usable = m.budget_bytes / GIB
     dtype = {2: "bf16", 4: "fp32"}.get(model.dtype_bytes, f"{model.dtype_bytes}-byte values")
     mlp = "SwiGLU" if model.swiglu else "GeLU"
-    recompute = cfg_like.recompute if cfg_like else "full"
-    states = ("Megatron-FSDP (params, grads, optimizer sharded)" if cfg_like and cfg_like.fsdp
-              else "distributed optimizer")
+    recompute = " or ".join(recompute)
+    states = "Megatron-FSDP (params, grads, optimizer sharded)" if fsdp else "distributed optimizer"
     seq, batch = result.seq, result.global_batch
     return [
         f"{model.name}: {model.layers} layers, hidden {model.hidden}, {model.heads} heads, {model.kv_heads} KV heads, "
@@ -38,7 +37,7 @@ def header(model: ModelSpec, result: Result, m: Machine, cfg_like: Config | None
         f"searched {result.searched} configurations (TP within a node dividing the heads, with and without SP; PP "
         f"dividing the layers; CP with 2 x CP dividing the sequence, every CP communication; DP = GPUs / (TP x CP x PP)"
         f" dividing the global batch) in {result.seconds:.1f} s; {len(result.fitting)} fit in memory; ranked by "
-        f"tokens/s per GPU, predictions within {TIE:.1%} a tie that the fewer cross-node bytes win" + note,
+        f"tokens/s per GPU, predictions within {TIE:.1%} a tie that the fewer cross-node bytes win",
         "PREDICTIONS from the constants above, not measurements",
     ]
 
@@ -96,14 +95,14 @@ def top(result: Result, system: str, count: int) -> list[str]:
     return lines
 
 
-def text(model: ModelSpec, result: Result, m: Machine, cfg_like: Config | None, flags: dict, *, count: int = 5,
-         note: str = "") -> str:
+def text(model: ModelSpec, result: Result, m: Machine, flags: dict, *, recompute: tuple[str, ...] = ("full",),
+         fsdp: bool = False, count: int = 5) -> str:
     """``flags``: system -> (flags, sbatch line) of its best, as the caller settled them (masks)."""
-    lines = header(model, result, m, cfg_like, note) + side_by_side(result)
+    lines = header(model, result, m, recompute, fsdp) + side_by_side(result)
     if result.best["lightseq"] is None:
         lines.append(f"-> no LightSeq plan fits {m.gpu_memory_gib:g} GiB per GPU at {token_label(result.seq)} with "
                      f"{result.gpus} GPUs and a global batch of {result.global_batch}: use more GPUs, a shorter "
-                     "sequence" + ("" if cfg_like and cfg_like.fsdp else " or --fsdp"))
+                     "sequence" + ("" if fsdp else " or --fsdp"))
     elif result.speedup:
         lines.append(f"LightSeq's predicted speedup over the best Megatron-native configuration on the same "
                      f"{result.gpus} GPUs: {result.speedup:.2f}x tokens/s per GPU")
