@@ -134,7 +134,8 @@ def report(model: ModelSpec, seqs: list[int], base: Config, gpus_per_node: int, 
             lines.append(f"{token_label(seq):>6} {name_of(c):<32} {c.schedule:<9} {c.seconds * 1e3:>9.2f} "
                          f"{c.a2a_seconds * 1e3:>7.2f} {c.cross_node_bytes / 2**20:>19.1f} "
                          f"{c.memory_bytes / 2**30:>8.1f}" + ("" if c.fits else " (OOM)"))
-        lines.append(f"{'':>6} -> {why(model, seq, found, best)}" + (f": {flags_of(best)}" if best else ""))
+        # why, not flags: the recommendation (and its flags) is the search's, printed once above
+        lines.append(f"{'':>6}    best split: {why(model, seq, found, best)}")
         data[seq] = dict(choices=as_dicts(found), recommended=best and name_of(best), seconds=best and best.seconds,
                          flags=best and flags_of(best), why=why(model, seq, found, best))
     return "\n".join(lines), data

@@ -5,7 +5,7 @@ each with its bytes, steps, time per layer, memory and longest sequence; as data
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from .attention import NO_CP, Comm
 from .config import Config, tp_sizes
@@ -110,3 +110,15 @@ def table(model: ModelSpec, cfg: Config, gpus_per_node: int, m: Machine, by_seq:
                          f"(max seq: the longest that fits); use more GPUs, a shorter sequence"
                          + ("" if cfg.fsdp else " or --fsdp"))
     return "\n".join(lines)
+
+
+def as_json(model: ModelSpec, m: Machine, cfg: Config, gpus_per_node: int, by_seq: dict, recommended: dict,
+            splits: dict, masks: dict) -> dict:
+    """The per-layer table as data: rows, the recommendation (null where nothing fits), the CP
+    group's splits and the --docs/--window rows, per sequence."""
+    return {"model": asdict(model), "machine": asdict(m), "config": cfg.name, "gpus": cfg.gpus,
+            "gpus_per_node": gpus_per_node, "rows": [asdict(r) for rows in by_seq.values() for r in rows],
+            "recommended": {seq: best and best[0] for seq, best in recommended.items()},
+            "recommended_flags": {seq: best and best[1] for seq, best in recommended.items()},
+            "sbatch": {seq: best and best[2] for seq, best in recommended.items()},
+            "hybrid": splits, "masks": {seq: [asdict(r) for r in v[1]] for seq, v in masks.items() if v}}

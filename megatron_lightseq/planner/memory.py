@@ -133,3 +133,17 @@ def max_sequence(memory_of, m: Machine, granularity: int) -> int:
         mid = (lo + hi) // 2 // granularity * granularity
         lo, hi = (mid, hi) if memory_of(mid) <= m.budget_bytes else (lo, mid)
     return lo
+
+
+def _attention_bytes_per_token(model: ModelSpec, gpus: int, layout: str, schedule: str, kernel: str) -> float:
+    """attention_bytes per local token of the flat plan over ``gpus`` ranks (tests/test_memory_model.py)."""
+    return _plan_bytes_per_token(layout, schedule, min(gpus, CAP), model.heads, model.kv_heads, model.headdim,
+                                 model.dtype_bytes, kernel)
+
+
+def lightseq_memory(model: ModelSpec, seq: int, gpus: int, *, fsdp: bool = False, layout: str = "zigzag",
+                    schedule: str = "ring", kernel: str = "cudnn") -> float:
+    """Memory per GPU of the plugin's flat plan over all ``gpus`` (CP = gpus, nothing else), as
+    tests/test_memory_model.py reads it."""
+    cfg = Config(1, gpus, 1, 1, False, Comm("lightseq", 1, layout, schedule), 1, fsdp=fsdp)
+    return memory(model, seq, cfg, kernel).total

@@ -55,7 +55,7 @@ def _comm_text(c: Config) -> str:
     if c.cp == 1:
         return "no CP"
     kind = c.comm.comm_type(c.cp)
-    return f"{kind} {c.comm.name(c.cp)}" if kind != "a2a" else f"a2a over {c.cp}"
+    return f"{c.comm.name(c.cp)} ({kind})" if kind != "a2a" else f"a2a over {c.cp} (Ulysses)"
 
 
 def side_by_side(result: Result) -> list[str]:
