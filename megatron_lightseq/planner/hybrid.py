@@ -94,8 +94,26 @@ def flags_of(c: Choice) -> str:
     return training_flags(c.config)
 
 
+def _bytes_text(flat: Choice, best: Choice) -> str:
+    """The split's cross-node bytes against the flat plan's, in the direction they go."""
+    if not flat.cross_node_bytes and not best.cross_node_bytes:
+        return "no cross-node bytes either way (one node)"
+    if best.cross_node_bytes <= flat.cross_node_bytes:
+        return f"{flat.cross_node_bytes / max(best.cross_node_bytes, 1):.1f}x fewer cross-node bytes per GPU"
+    return f"{best.cross_node_bytes / max(flat.cross_node_bytes, 1):.1f}x more cross-node bytes per GPU"
+
+
+def _blocks_text(seq: int, flat: Choice, best: Choice) -> str:
+    """Why a split runs attention faster: longer blocks (planner/model.py's rates by block size)."""
+    against = f"against the flat plan's {token_label(seq // (2 * flat.outer))}-token blocks"
+    if best.outer == 1:
+        return f"one attention call over the whole {token_label(seq)} sequence per GPU, {against}"
+    return f"its outer plan's blocks are {token_label(seq // (2 * best.outer))} tokens long, {against}"
+
+
 def why(model: ModelSpec, seq: int, found: list[Choice], best: Choice | None) -> str:
-    """One sentence on the choice: what the split trades, a tie when there is one, K/V copies."""
+    """One sentence on the choice: what the split trades, a tie when there is one (TIE, stated),
+    K/V copies."""
     if best is None:
         return "no split fits the memory"
     flat = next(c for c in found if c.inner == 1 and c.system == "lightseq")
@@ -104,15 +122,12 @@ def why(model: ModelSpec, seq: int, found: list[Choice], best: Choice | None) ->
            "cross-node bytes win)") if faster else ""
     if best.inner == 1:
         return "flat p2p: the fastest" + tie + "; a split's all-to-all of q, k, v, out and their gradients is not hidden"
-    if flat.cross_node_bytes:
-        fewer = f"{flat.cross_node_bytes / max(best.cross_node_bytes, 1):.1f}x fewer cross-node bytes per GPU"
-    else:
-        fewer = "no cross-node bytes either way (one node)"
-    parts = [f"{name_of(best)}: {best.seconds / flat.seconds:.2f}x the flat plan's time per layer{tie}, {fewer}; its "
-             f"outer plan's blocks are {token_label(seq // (2 * best.outer))} tokens long against the flat plan's "
-             f"{token_label(seq // (2 * flat.outer))} (attention runs faster on longer blocks: planner/model.py)"]
+    parts = [f"{name_of(best)}: {best.seconds / flat.seconds:.2f}x the flat plan's time per layer{tie}, "
+             f"{_bytes_text(flat, best)}; {_blocks_text(seq, flat, best)} (attention runs faster on longer blocks: "
+             "planner/model.py)"]
     if best.replicated_kv_heads:
-        less = ", so the cross-node bytes fall less than U times" if flat.cross_node_bytes else ""
+        less = (", so the cross-node bytes fall less than U times"
+                if 0 < best.cross_node_bytes < flat.cross_node_bytes else "")
         parts.append(f"its all-to-all groups of {best.inner} GPUs need {model.kv_heads} K/V head(s) between them and "
                      f"receive {model.kv_heads + best.replicated_kv_heads} ({best.replicated_kv_heads} copies, counted "
                      f"in the bytes){less}")
