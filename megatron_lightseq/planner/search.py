@@ -46,13 +46,14 @@ class Result:
 
 def choose(found: list[Estimate]) -> Estimate | None:
     """The most tokens per second per GPU; among those within TIE of it, the fewest bytes across
-    nodes, then the fewest GPUs per sequence (TP x CP x PP), then the least memory."""
+    nodes, then the fewest GPUs per sequence (TP x CP x PP), then the faster, then the shorter
+    layer (steps bound by an exposed gradient reduction tie exactly), then the least memory."""
     if not found:
         return None
     fastest = max(e.tokens_per_s_per_gpu for e in found)
     tied = [e for e in found if e.tokens_per_s_per_gpu >= fastest * (1 - TIE)]
-    return min(tied, key=lambda e: (e.inter_bytes, e.config.tp * e.config.cp * e.config.pp, e.memory.total,
-                                    -e.tokens_per_s_per_gpu))
+    return min(tied, key=lambda e: (e.inter_bytes, e.config.tp * e.config.cp * e.config.pp,
+                                    -e.tokens_per_s_per_gpu, e.layer_seconds, e.memory.total))
 
 
 def search(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machine, *, global_batch: int | None = None,
