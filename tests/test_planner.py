@@ -93,7 +93,9 @@ def test_target_json_and_flags(capsys):
                 "flags"} <= set(best)
         assert best["tp"] * best["cp"] * best["pp"] * best["dp"] == 64 and best["memory_gib"] <= 72
         assert f"--context-parallel-size {best['cp']}" in best["flags"]
-    assert ls["tp"] * ls["cp"] <= 8  # the sequence's GPUs within a node
+    for best in (ls, mg):  # no recompute: no --recompute flag, and the config that drops llama7b.sh's
+        assert ("--recompute-granularity" in best["flags"]) == (best["recompute"] == "full")
+        assert ("recompute/none" in best["sbatch"]) == (best["recompute"] == "none")
     assert "--attention-backend lightseq" in ls["flags"] and "--attention-backend auto" in mg["flags"]
     assert report["speedup"] == pytest.approx(ls["tokens_per_s_per_gpu"] / mg["tokens_per_s_per_gpu"])
     configs = re.search(r'CONFIGS="([^"]*)"', ls["sbatch"]).group(1).split()

@@ -137,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{size}", type=_positive(int), metavar="N",
                        help=f"hold the {size.upper()} size; --tp, --cp and --pp together: the per-layer table of "
                             "that configuration")
-    p.add_argument("--recompute", choices=("full", "none", "both"), default="full",
-                   help="activation recompute: full (one checkpoint per layer), none, or search both "
-                        "(default: %(default)s)")
+    p.add_argument("--recompute", choices=("full", "none", "both"), default="both",
+                   help="activation recompute searched: full (one checkpoint per layer; the plugin's remat skips "
+                        "the attention forward in it), none (every activation kept, where it fits), or both, so "
+                        "that each system's best is its best either way (default: %(default)s)")
     p.add_argument("--fsdp", action="store_true",
                    help="shard params and grads too (Megatron-FSDP), not only the optimizer state (distributed "
                         "optimizer)")

@@ -47,7 +47,8 @@ class Config:
     @property
     def name(self) -> str:
         sp = "+SP" if self.sp else ""
-        return f"TP{self.tp}{sp} CP{self.cp} PP{self.pp} DP{self.dp} {self.comm.name(self.cp)}"
+        kept = ", no recompute" if self.recompute == "none" else ""  # full recompute: the common case, unnamed
+        return f"TP{self.tp}{sp} CP{self.cp} PP{self.pp} DP{self.dp} {self.comm.name(self.cp)}{kept}"
 
 
 def tp_sizes(model: ModelSpec, gpus: int, gpus_per_node: int) -> list[int]:

@@ -85,6 +85,8 @@ def sbatch_line(model: ModelSpec, seq: int, cfg: Config, gpus_per_node: int, fla
     configs, extra = model_configs(model, seq)
     plugin = cfg.system == "lightseq"
     configs.append("parallel/lightseq" if plugin else "parallel/native")
+    if cfg.recompute == "none":  # llama7b.sh turns full recompute on; this config drops it again
+        configs.append("recompute/none")
     nodes = -(-cfg.gpus // gpus_per_node)
     shape = "" if gpus_per_node == 8 else f" --ntasks-per-node={gpus_per_node} --gpus-per-node={gpus_per_node}"
     script = "scripts/lightseq.sbatch" if plugin else "scripts/tp_baseline.sbatch"

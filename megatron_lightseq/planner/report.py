@@ -46,7 +46,8 @@ def _cells(e: Estimate | None, cp_line) -> list[str]:
     if e is None:
         return ["none fits"] + [""] * 7
     c = e.config
-    return [f"TP{c.tp}{'+SP' if c.sp else ''} CP{c.cp} PP{c.pp} DP{c.dp}",
+    return [f"TP{c.tp}{'+SP' if c.sp else ''} CP{c.cp} PP{c.pp} DP{c.dp}, "
+            f"{'no' if c.recompute == 'none' else 'full'} recompute",
             cp_line(c), f"{e.step_seconds:.2f}", f"{e.tokens_per_s_per_gpu:,.0f}", f"{e.mfu:.1%}",
             f"{e.memory.total / GIB:.1f}", f"{e.intra_bytes / GIB:.1f}", f"{e.inter_bytes / GIB:.1f}"]
 
@@ -55,15 +56,16 @@ def _comm_text(c: Config) -> str:
     if c.cp == 1:
         return "no CP"
     kind = c.comm.comm_type(c.cp)
-    return f"{c.comm.name(c.cp)} ({kind})" if kind != "a2a" else f"a2a over {c.cp} (Ulysses)"
+    name = c.comm.name(c.cp)
+    return name if name == kind else f"{name} ({kind})" if kind != "a2a" else f"a2a over {c.cp} (Ulysses)"
 
 
 def side_by_side(result: Result) -> list[str]:
     names = ["configuration", "CP communication", "step (s)", "tokens/s/GPU", "MFU", "memory (GiB/GPU)",
              "GiB/GPU/step in a node", "GiB/GPU/step across nodes"]
     cols = {s: _cells(result.best.get(s), _comm_text) for s in SYSTEMS}
-    lines = [f"{'':<26} {TITLES['lightseq']:<34} {TITLES['megatron']}"]
-    lines += [f"{n:<26} {cols['lightseq'][i]:<34} {cols['megatron'][i]}" for i, n in enumerate(names)]
+    lines = [f"{'':<26} {TITLES['lightseq']:<40} {TITLES['megatron']}"]
+    lines += [f"{n:<26} {cols['lightseq'][i]:<40} {cols['megatron'][i]}" for i, n in enumerate(names)]
     return lines
 
 
@@ -131,6 +133,7 @@ def settle_flags(model: ModelSpec, result: Result, **overrides) -> dict:
 def as_dict(e: Estimate, flags: tuple[str, str] | None = None) -> dict:
     c = e.config
     return dict(tp=c.tp, sp=c.sp, cp=c.cp, pp=c.pp, dp=c.dp, microbatches=c.microbatches, system=c.system,
+                recompute=c.recompute, fsdp=c.fsdp,
                 cp_comm_type=c.comm.comm_type(c.cp) if c.cp > 1 else None, comm=c.comm.name(c.cp),
                 step_ms=e.step_seconds * 1e3, tokens_per_s_per_gpu=e.tokens_per_s_per_gpu, mfu=e.mfu,
                 memory_gib=e.memory.total / GIB, intra_node_gib_per_step=e.intra_bytes / GIB,
