@@ -175,7 +175,7 @@ def test_documents_and_window_settle_the_flags(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--seq", "32x"], "expected a token count"),
-    (["--seq", "32k..64k"], "the search takes one --seq length"),
+    (["--seq", "32k..64k", "--plot", "x.png"], "--plot draws one search: give one --seq length"),
     (["--seq", "1004", "--tp", "1", "--cp", "4", "--pp", "1"], "multiple of 2 x CP = 8"),
     (["--seq", "32k..40k"], "40960 is not 32768 x 2^n"),
     (["--heads", "5"], "hidden (4096) must divide by heads (5)"),

@@ -15,14 +15,17 @@ from .model import MODELS, Machine
 MODEL_FIELDS = {"layers": "transformer layers", "hidden": "hidden size", "heads": "attention heads",
                 "kv-heads": "K/V heads (fewer than --heads: GQA, 1: MQA)", "ffn": "MLP hidden size",
                 "vocab": "vocabulary size"}
-MACHINE_FIELDS = {  # flag: (Machine field, help)
-    "gpu-memory-gib": ("gpu_memory_gib", "memory per GPU in GiB, of which --usable-fraction is planned for"),
-    "usable-fraction": ("usable_fraction", "share of the memory planned for (allocator slack, CUDA context, NCCL)"),
-    "nvlink-gbs": ("nvlink_gbs", "NVLink bandwidth within a node, per GPU and direction, GB/s = 10^9 bytes/s"),
-    "ib-gbs": ("ib_gbs", "network bandwidth between nodes, per GPU and direction, GB/s = 10^9 bytes/s"),
-    "latency-us": ("latency_us", "latency per transfer or collective step, microseconds"),
-    "gemm-tflops": ("gemm_tflops", "sustained bf16 GEMM rate of a layer's matmuls, TFLOP/s"),
-    "peak-tflops": ("peak_tflops", "peak bf16 rate MFU is measured against, TFLOP/s"),
+MACHINE_FIELDS = {  # flag: (Machine field, unit (the metavar), help[, what the default is])
+    "gpu-memory-gib": ("gpu_memory_gib", "GiB", "memory per GPU in GiB, of which {usable:g}%% is planned for (allocator "
+                                                "slack, CUDA context, NCCL buffers; --usable-fraction)"),
+    "usable-fraction": ("usable_fraction", "SHARE", "share of the memory planned for"),
+    "nvlink-gbs": ("nvlink_gbs", "GB/s", "NVLink bandwidth within a node, per GPU and direction, in GB/s = 10^9 "
+                                         "bytes/s, not Gb/s"),
+    "ib-gbs": ("ib_gbs", "GB/s", "network bandwidth between nodes, per GPU and direction, in GB/s = 10^9 bytes/s, "
+                                 "not Gb/s", ", InfiniBand NDR 400 Gb/s"),
+    "latency-us": ("latency_us", "us", "latency per transfer or collective step, microseconds"),
+    "gemm-tflops": ("gemm_tflops", "TFLOP/s", "sustained bf16 GEMM rate of a layer's matmuls"),
+    "peak-tflops": ("peak_tflops", "TFLOP/s", "peak bf16 rate MFU is measured against"),
 }
 
 
@@ -107,25 +110,22 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _machine_arguments(p: argparse.ArgumentParser) -> None:
     machine = Machine()
-    for flag, (field, what) in MACHINE_FIELDS.items():
-        p.add_argument(f"--{flag}", type=_positive(float), default=getattr(machine, field), metavar="X",
-                       help=f"{what} (default: %(default)g)")
-    p.add_argument("--attn-full", type=parse_rates, default=machine.attn_full, metavar="T:R,...",
+    for flag, (field, unit, what, *note) in MACHINE_FIELDS.items():
+        p.add_argument(f"--{flag}", type=_positive(float), default=getattr(machine, field), metavar=unit,
+                       help=what.format(usable=machine.usable_fraction * 100) + f" (default: %(default)g{''.join(note)})")
+    p.add_argument("--attn-full", type=parse_rates, metavar="T:R,...",
                    help="attention fwd+bwd TFLOP/s of full blocks by block size, e.g. 1k:120,8k:309 (default: "
                         "FA2 on an H200, planner/model.py)")
-    p.add_argument("--attn-diag", type=parse_rates, default=machine.attn_diag, metavar="T:R,...",
+    p.add_argument("--attn-diag", type=parse_rates, metavar="T:R,...",
                    help="the same for causal diagonal blocks (default: FA2 on an H200)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import cli
-
-    description = " ".join(cli.__doc__.split("\n\n")[0].split()).replace("``", "")
+def build_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_lightseq plan", description=description)
     _model_arguments(p)
     p.add_argument("--seq", type=parse_seq_range, default="128k", metavar="LEN|LOW..HIGH",
-                   help="tokens per sequence (32k, 1.5k, 32768); a range LOW..HIGH doubling from LOW (HIGH = LOW x "
-                        "2^n) only with --tp, --cp and --pp (default: %(default)s)")
+                   help="tokens per sequence (32k, 1.5k, 32768), or a range LOW..HIGH doubling from LOW (HIGH = LOW x "
+                        "2^n): 32k..128k is 32K, 64K, 128K, one answer each (default: %(default)s)")
     p.add_argument("--gpus", type=_positive(int), default=8, metavar="N", help="GPUs of the run (default: %(default)s)")
     p.add_argument("--gpus-per-node", type=_positive(int), default=8, metavar="N",
                    help="GPUs per node: transfers between them take NVLink, the others the network (default: "
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     for size in ("tp", "cp", "pp"):
         p.add_argument(f"--{size}", type=_positive(int), metavar="N",
                        help=f"hold the {size.upper()} size; --tp, --cp and --pp together: the per-layer table of "
-                            "that configuration")
+                            "that configuration (default: searched)")
     p.add_argument("--recompute", choices=("full", "none", "both"), default="both",
                    help="activation recompute searched: full (one checkpoint per layer; the plugin's remat skips "
                         "the attention forward in it), none (every activation kept, where it fits), or both, so "
@@ -197,8 +197,8 @@ def _check_sizes(p, args, model) -> None:
         bad = [s for s in args.seq if fixed["cp"] > 1 and s % (2 * fixed["cp"])]
         if bad:
             p.error(f"every sequence length must be a multiple of 2 x CP = {2 * fixed['cp']}, got {bad}")
-    elif len(args.seq) > 1:
-        p.error("the search takes one --seq length; a range LOW..HIGH needs --tp, --cp and --pp (the per-layer table)")
+    elif len(args.seq) > 1 and args.plot:
+        p.error("--plot draws one search: give one --seq length (or --tp, --cp and --pp for the per-layer plot)")
     batch = args.global_batch or args.gpus
     if not configurations(model, max(args.seq), args.gpus, args.gpus_per_node, batch, **fixed):
         p.error(f"no configuration Megatron accepts for {args.gpus} GPUs ({args.gpus_per_node} per node), "
@@ -206,8 +206,7 @@ def _check_sizes(p, args, model) -> None:
                 ": TP must divide the heads and the GPUs per node, PP the layers, 2 x CP the sequence, DP the batch")
 
 
-def parse_args(argv=None):
-    p = build_parser()
+def parse_args(p: argparse.ArgumentParser, argv=None):
     args = p.parse_args(argv)
     model = _model(p, args)
     args.fixed = {k: getattr(args, k) for k in ("tp", "cp", "pp") if getattr(args, k) is not None}
@@ -222,8 +221,8 @@ def parse_args(argv=None):
             args.cu_seqlens = {seq: documents(args.docs, seq, args.seed) for seq in args.seq}
         except (OSError, ValueError) as e:
             p.error(f"--docs {args.docs}: {e}")
-    machine = Machine(**{field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in MACHINE_FIELDS.items()},
-                      attn_full=args.attn_full, attn_diag=args.attn_diag)
+    machine = Machine(**{field: getattr(args, flag.replace("-", "_")) for flag, (field, *_) in MACHINE_FIELDS.items()},
+                      **{k: getattr(args, k) for k in ("attn_full", "attn_diag") if getattr(args, k)})
     if machine.usable_fraction > 1:
         p.error(f"--usable-fraction must be at most 1, got {machine.usable_fraction:g}")
     return args, model, machine

@@ -14,7 +14,8 @@ import json
 import sys
 
 from . import hybrid, layer_table, report
-from .arguments import parse_args
+from . import arguments
+from .arguments import matplotlib_missing  # noqa: F401  (jobs/train.py asks the planner's command)
 from .config import Config, configurations
 from .masks import mask_rows, mask_table, masked_choice
 from .search import search
@@ -39,8 +40,8 @@ def _overrides(masked, window: int) -> dict:
             "window": window}
 
 
-def run_search(args, model, machine) -> int:
-    seq = args.seq[0]
+def _search_one(args, model, machine, seq: int):
+    """(result, flags, text or JSON dict) of the search at one length."""
     result = search(model, seq, args.gpus, args.gpus_per_node, machine, global_batch=args.global_batch,
                     recompute=args.recompute, fsdp=args.fsdp, progress=not args.json and not args.no_progress,
                     **args.fixed)
@@ -48,16 +49,24 @@ def run_search(args, model, machine) -> int:
     masked = _masked(args, model, best.config.cp, seq) if best else None
     flags = report.settle_flags(model, result, **_overrides(masked, args.window))
     if args.json:
-        print(json.dumps(report.as_json(model, result, machine, flags, args.top), indent=1))
+        return result, report.as_json(model, result, machine, flags, args.top)
+    out = report.text(model, result, machine, flags, count=args.top, recompute=args.recompute, fsdp=args.fsdp)
+    return result, out + ("\n" + mask_table(model, seq, best.config.cp, masked[1], masked[0], args.window)
+                          if masked else "")
+
+
+def run_search(args, model, machine) -> int:
+    """One answer per --seq length; JSON: that answer, or {"by_seq": {length: answer}} for a range."""
+    answers = {seq: _search_one(args, model, machine, seq) for seq in args.seq}
+    if args.json:
+        found = {seq: data for seq, (_, data) in answers.items()}
+        print(json.dumps(found[args.seq[0]] if len(found) == 1 else {"by_seq": found}, indent=1))
     else:
-        print(report.text(model, result, machine, flags, count=args.top, recompute=args.recompute,
-                          fsdp=args.fsdp))
-        if masked:
-            print(mask_table(model, seq, best.config.cp, masked[1], masked[0], args.window))
-    if args.plot:
+        print("\n\n".join(text for _, text in answers.values()))
+    if args.plot:  # one length (parse_args)
         from .plot import save, search_figure
 
-        save(search_figure(result, model, machine), args.plot)
+        save(search_figure(answers[args.seq[0]][0], model, machine), args.plot)
         if not args.json:
             print(f"wrote {args.plot}")
     return 0
@@ -104,6 +113,15 @@ def run_layer_table(args, model, machine) -> int:
         if not args.json:
             print(f"wrote {args.plot}")
     return 0
+
+
+def build_parser():
+    # the docstring's first paragraph, not its first line, which stops mid-sentence
+    return arguments.build_parser(" ".join(__doc__.split("\n\n")[0].split()).replace("``", ""))
+
+
+def parse_args(argv=None):
+    return arguments.parse_args(build_parser(), argv)
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ from .attention import NO_CP, Comm
 from .config import Config, tp_sizes
 from .flags import training_flags
 from .memory import max_sequence, memory
-from .model import Machine, ModelSpec, sources, token_label
+from .model import Machine, ModelSpec, machine_lines, model_text, token_label
 from .step import estimate
 
 LIGHTSEQ_VARIANTS = (("contiguous", "lightseq"), ("zigzag", "ring"), ("zigzag", "lightseq"))
@@ -68,17 +68,10 @@ def assumptions(model: ModelSpec, cfg: Config, gpus_per_node: int, m: Machine) -
     """The lines above the table: the model, the machine, the constants and what each column counts."""
     usable = m.budget_bytes / 2**30
     states = "params+grads+optimizer sharded (FSDP)" if cfg.fsdp else "optimizer sharded (distributed optimizer)"
-    dtype = {2: "bf16", 4: "fp32"}.get(model.dtype_bytes, f"{model.dtype_bytes}-byte values")
-    rates = sorted(rate for _, rate in m.attn_full + m.attn_diag)
     return [
-        f"{model.name}: {model.layers} layers, hidden {model.hidden}, {model.heads} heads, {model.kv_heads} KV heads, "
-        f"{dtype}; micro-batch 1, {cfg.recompute} recompute; {states}; TP {cfg.tp} x CP {cfg.cp} x PP {cfg.pp} x "
-        f"DP {cfg.dp}, {cfg.microbatches} micro-batches per step",
-        f"machine: {cfg.gpus} GPUs, {gpus_per_node} per node; {m.gpu_memory_gib:g} GiB per GPU, {m.usable_fraction:.0%} "
-        f"usable ({usable:.1f} GiB); per GPU and direction NVLink {m.nvlink_gbs:g} GB/s within a node, network "
-        f"{m.ib_gbs:g} GB/s between nodes (GB/s: 10^9 bytes/s), {m.latency_us:g} us per transfer",
-        f"compute: GEMMs {m.gemm_tflops:g} TFLOP/s; attention {rates[0]:g}..{rates[-1]:g} TFLOP/s by block size",
-        *sources(m),
+        f"{model_text(model)}; micro-batch 1, {cfg.recompute} recompute; {states}; TP {cfg.tp} x CP {cfg.cp} x "
+        f"PP {cfg.pp} x DP {cfg.dp}, {cfg.microbatches} micro-batches per step",
+        *machine_lines(m, cfg.gpus, gpus_per_node),
         "PREDICTIONS from these constants, not measurements; columns, per transformer layer of one micro-batch:",
         "  MiB/GPU/layer  bytes a GPU sends, forward + backward (and the recompute's forward where it sends again), "
         "mean over the GPUs",

@@ -116,6 +116,24 @@ def sources(m: Machine) -> list[str]:
     ]
 
 
+def model_text(model: ModelSpec) -> str:
+    """'llama-7b: 32 layers, hidden 4096, ...': the sizes every header starts with."""
+    dtype = {2: "bf16", 4: "fp32"}.get(model.dtype_bytes, f"{model.dtype_bytes}-byte values")
+    return (f"{model.name}: {model.layers} layers, hidden {model.hidden}, {model.heads} heads, {model.kv_heads} KV "
+            f"heads, {dtype}, FFN {model.ffn} ({'SwiGLU' if model.swiglu else 'GeLU'}), vocab {model.vocab}")
+
+
+def machine_lines(m: Machine, gpus: int, gpus_per_node: int) -> list[str]:
+    """The header lines on the machine: GPUs, memory, links, rates and where each constant comes from."""
+    rates = sorted(rate for _, rate in m.attn_full + m.attn_diag)
+    return [f"machine: {gpus} GPUs, {gpus_per_node} per node; {m.gpu_memory_gib:g} GiB per GPU, "
+            f"{m.usable_fraction:.0%} usable ({m.budget_bytes / 2**30:.1f} GiB); per GPU and direction NVLink "
+            f"{m.nvlink_gbs:g} GB/s within a node, network {m.ib_gbs:g} GB/s between nodes (GB/s: 10^9 bytes/s), "
+            f"{m.latency_us:g} us per transfer",
+            f"compute: GEMMs {m.gemm_tflops:g} TFLOP/s; attention {rates[0]:g}..{rates[-1]:g} TFLOP/s by block size",
+            *sources(m)]
+
+
 def token_label(tokens: int) -> str:
     """1536 -> '1.5K', 131072 -> '128K', 1048576 -> '1M', 640 -> '640': exact to a tenth of a K or M."""
     for unit, size in (("M", 1024**2), ("K", 1024)):

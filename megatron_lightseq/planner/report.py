@@ -7,7 +7,7 @@ import dataclasses
 
 from .config import Config
 from .flags import sbatch_line, training_flags
-from .model import Machine, ModelSpec, sources, token_label
+from .model import Machine, ModelSpec, machine_lines, model_text, token_label
 from .search import SYSTEMS, TIE, Result
 from .step import Estimate
 
@@ -16,24 +16,16 @@ GIB = 2**30
 
 
 def header(model: ModelSpec, result: Result, m: Machine, recompute: tuple[str, ...], fsdp: bool) -> list[str]:
-    usable = m.budget_bytes / GIB
-    dtype = {2: "bf16", 4: "fp32"}.get(model.dtype_bytes, f"{model.dtype_bytes}-byte values")
-    mlp = "SwiGLU" if model.swiglu else "GeLU"
-    recompute = " or ".join(recompute)
     states = "Megatron-FSDP (params, grads, optimizer sharded)" if fsdp else "distributed optimizer"
     seq, batch = result.seq, result.global_batch
     return [
-        f"{model.name}: {model.layers} layers, hidden {model.hidden}, {model.heads} heads, {model.kv_heads} KV heads, "
-        f"FFN {model.ffn} ({mlp}), vocab {model.vocab}, {dtype}; {token_label(seq)} tokens per sequence, global "
-        f"batch {batch} sequences ({token_label(seq * batch)} tokens)",
-        f"machine: {result.gpus} GPUs, {result.gpus_per_node} per node; {m.gpu_memory_gib:g} GiB per GPU, "
-        f"{m.usable_fraction:.0%} usable ({usable:.1f} GiB); per GPU and direction NVLink {m.nvlink_gbs:g} GB/s within "
-        f"a node, network {m.ib_gbs:g} GB/s between nodes (GB/s: 10^9 bytes/s), {m.latency_us:g} us per transfer",
-        *sources(m),
-        f"training: micro-batch 1 sequence, 1F1B pipeline, {recompute} recompute (the plugin's remat skips the "
-        f"attention forward in it, Megatron's repeats it), {states}; gradients reduced over DP x CP in fp32 and "
-        "params gathered, overlapped with the backward and forward (--overlap-grad-reduce --overlap-param-gather): "
-        "only what outlasts them counts",
+        f"{model_text(model)}; {token_label(seq)} tokens per sequence, global batch {batch} sequences "
+        f"({token_label(seq * batch)} tokens)",
+        *machine_lines(m, result.gpus, result.gpus_per_node),
+        f"training: micro-batch 1 sequence, 1F1B pipeline, {' or '.join(recompute)} recompute (the plugin's remat "
+        f"skips the attention forward in full recompute, Megatron's repeats it), {states}; gradients reduced over "
+        "DP x CP in fp32 and params gathered, overlapped with the backward and forward (--overlap-grad-reduce "
+        "--overlap-param-gather): only what outlasts them counts",
         f"searched {result.searched} configurations (TP within a node dividing the heads, with and without SP; PP "
         f"dividing the layers; CP with 2 x CP dividing the sequence, every CP communication; DP = GPUs / (TP x CP x PP)"
         f" dividing the global batch) in {result.seconds:.1f} s; {len(result.fitting)} fit in memory; ranked by "
