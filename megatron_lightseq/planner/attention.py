@@ -169,7 +169,7 @@ def all_to_all(comm: Comm, h: int, g: int, tokens: int, headdim: int, item: int,
             near, far = np.where(crossing, 0, size).sum(1), np.where(crossing, size, 0).sum(1)
             busiest = np.maximum(near / (m.nvlink_gbs * 1e9), far / (m.ib_gbs * 1e9)).max()
             seconds[name] = float(busiest) + 2 * (group.size - 1) * m.latency_us * 1e-6
-            intra, inter = intra + near.mean(), inter + far.mean()
+            intra, inter = intra + float(near.mean()), inter + float(far.mean())  # plain floats: JSON
         found = A2A(seconds["forward"], seconds.get("recompute", 0.0), seconds["backward"], intra, inter)
         if worst is None or sum(seconds.values()) > worst.forward + worst.recompute + worst.backward:
             worst = found

@@ -101,4 +101,4 @@ def estimate(model: ModelSpec, seq: int, cfg: Config, gpus_per_node: int, m: Mac
     mem = memory(model, seq, cfg)
     return Estimate(cfg, step, batch * seq / step / cfg.gpus, batch * model_flops(model, seq) / (step * cfg.gpus * m.peak_tflops * 1e12),
                     mem, intra, inter, forward + backward, attn, tp_sent, (cfg.pp - 1) * stage, exposed,
-                    mem.total <= m.budget_bytes)
+                    bool(mem.total <= m.budget_bytes))  # a numpy bool would not go into JSON
