@@ -173,6 +173,15 @@ def test_documents_and_window_settle_the_flags(tmp_path, capsys):
     assert "--window-size 2048,0" in recommended
 
 
+def test_documents_keep_the_plugin_on_flat_plans(capsys):
+    """The plugin refuses hybrid CP on packed data: the search offers only its flat plans, and
+    TransformerEngine's p2p (THD), for --docs."""
+    assert plan_main(["--seq", "128k", "--gpus", "64", "--docs", "fixed:4k", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["best"]
+    assert best["lightseq"]["cp_comm_type"] == "p2p" and "--lightseq-layout auto" in best["lightseq"]["flags"]
+    assert best["megatron"]["cp_comm_type"] in (None, "p2p")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--seq", "32x"], "expected a token count"),
     (["--seq", "32k..64k", "--plot", "x.png"], "--plot draws one search: give one --seq length"),

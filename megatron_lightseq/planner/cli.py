@@ -29,6 +29,16 @@ def _masked(args, model, cp: int, seq: int):
     return cu, mask_rows(model, seq, cp, cu_seqlens=cu, window=args.window)
 
 
+def _masks(args) -> dict:
+    """The search's docs=/window=: only the CP communications that run them (config.masked_comm_ok)."""
+    return {"docs": bool(args.docs), "window": args.window >= 0}
+
+
+MASKED_NOTE = ("with --docs/--window: only the CP communications that run them (the plugin's flat plans; "
+               "TransformerEngine's p2p for documents, a2a for a window); times and memory are the plain causal "
+               "sequence's, the layout and schedule the table's below")
+
+
 def _overrides(masked, window: int) -> dict:
     """training_flags' overrides that the masked table settles (masks.masked_choice): for packed
     documents a balanced layout is given as auto, which is balanced for them."""
@@ -44,15 +54,16 @@ def _search_one(args, model, machine, seq: int):
     """(result, flags, text or JSON dict) of the search at one length."""
     result = search(model, seq, args.gpus, args.gpus_per_node, machine, global_batch=args.global_batch,
                     recompute=args.recompute, fsdp=args.fsdp, progress=not args.json and not args.no_progress,
-                    **args.fixed)
+                    **_masks(args), **args.fixed)
     best = result.best["lightseq"]
     masked = _masked(args, model, best.config.cp, seq) if best else None
     flags = report.settle_flags(model, result, **_overrides(masked, args.window))
     if args.json:
         return result, report.as_json(model, result, machine, flags, args.top)
     out = report.text(model, result, machine, flags, count=args.top, recompute=args.recompute, fsdp=args.fsdp)
-    return result, out + ("\n" + mask_table(model, seq, best.config.cp, masked[1], masked[0], args.window)
-                          if masked else "")
+    if masked:
+        out += f"\n{MASKED_NOTE}\n" + mask_table(model, seq, best.config.cp, masked[1], masked[0], args.window)
+    return result, out
 
 
 def run_search(args, model, machine) -> int:
@@ -88,7 +99,7 @@ def run_layer_table(args, model, machine) -> int:
     for seq in args.seq:
         by_seq[seq] = layer_table.rows_for(model, seq, cfg, args.gpus_per_node, machine)
         result = search(model, seq, args.gpus, args.gpus_per_node, machine, global_batch=args.global_batch,
-                        recompute=args.recompute[:1], fsdp=args.fsdp, progress=False, **args.fixed)
+                        recompute=args.recompute[:1], fsdp=args.fsdp, progress=False, **_masks(args), **args.fixed)
         masks[seq] = _masked(args, model, cfg.cp, seq)
         flags = report.settle_flags(model, result, **_overrides(masks[seq], args.window)).get("lightseq")
         best = result.best["lightseq"]
@@ -104,6 +115,7 @@ def run_layer_table(args, model, machine) -> int:
             print(split_text)
         for seq, masked in masks.items():
             if masked:
+                print(MASKED_NOTE)
                 print(mask_table(model, seq, cfg.cp, masked[1], masked[0], args.window))
     if args.plot:
         from .plot import layer_figure, save

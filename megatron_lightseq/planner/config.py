@@ -56,10 +56,23 @@ def tp_sizes(model: ModelSpec, gpus: int, gpus_per_node: int) -> list[int]:
             and model.heads % t == 0 and (model.kv_heads % t == 0 or t % model.kv_heads == 0)]
 
 
+def masked_comm_ok(comm: Comm, cp: int, docs: bool, window: bool) -> bool:
+    """Whether a CP communication runs packed documents or a sliding window: the plugin only on its
+    flat plans (it refuses hybrid CP on packed data; windows are planned flat here too);
+    TransformerEngine runs packed (THD) sequences on p2p, and a window only on a2a (its p2p and
+    a2a+p2p drop windows; TE 2.x attention/dot_product_attention/context_parallel.py)."""
+    if comm.system == "lightseq":
+        return comm.inner == 1 or not (docs or window)
+    if docs and comm.inner != 1:
+        return False
+    return not window or comm.inner == cp
+
+
 def configurations(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, global_batch: int, *,
-                   recompute: tuple[str, ...] = ("full",), fsdp: bool = False, systems=("lightseq", "megatron"),
-                   tp=None, cp=None, pp=None) -> list[Config]:
-    """Every configuration Megatron accepts (module docstring); ``tp``, ``cp``, ``pp`` fix a size."""
+                   recompute: tuple[str, ...] = ("full",), fsdp: bool = False, docs: bool = False,
+                   window: bool = False, tp=None, cp=None, pp=None) -> list[Config]:
+    """Every configuration Megatron accepts (module docstring); ``tp``, ``cp``, ``pp`` fix a size;
+    ``docs``/``window``: only the CP communications that run them (masked_comm_ok)."""
     found = []
     for t in tp_sizes(model, gpus, gpus_per_node) if tp is None else [tp]:
         for p in (divisors(model.layers) if pp is None else [pp]):
@@ -71,7 +84,7 @@ def configurations(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, gl
                     continue
                 ways = comms(model, t, c) if c > 1 else [NO_CP]
                 for comm in ways:
-                    if (comm.system if c > 1 else "megatron") not in systems:
+                    if c > 1 and not masked_comm_ok(comm, c, docs, window):
                         continue
                     for sp in ((False, True) if t > 1 else (False,)):
                         for r in recompute:

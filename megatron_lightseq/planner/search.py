@@ -58,11 +58,13 @@ def choose(found: list[Estimate]) -> Estimate | None:
 
 def search(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machine, *, global_batch: int | None = None,
            recompute: tuple[str, ...] = ("full",), fsdp: bool = False, progress: bool = True, **fixed) -> Result:
-    """``fixed``: tp=, cp=, pp= to hold a size; ``global_batch`` None: config.default_global_batch."""
+    """``fixed``: tp=, cp=, pp= to hold a size, docs=, window= (config.configurations);
+    ``global_batch`` None: config.default_global_batch."""
     start = time.perf_counter()
     fits = lambda c: memory(model, seq, c).total <= m.budget_bytes
     if global_batch is None:
-        global_batch = default_global_batch(model, seq, gpus, gpus_per_node, fits, recompute=recompute, fsdp=fsdp)
+        global_batch = default_global_batch(model, seq, gpus, gpus_per_node, fits, recompute=recompute, fsdp=fsdp,
+                                            **fixed)
     found = configurations(model, seq, gpus, gpus_per_node, global_batch, recompute=recompute, fsdp=fsdp, **fixed)
     fitting = []
     bar = tqdm(found, desc="planning", unit=" configurations", file=sys.stderr, delay=2, disable=not progress,
