@@ -138,7 +138,7 @@ def test_layer_table_and_splits_agree_when_nothing_fits(capsys):
     assert "-> no LightSeq plan fits" in out and "--cp-comm-type" not in out
     assert plan_main([*argv, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["recommended"] == {"131072": None} and report["hybrid"]["131072"]["recommended"] is None
+    assert report["recommended"] == {"131072": None} and report["hybrid"]["131072"]["best_split"] is None
 
 
 def test_layer_table_labels_and_plot(tmp_path, capsys):

@@ -152,8 +152,9 @@ def report(model: ModelSpec, seqs: list[int], base: Config, gpus_per_node: int, 
                          f"{c.memory_bytes / 2**30:>8.1f}" + ("" if c.fits else " (OOM)"))
         # why, not flags: the recommendation (and its flags) is the search's, printed once above
         lines.append(f"{'':>6}    best split: {why(model, seq, found, best)}")
-        data[seq] = dict(choices=as_dicts(found), recommended=best and name_of(best), seconds=best and best.seconds,
-                         flags=best and flags_of(best), why=why(model, seq, found, best))
+        # no flags: the table's recommendation (the search's) is the one set of flags
+        data[seq] = dict(choices=as_dicts(found), best_split=best and name_of(best), seconds=best and best.seconds,
+                         why=why(model, seq, found, best))
     return "\n".join(lines), data
 
 
