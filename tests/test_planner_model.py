@@ -3,7 +3,6 @@ plans (P <= 32), its all-to-all bytes to HybridPlan.bytes, its search to brute f
 Megatron-LM's theoretical_memory_usage.py (with a checkout: env MEGATRON_LM) and to dist_attn's
 allocation-checked attention_bytes."""
 import dataclasses
-import importlib.util
 import os
 import types
 
