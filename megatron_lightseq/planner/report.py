@@ -79,11 +79,11 @@ def placement(result: Result) -> str:
 
 def top(result: Result, system: str, count: int) -> list[str]:
     lines = [f"top {count} {TITLES[system]}:",
-             f"  {'configuration':<52} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>6} {'GiB/GPU':>8} "
+             f"  {'configuration':<62} {'step s':>8} {'tok/s/GPU':>10} {'MFU':>6} {'GiB/GPU':>8} "
              f"{'GiB in/across nodes':>20} {'bubble':>7}"]
     for e in result.ranked(system)[:count]:
         bubble = e.bubble_seconds / e.step_seconds
-        lines.append(f"  {e.config.name:<52} {e.step_seconds:>8.2f} {e.tokens_per_s_per_gpu:>10,.0f} {e.mfu:>6.1%} "
+        lines.append(f"  {e.config.name:<62} {e.step_seconds:>8.2f} {e.tokens_per_s_per_gpu:>10,.0f} {e.mfu:>6.1%} "
                      f"{e.memory.total / GIB:>8.1f} {e.intra_bytes / GIB:>9.1f}/{e.inter_bytes / GIB:<10.1f} "
                      f"{bubble:>6.1%}")
     return lines
