@@ -11,10 +11,7 @@ import random
 import time
 from dataclasses import dataclass, replace
 
-import torch
-
-from ..distattn import Shape
-from ..distattn import build_plan, choose_schedule
+from ..distattn import Shape, build_plan, choose_schedule
 from .model import ModelSpec
 from .traffic import attention_shape
 

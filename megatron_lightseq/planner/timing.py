@@ -1,18 +1,15 @@
-"""Predicted time of one transformer layer's forward+backward per training step (batch 1).
-
-LightSeq and Megatron CP: the plan's steps; in each, a rank computes its blocks while the next
-step's transfers travel, so a step costs max(compute, next transfers) on the busiest rank.
-Megatron TP: the same attention and GEMM work split by heads, plus its collectives, which sit
-on the critical path (no overlap assumed). All runs use full activation recompute; LightSeq with
-remat skips the attention forward in the recompute, the others repeat it.
+"""The reference the closed forms (closed_form.py) are held to: the time of one pass of a BUILT
+plan, rank by rank and step by step (tests/test_planner_model.py compares them for P <= 32). In
+each step a rank computes its blocks while the next step's transfers travel, so a step costs
+max(compute, next transfers) on the busiest rank. Building a plan is slow at large P: the
+planner itself uses only the closed forms.
 """
 from __future__ import annotations
 
-from ..distattn import Plan, build_plan, payload_bytes
+from ..distattn import Plan, payload_bytes
 from .model import Machine, ModelSpec
-from .traffic import attention_shape, tp_collectives, _ring_bytes
-
-FWD_SHARE, BWD_SHARE = 1 / 3.5, 2.5 / 3.5  # of fwd+bwd attention FLOPs (backward = 2.5x forward)
+from .closed_form import BWD_SHARE, FWD_SHARE
+from .traffic import attention_shape
 
 
 def _block_seconds(plan: Plan, block, chunk: int, model: ModelSpec, m: Machine) -> float:
@@ -29,7 +26,7 @@ def _block_seconds(plan: Plan, block, chunk: int, model: ModelSpec, m: Machine) 
     return seconds
 
 
-def _transfer_seconds(transfers, chunk, shape, gpus_per_node: int, m: Machine, scale=None) -> float:
+def _transfer_seconds(transfers, chunk, shape, gpus_per_node: int, m: Machine) -> float:
     intra = inter = 0
     for tr in transfers:
         size = payload_bytes(tr.payload.kind, chunk * len(tr.payload.chunks), shape)
@@ -37,8 +34,6 @@ def _transfer_seconds(transfers, chunk, shape, gpus_per_node: int, m: Machine, s
             intra += size
         else:
             inter += size
-    if scale is not None:
-        intra, inter = scale(intra), scale(inter)
     return max(intra / (m.nvlink_gbs * 1e9), inter / (m.ib_gbs * 1e9)) + len(transfers) * m.latency_us * 1e-6
 
 
@@ -55,34 +50,3 @@ def plan_seconds(plan: Plan, model: ModelSpec, seq: int, gpus_per_node: int, m: 
         total += max(max(share * sum(_block_seconds(plan, b, chunk, model, m) for b in rs.blocks), nxt[r])
                      for r, rs in enumerate(step))
     return total
-
-
-def _gemm_seconds(model: ModelSpec, tokens: int, split: int, recompute_forwards: int) -> float:
-    return 2 * model.layer_params / split * tokens * (3 + recompute_forwards)
-
-
-def lightseq_seconds(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machine, layout: str,
-                     schedule: str, *, remat: bool = True) -> float:
-    """Megatron CP is timed as the ring on zigzag without remat: the same steps and blocks; its
-    larger dK/dV transfers are assumed hidden behind compute like the rest."""
-    plan = build_plan(schedule, layout=layout, world_size=gpus, causal=True)
-    fwd, bwd = (plan_seconds(plan, model, seq, gpus_per_node, m, ph) for ph in ("forward", "backward"))
-    gemm = _gemm_seconds(model, seq // gpus, 1, 1) / (m.gemm_tflops * 1e12)
-    return gemm + fwd * (1 if remat else 2) + bwd
-
-
-def tp_degree(model: ModelSpec, gpus: int) -> int:
-    """Megatron splits heads: the largest degree <= gpus that divides the head count."""
-    return max(t for t in range(1, gpus + 1) if model.heads % t == 0)
-
-
-def tp_seconds(model: ModelSpec, seq: int, gpus: int, gpus_per_node: int, m: Machine, *, sequence_parallel: bool) -> float:
-    tp = tp_degree(model, gpus)
-    attn_flops = 3.5 * 2 * seq * seq * model.headdim * model.heads / tp  # causal: half of 4 N^2 D H
-    attn = attn_flops / (m.attn_tflops(seq, True) * 1e12) * (1 + FWD_SHARE)  # recompute repeats the fwd
-    gemm = _gemm_seconds(model, seq, tp, 1) / (m.gemm_tflops * 1e12)
-    bw = (m.nvlink_gbs if tp <= gpus_per_node else m.ib_gbs) * 1e9
-    ops = tp_collectives(model, seq, tp, sequence_parallel=sequence_parallel, recompute=True)
-    comm = sum(_ring_bytes(op, size, tp) / bw + 2 * (tp - 1) * m.latency_us * 1e-6
-               for phase in ops.values() for op, size in phase) if tp > 1 else 0.0
-    return attn + gemm + comm

@@ -4,8 +4,7 @@
 - Megatron tensor parallelism: from the collectives of one layer (``tp_collectives``), counted
   as ring algorithms send them: an all-reduce of N bytes sends 2(T-1)/T N per GPU, an
   all-gather or reduce-scatter (N = the full tensor) (T-1)/T N.
-- Megatron context parallelism (TransformerEngine's p2p ring on the zigzag layout): every step
-  forwards the whole K/V, backward the whole K/V and dK/dV: (P-1) x 2K forward, (P-1) x 4K backward.
+(Megatron's own context parallelism: closed_form.py's ``te/p2p`` and attention.py.)
 """
 from __future__ import annotations
 
@@ -43,12 +42,6 @@ def lightseq_traffic(model: ModelSpec, seq: int, gpus: int, layout: str, schedul
     bwd = max(plan.traffic(r, shape, "backward") for r in range(gpus))
     repeats = 2 if recompute and not remat else 1  # full recompute without remat re-runs the forward
     return Traffic(repeats * fwd, bwd)
-
-
-def megatron_cp_traffic(model: ModelSpec, seq: int, gpus: int, *, recompute: bool = True) -> Traffic:
-    kv = 2 * (seq // gpus) * model.kv_heads * model.headdim * model.dtype_bytes
-    repeats = 2 if recompute else 1
-    return Traffic(repeats * (gpus - 1) * kv, (gpus - 1) * 2 * kv)
 
 
 def tp_collectives(model: ModelSpec, seq: int, tp: int, *, sequence_parallel: bool, recompute: bool,
