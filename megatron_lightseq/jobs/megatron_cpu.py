@@ -26,6 +26,10 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
+from . import dataset_helpers
+from .cpu_shims import sequence_parallel_torch_norm
+from .quiet import LOGGED, WARNINGS, quiet_third_party
+
 BANNER = ("CPU SMOKE RUN (megatron_lightseq.jobs.megatron_cpu): gloo on CPU processes, CUDA calls redirected; "
           "checks the launch command, not GPU speed or kernels")
 # A folder: each process counts what dist_attn does (megatron_lightseq.trace()) for its whole run and
@@ -198,6 +202,11 @@ def _patch_megatron(typing_shim: bool) -> None:
     # only then: both count one device per process.
     for name in ("_initialize_distributed", "_set_random_seed"):
         setattr(initialize, name, _during(getattr(initialize, name), torch.cuda, "device_count", lambda: 1))
+    # compile_helpers (0.16, 0.19, rank 0 while initializing) builds the dataset helpers with whatever
+    # python3-config is on the PATH: built here for this interpreter instead (dataset_helpers.py says why).
+    importlib.import_module("megatron.core.datasets.utils").compile_helpers = dataset_helpers.compile_helpers
+    # WrappedTorchNorm (0.16, 0.19) refuses --sequence-parallel, which only Apex's and TE's norms take.
+    sequence_parallel_torch_norm()
     # _warmup_jit_function (0.16, 0.19) warms fused kernels on CUDA; compilation is off here.
     initialize._warmup_jit_function = lambda *args, **kwargs: None
     # fused_kernels.load (0.16; gone at 0.19) builds the fused softmax with nvcc.
@@ -326,6 +335,9 @@ def cpu_command(argv: list[str], env: dict) -> list[str]:
         if flag not in argv:
             argv.append(flag)
             notes.append(f"{flag} added: {why}")
+    if "--sequence-parallel" in argv:
+        notes.append("--sequence-parallel kept: Megatron's torch norm takes it here (only Apex's and TransformerEngine's "
+                     "did), its weight gradients summed over the TP group as theirs are")
     return notes
 
 
@@ -333,6 +345,7 @@ def install(argv: list[str] | None = None) -> None:
     """Make this process run a Megatron-LM script on CPU. ``argv`` (the script's, changed in place):
     the cluster's command, whose flags that need CUDA become their local equivalents
     (:func:`cpu_command`, each change printed on rank 0). Call before anything imports megatron."""
+    quiet_third_party()  # before Megatron's modules warn on import
     changes = cpu_command(argv, os.environ) if argv is not None else []
     note = _python_311_typing()
     # torch.compile (Megatron's jit_fuser) would compile C++ for every fused op on CPU: minutes on a
@@ -349,6 +362,8 @@ def install(argv: list[str] | None = None) -> None:
         print(BANNER, flush=True)
         for change in changes:
             print(f"  changed for CPU: {change}", flush=True)
+        print(f"  quiet: {len(WARNINGS) + len(LOGGED)} kinds of third-party warning that say nothing on CPU processes (Apex, "
+              f"TransformerEngine, absl, fused kernels; megatron_lightseq/jobs/quiet.py lists them and why)", flush=True)
         if note:
             print(note, flush=True)
 
