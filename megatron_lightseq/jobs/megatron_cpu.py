@@ -26,8 +26,10 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ..megatron.flags import flag_spans
 from . import dataset_helpers
 from .cpu_shims import sequence_parallel_torch_norm
+from .launch import is_rank_zero
 from .quiet import LOGGED, WARNINGS, quiet_third_party
 
 BANNER = ("CPU SMOKE RUN (megatron_lightseq.jobs.megatron_cpu): gloo on CPU processes, CUDA calls redirected; "
@@ -235,10 +237,6 @@ def _patch_megatron(typing_shim: bool) -> None:
             filesystem_async.get_write_results_queue = lambda mp_mode="spawn": results_queue(mp_mode="fork")
 
 
-def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
-
 def _python_311_typing() -> str | None:
     """core_v0.19.0 declares Python >= 3.12; the one 3.12 feature its training path uses is
     ``typing.override`` (PEP 698, megatron/training/models/{gpt,hybrid}.py, imported by
@@ -297,20 +295,6 @@ _UNFUSED = (
 )
 
 
-def _flag_values(argv: list[str], flag: str) -> list[tuple[int, int]]:
-    """(start, end) of each occurrence of ``flag`` with its values (``--flag v`` or ``--flag=v``)."""
-    found = []
-    for i, arg in enumerate(argv):
-        if arg == flag:
-            end = i + 1
-            while end < len(argv) and not argv[end].startswith("--"):
-                end += 1
-            found.append((i, end))
-        elif arg.startswith(flag + "="):
-            found.append((i, i + 1))
-    return found
-
-
 def cpu_command(argv: list[str], env: dict) -> list[str]:
     """Turn the cluster's command (``argv``: the script and its flags, changed in place; ``env``:
     the environment, changed in place) into the CPU smoke run's: each flag that needs CUDA replaced by
@@ -320,7 +304,7 @@ def cpu_command(argv: list[str], env: dict) -> list[str]:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron asserts it at TP or CP > 1, before any CUDA call
         notes.append("CUDA_DEVICE_MAX_CONNECTIONS=1 set: Megatron asserts it for TP/CP > 1 (a CUDA stream setting)")
     for flag, values, replacement, why in _REPLACED:
-        spans = _flag_values(argv, flag)
+        spans = flag_spans(argv, flag)
         given = [argv[a:b] for a, b in spans]
         needs = [g for g in given if values is None or any(v.split("=")[-1] in values for v in g)]
         absent_default = not spans and flag in ("--distributed-backend", "--transformer-impl")  # defaults need CUDA
@@ -358,7 +342,7 @@ def install(argv: list[str] | None = None) -> None:
     _CpuPlacement().__enter__()  # for the rest of the process
     if os.environ.get(ENV_TRACE_DIR):
         _trace_to_file(os.environ[ENV_TRACE_DIR])
-    if _is_rank_zero():
+    if is_rank_zero():
         print(BANNER, flush=True)
         for change in changes:
             print(f"  changed for CPU: {change}", flush=True)
