@@ -16,16 +16,11 @@ pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
 from harness import run_ranks  # noqa: E402
+from hf_cases import TINY, tiny_llama  # noqa: E402
 
 from megatron_lightseq.jobs import hf_llama  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", tie_word_embeddings=False,
-            rms_norm_eps=1e-6,  # not Megatron's default (1e-5): a missing --norm-epsilon shows
-            rope_theta=500000.0, max_position_embeddings=131072,
-            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                              original_max_position_embeddings=8192))
 BATCH, SEQ = 2, 32
 DOCS = (0, 5, 19, 32)  # packed documents of one sequence (cu_seqlens)
 TOL = dict(rtol=1e-6, atol=1e-6)  # float64, but HF's RMSNorm and RoPE compute in float32
@@ -41,14 +36,7 @@ LLAMA_31_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, inte
 def _hf_reference():
     """The HF model's Megatron state dict; for the plain batch and the packed one: tokens, labels,
     logits, the mean loss and its gradients (in Megatron's names)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY, attn_implementation="eager")).double()
-    with torch.no_grad():  # norm weights away from 1, so that their mapping matters
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    model = tiny_llama()
     g = torch.Generator().manual_seed(1)
     found = {"state": hf_llama.megatron_state_dict(model.state_dict(), TINY)}
     for kind, batch in (("plain", BATCH), ("packed", 1)):
