@@ -17,6 +17,8 @@ WARNINGS = (
     ("Constraints for invoking optimized fused softmax kernel are not met",
      "the fused softmax is a CUDA kernel, off on CPU (--no-masked-softmax-fusion)"),
     ("'pin_memory' argument is set as true but no accelerator is found", "pinned memory is for copies to a GPU"),
+    ("Overriding default arguments for tokenizer_type",
+     "pretrain_gpt.py's default tokenizer, replaced by the command's own --tokenizer-type"),
     ("`torch.distributed.all_gather_into_tensor` is deprecated", "torch's note to Megatron's code, not to the run"),
     ("`torch.distributed.reduce_scatter_tensor` is deprecated", "torch's note to Megatron's code, not to the run"),
 )
