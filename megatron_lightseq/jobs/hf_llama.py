@@ -4,10 +4,11 @@ Megatron-Core's names. docs/huggingface.md is the whole recipe.
 
     python -m megatron_lightseq hf-flags /path/to/hf_model      # the flags, for a configs/ file
 
-Megatron-LM's converter (tools/checkpoint/convert.py --loader llama_mistral --saver core, at
-core_v0.16.1 and core_v0.19.0) writes correct weights, but its checkpoint's arguments do not carry
-rope_theta, the RoPE scaling or the norm epsilon: a run that loads the checkpoint must pass them
-(the rows marked ``carried=False`` below), or it trains another model from the converted weights.
+Megatron-LM's converter (tools/checkpoint/convert.py --loader llama_mistral --saver core, core_v0.16.1;
+gone at core_v0.19.0) never reads rope_theta or the RoPE scaling from config.json, and the norm
+epsilon has been reported missing from its checkpoint's arguments too: a run that loads the
+checkpoint must pass them (the rows marked ``carried=False`` below), or it trains another model from
+the converted weights. The weights' layout here is the one Megatron-Core's local layer spec loads.
 """
 from __future__ import annotations
 
