@@ -22,7 +22,7 @@ SMOKE = "-m megatron_lightseq.run --cpu $MEGATRON_LM/pretrain_gpt.py"
 def readme_smoke_block() -> list[str]:
     """The README's code block holding the smoke command, less its install line."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    blocks = re.findall(r"```\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
     block = next(b for b in blocks if SMOKE in b)
     return [line for line in block.splitlines() if not line.startswith("pip install")]
 
