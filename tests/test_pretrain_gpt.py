@@ -81,8 +81,9 @@ def test_lightseq_gives_megatrons_losses(checkout, reference, nproc, args, model
 # weights for the TP gradient sum, as Apex's and TE's norms are marked), plain and with lightseq.
 @pytest.mark.parametrize("nproc,args,plugin", [
     (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"], False),
-    (4, lightseq(2) + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], True),
-], ids=["tp2-sp", "cp2xtp2-sp"])
+    # with full recompute: the SP all-gather then runs inside a custom backward (the CPU mode's placement)
+    (4, lightseq(2) + ["--tensor-model-parallel-size", "2", "--sequence-parallel"] + RECOMPUTE, True),
+], ids=["tp2-sp", "cp2xtp2-sp-recompute"])
 def test_sequence_parallel_gives_tp_losses(checkout, reference, nproc, args, plugin):
     run = pretrain(checkout, nproc, args, plugin=plugin)
     assert "--sequence-parallel kept" in run.output

@@ -9,8 +9,8 @@ fused kernels, NCCL) are replaced by their local equivalents here, each change p
 :func:`install` redirects, in this process only, the CUDA-only calls on Megatron-LM's training
 path at the tags core_v0.16.1 and core_v0.19.0 (Python 3.11 and 3.12). Megatron functions are
 patched by name wherever a name reaches the call, each with the call it serves; three things are
-process-wide, each saying why: the placement of tensors asked for on "cuda" (literals everywhere),
-torch.cuda's own functions (called through the torch.cuda module from everywhere), and torch.compile
+process-wide, each saying why: the placement of tensors asked for on "cuda" (literals everywhere,
+custom autograd backwards included), torch.cuda's own functions (called through the torch.cuda module from everywhere), and torch.compile
 (off). The plugin never imports this module.
 """
 from __future__ import annotations
@@ -69,6 +69,25 @@ class _CpuPlacement(TorchFunctionMode):
         if func is torch.Tensor.to:
             args = tuple("cpu" if i > 0 and _is_cuda(a) else a for i, a in enumerate(args))
         return func(*args, **kwargs)
+
+
+def _placement_in_backward() -> None:
+    """Custom autograd Functions' backward runs without the caller's torch-function modes (the autograd
+    engine does not carry them), and Megatron allocates there with ``device=torch.cuda.current_device()``
+    (the sequence-parallel all-gather in the backward of a recomputed layer): each such backward runs
+    under its own placement mode too. Process-wide, as the mode is."""
+    from torch.autograd.function import BackwardCFunction
+
+    for name in ("apply", "apply_boxed"):
+        original = getattr(BackwardCFunction, name, None)
+        if original is None:  # apply_boxed: newer torch only
+            continue
+
+        def under_placement(self, *args, _original=original):
+            with _CpuPlacement():
+                return _original(self, *args)
+
+        setattr(BackwardCFunction, name, under_placement)
 
 
 class _CudaGenerator:
@@ -340,6 +359,7 @@ def install(argv: list[str] | None = None) -> None:
     _patch_torch_cuda()
     _patch_megatron(typing_shim=note is not None)
     _CpuPlacement().__enter__()  # for the rest of the process
+    _placement_in_backward()
     if os.environ.get(ENV_TRACE_DIR):
         _trace_to_file(os.environ[ENV_TRACE_DIR])
     if is_rank_zero():
