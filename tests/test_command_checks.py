@@ -80,6 +80,28 @@ def test_runner_without_cuda_asks_for_cpu(tmp_path, capsys, monkeypatch):
     assert f"add --cpu: python -m megatron_lightseq.run --cpu {script} ..." in err
 
 
+def test_runner_names_the_backends_for_a_misspelt_one(tmp_path, capsys, monkeypatch):
+    """Through the runner (Megatron's parser would end on a bare KeyError: 'lightsq'), before the script runs."""
+    import sys
+
+    pytest.importorskip("megatron.core")
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv("RANK", raising=False)
+    defaults = getattr(GPTModel.__init__, "lightseq_defaults", None)  # setup() registers the backend's defaults
+    script = _script(tmp_path, "raise SystemExit('never run')\n")
+    try:
+        assert run.main([script, "--context-parallel-size", "2", "--attention-backend", "lightsq"]) == 2
+    finally:
+        if defaults is not None:
+            GPTModel.__init__.lightseq_defaults = defaults
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1, err
+    assert "error: --attention-backend must be one of " in err and "got 'lightsq': did you mean 'lightseq'?" in err, err
+
+
 def test_cpu_mode_filters_only_the_listed_warnings():
     from megatron_lightseq.jobs.quiet import WARNINGS, quiet_third_party
 

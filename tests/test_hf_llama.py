@@ -4,7 +4,8 @@ in-process the way Megatron-LM's converter converts it (megatron_lightseq.jobs.h
 in Megatron-Core's names, the model's settings as the recipe's flags give them), gives Hugging Face's
 logits, loss and gradients through the lightseq backend at CP = 4 and 2, plain and with packed
 documents (HF run per document); each setting the converter does not carry changes the logits.
-The converter itself runs in tests/test_hf_convert.py (opt-in: a Megatron-LM checkout)."""
+Megatron-LM's converter itself is not run here: it needs a GPU, TransformerEngine and nvcc
+(docs/huggingface.md, step 1, says what was found running it on CPU)."""
 import os
 import subprocess
 
