@@ -63,3 +63,28 @@ def test_dataset_helpers_are_built_for_this_interpreter(monkeypatch):
         dataset_helpers.make_command("/ckpt/megatron/core/datasets")
     assert str(refused.value).endswith(f"building them needs pybind11, which it lacks: {sys.executable} -m pip "
                                        f"install pybind11")
+
+
+def test_the_python_311_note_only_for_checkouts_that_need_it(tmp_path, monkeypatch):
+    """core_v0.16.1 runs on Python 3.11 as it is: its smoke runs print no typing.override note;
+    0.17 and later (Python >= 3.12 on the GPUs) do."""
+    import sys
+    import typing
+
+    from megatron_lightseq.jobs import megatron_cpu
+
+    for tag, minor in (("v16", 16), ("v19", 19)):
+        info = tmp_path / tag / "megatron" / "core" / "package_info.py"
+        info.parent.mkdir(parents=True)
+        info.write_text(f"MAJOR = 0\nMINOR = {minor}\nPATCH = 1\n")
+    assert megatron_cpu.megatron_version([str(tmp_path / "nowhere"), str(tmp_path / "v19")]) == (0, 19)
+    assert megatron_cpu.megatron_version([str(tmp_path / "nowhere")]) is None
+    notes = {}
+    monkeypatch.setattr(typing, "override", None, raising=False)  # so that the test leaves typing as it was
+    for tag in ("v16", "v19"):
+        monkeypatch.delattr(typing, "override", raising=False)  # as on Python 3.11
+        monkeypatch.setattr(sys, "path", [str(tmp_path / tag), *sys.path])
+        notes[tag] = megatron_cpu._python_311_typing()
+        assert typing.override is not None  # put in place either way
+    assert notes["v16"] is None
+    assert notes["v19"].startswith("note: Python 3.11: typing.override taken from typing_extensions")

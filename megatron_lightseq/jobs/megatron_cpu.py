@@ -256,11 +256,27 @@ def _patch_megatron(typing_shim: bool) -> None:
             filesystem_async.get_write_results_queue = lambda mp_mode="spawn": results_queue(mp_mode="fork")
 
 
+def megatron_version(path: list[str] | None = None) -> tuple[int, int] | None:
+    """(major, minor) of the megatron.core that ``import megatron`` will find on ``path`` (sys.path:
+    the script's checkout first), read from its package_info.py without importing it; None if unknown."""
+    import re
+
+    for folder in sys.path if path is None else path:
+        info = os.path.join(folder or ".", "megatron", "core", "package_info.py")
+        if os.path.isfile(info):
+            text = open(info).read()
+            found = [re.search(rf"^{name}\s*=\s*(\d+)", text, flags=re.M) for name in ("MAJOR", "MINOR")]
+            return (int(found[0].group(1)), int(found[1].group(1))) if all(found) else None
+    return None
+
+
 def _python_311_typing() -> str | None:
     """core_v0.19.0 declares Python >= 3.12; the one 3.12 feature its training path uses is
     ``typing.override`` (PEP 698, megatron/training/models/{gpt,hybrid}.py, imported by
     megatron.training.argument_utils), a marker decorator with no effect on what runs. On 3.11 the
-    CPU mode takes it from typing_extensions, and says so: the GPU job itself needs Python 3.12."""
+    CPU mode takes it from typing_extensions, and says so where the checkout needs it (0.17 and
+    later; core_v0.16.1 runs on 3.11 as it is, so its smoke runs print no note): the GPU job itself
+    needs Python 3.12 there."""
     import typing
 
     if hasattr(typing, "override"):
@@ -268,6 +284,9 @@ def _python_311_typing() -> str | None:
     import typing_extensions
 
     typing.override = typing_extensions.override
+    version = megatron_version()
+    if version is not None and version < (0, 17):
+        return None
     return ("note: Python 3.11: typing.override taken from typing_extensions for this CPU run "
             "(Megatron-LM core_v0.17+ needs Python >= 3.12 on the GPUs)")
 
@@ -350,6 +369,9 @@ def install(argv: list[str] | None = None) -> None:
     (:func:`cpu_command`, each change printed on rank 0). Call before anything imports megatron."""
     quiet_third_party()  # before Megatron's modules warn on import
     changes = cpu_command(argv, os.environ) if argv is not None else []
+    import typing
+
+    shimmed = not hasattr(typing, "override")  # Python 3.11: typing_extensions' override put in place
     note = _python_311_typing()
     # torch.compile (Megatron's jit_fuser) would compile C++ for every fused op on CPU: minutes on a
     # small machine, for kernels a smoke run does not test.
@@ -357,7 +379,7 @@ def install(argv: list[str] | None = None) -> None:
 
     torch._dynamo.config.disable = True
     _patch_torch_cuda()
-    _patch_megatron(typing_shim=note is not None)
+    _patch_megatron(typing_shim=shimmed)
     _CpuPlacement().__enter__()  # for the rest of the process
     _placement_in_backward()
     if os.environ.get(ENV_TRACE_DIR):
