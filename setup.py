@@ -13,7 +13,8 @@ setup(
     extras_require={
         "megatron": ["megatron-core>=0.16"],
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "numpy", "matplotlib"],
+        # transformers: tests/test_hf_llama.py builds a tiny LlamaForCausalLM (no download) as the oracle
+        "test": ["pytest>=8", "numpy", "matplotlib", "transformers"],
         "plot": ["matplotlib"],
     },
 )

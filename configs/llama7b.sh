@@ -3,6 +3,7 @@ ARGS+=(
   --num-layers 32 --hidden-size 4096 --num-attention-heads 32
   --ffn-hidden-size 11008          # SwiGLU: 2/3 of 4h, rounded to a multiple of 256
   --swiglu --normalization RMSNorm --disable-bias-linear
+  --norm-epsilon 1e-05             # Llama 2's rms_norm_eps (Llama 1: 1e-06); Megatron's default too
   --position-embedding-type rope --rotary-base 10000
   --untie-embeddings-and-output-weights
   --attention-dropout 0            # the lightseq backend has no attention dropout (Llama uses none)

@@ -1,12 +1,15 @@
-"""``python -m megatron_lightseq COMMAND``: train (the main job: tiny GPT, lightseq vs TP), plan (the
-planner), attn-demo (dist_attn alone: errors and traffic per layout and schedule)."""
+"""python -m megatron_lightseq COMMAND, one of:
+  train      the main job: a tiny GPT, lightseq against Megatron TP, on local CPU processes or GPUs
+  plan       the planner: bytes, time and memory per layer for each parallelism, and the flags to use
+  attn-demo  dist_attn alone: errors against an oracle and traffic, per layout and schedule
+  hf-flags   the Megatron-LM flags of a Hugging Face Llama model (docs/huggingface.md)"""
 import sys
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"train": "megatron_lightseq.jobs.train", "plan": "megatron_lightseq.planner.cli",
-                "attn-demo": "megatron_lightseq.jobs.attn_demo"}
+                "attn-demo": "megatron_lightseq.jobs.attn_demo", "hf-flags": "megatron_lightseq.jobs.hf_llama"}
     usage = f"usage: python -m megatron_lightseq {{{','.join(commands)}}} [options]   (COMMAND --help for its options)"
     if argv[:1] in (["-h"], ["--help"]):
         print(f"{usage}\n\n{__doc__}")

@@ -9,9 +9,13 @@
 #                 launch through the CPU mode (megatron_lightseq/jobs/megatron_cpu.py), configs/cpu.sh's
 #                 tiny sizes applied last; without: the plugin's tiny GPT (what CI submits).
 set -euo pipefail
-REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}  # the sbatch scripts set it
 MODE=${MODE:-gpu}
 fail() { echo "error: $*" >&2; exit 2; }
+
+if [ -z "${SLURM_JOB_ID:-}" ] || [ -z "${SLURM_JOB_NODELIST:-}" ] || [ -z "${SLURM_NTASKS:-}" ]; then
+  fail "$(basename "$0") runs inside a Slurm job (SLURM_JOB_ID, SLURM_JOB_NODELIST and SLURM_NTASKS are not all set): submit it with sbatch (README, On a cluster); without Slurm, start the same launch with torchrun (README, With Megatron-LM)"
+fi
 
 # Whether the job runs Megatron-LM's pretrain_gpt.py (else the plugin's tiny GPT, CPU mode only).
 PRETRAIN_GPT=0
@@ -27,8 +31,9 @@ fi
 if [ "$MODE" = cpu ] && [ "$PRETRAIN_GPT" = 1 ]; then CONFIGS="${CONFIGS:-} cpu"; fi
 
 ARGS=()
-for c in ${CONFIGS:-}; do
-  [ -f "$REPO/configs/$c.sh" ] || fail "no config configs/$c.sh"
+read -r -a CONFIG_NAMES <<< "${CONFIGS:-}"  # split on spaces, never glob-expanded (CONFIGS="*" is a name)
+for c in "${CONFIG_NAMES[@]}"; do
+  [ -f "$REPO/configs/$c.sh" ] || fail "no config configs/$c.sh (CONFIGS=\"$CONFIGS\"): CONFIGS names files under $REPO/configs without .sh, e.g. \"llama7b heads/gqa seq/128k parallel/lightseq\""
   # shellcheck source=/dev/null
   source "$REPO/configs/$c.sh"  # each appends to ARGS
 done

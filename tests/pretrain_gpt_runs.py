@@ -93,19 +93,28 @@ def indexed_corpus(checkout: str, folder: str) -> list[str]:
                                              character_coverage=1.0, num_threads=1, minloglevel=2)
     tokenizer = ["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", model + ".model"]
     prefix = os.path.join(folder, "corpus")
+    run_tool(checkout, os.path.join("tools", "preprocess_data.py"), ["--input", CORPUS, "--output-prefix", prefix,
+                                                                      *tokenizer, "--append-eod", "--workers", "1"])
+    # held-out validation and test splits, evaluated every 2 iterations on 2 batches
+    return [*tokenizer, "--data-path", prefix + "_text_document", "--split", "90,5,5", "--eval-iters", "2",
+            "--eval-interval", "2"]
+
+
+def run_tool(checkout: str, script: str, args: list[str], timeout: float = 600) -> str:
+    """One of the checkout's tools (``script`` relative to it), its output; AssertionError with the
+    output's tail when it exits non-zero."""
     # core_v0.19.0's tools import megatron.training, which takes typing.override from Python 3.12:
     # on 3.11 the same decorator from typing_extensions (as the CPU mode does for training).
     shim = ("import runpy, sys, typing, typing_extensions; "
             "typing.override = getattr(typing, 'override', typing_extensions.override); "
-            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    cmd = [sys.executable, "-c", shim, os.path.join(checkout, "tools", "preprocess_data.py"), "--input", CORPUS,
-           "--output-prefix", prefix, *tokenizer, "--append-eod", "--workers", "1"]
-    done = subprocess.run(cmd, env=_env(checkout), capture_output=True, text=True, cwd=checkout)
+            "sys.argv = sys.argv[1:]; sys.path.insert(0, __import__('os').path.dirname(sys.argv[0])); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    cmd = [sys.executable, "-c", shim, os.path.join(checkout, script), *args]
+    done = subprocess.run(cmd, env=_env(checkout), capture_output=True, text=True, cwd=checkout, timeout=timeout)
+    output = done.stdout + done.stderr
     if done.returncode != 0:
-        raise AssertionError(f"preprocess_data.py failed: {' '.join(cmd)}\n{(done.stdout + done.stderr)[-4000:]}")
-    # held-out validation and test splits, evaluated every 2 iterations on 2 batches
-    return [*tokenizer, "--data-path", prefix + "_text_document", "--split", "90,5,5", "--eval-iters", "2",
-            "--eval-interval", "2"]
+        raise AssertionError(f"{script} failed ({done.returncode}): {' '.join(cmd)}\n{output[-4000:]}")
+    return output
 
 
 @dataclass

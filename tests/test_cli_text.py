@@ -182,3 +182,13 @@ def test_plan_piped_into_head_ends_without_a_traceback():
                           shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.startswith("llama-7b:"), done.stdout
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_top_level_help_is_plain_text_naming_every_command(capsys):
+    from megatron_lightseq import run
+
+    assert cli_main(["--help"]) == 0 and run.main(["--help"]) == 0
+    said = capsys.readouterr().out
+    assert "`" not in said, said  # reStructuredText markup reads as noise in a terminal
+    for command in ("train", "plan", "attn-demo", "hf-flags"):
+        assert f"\n  {command} " in said, command

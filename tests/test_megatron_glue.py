@@ -118,18 +118,19 @@ def test_flags_are_taken_out_of_argv():
 def test_runner_sets_up_and_runs_the_script_as_main():
     script = os.path.join(ROOT, "tests", "data", "show_setup.py")
     run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", script, "--num-layers", "2",
-                          "--lightseq-layout", "contiguous", "--attention-backend", "lightseq"],
+                          "--lightseq-layout", "contiguous", "--attention-backend", "lightseq", "--attention-dropout", "0"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report["argv"] == ["--num-layers", "2", "--attention-backend", "lightseq"]
+    assert report["argv"] == ["--num-layers", "2", "--attention-backend", "lightseq", "--attention-dropout", "0"]
     assert "lightseq" in report["backends"] and report["main"] == "__main__"
     assert report["batch_split_wired"] and report["thd_split_wired"] and "contiguous" in str(report["config"])
 
 
 def test_runner_rejects_a_bad_flag_and_a_missing_script():
     script = os.path.join(ROOT, "tests", "data", "show_setup.py")
-    run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", script, "--lightseq-layout", "spiral"],
+    run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", script, "--lightseq-layout", "spiral",
+                          "--attention-backend", "lightseq", "--attention-dropout", "0"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 2 and "invalid choice: 'spiral'" in run.stderr
     run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", "no_such_script.py"], capture_output=True,

@@ -1,9 +1,10 @@
 """Megatron-LM's own pretrain_gpt.py end to end on CPU processes (torchrun, gloo, the CPU mode):
 the lightseq backend gives Megatron's tensor-parallel losses at every iteration (CP = 2 and 3, both
 layouts, every schedule, RoPE and learned positions, GQA and MQA, CP x TP, PP x CP with microbatches
-in flight), remat runs one attention forward per layer, and torch_dist checkpoints move between
-parallelisms; on a real corpus (a tokenizer trained here, indexed by Megatron's own tool), the
-training and validation losses of TP = 2, and with Megatron's document masking those of CP = 1.
+in flight; with --sequence-parallel too, as does plain TP + SP), remat runs one attention forward per
+layer, and torch_dist checkpoints move between parallelisms; on a real corpus (a tokenizer trained
+here, indexed by Megatron's own tool), the training and validation losses of TP = 2, and with
+Megatron's document masking those of CP = 1.
 Needs MEGATRON_LM: a Megatron-LM checkout of core_v0.16.1 or core_v0.19.0 (never written to: the
 runs use a copy); the real-corpus runs also need the sentencepiece package.
 """
@@ -76,6 +77,19 @@ def test_lightseq_gives_megatrons_losses(checkout, reference, nproc, args, model
     assert_same_losses(pretrain(checkout, nproc, args, model=model), reference[model], range(1, ITERATIONS + 1))
 
 
+# The TP+SP baseline on CPU: Megatron's torch norm under --sequence-parallel (the CPU mode marks its
+# weights for the TP gradient sum, as Apex's and TE's norms are marked), plain and with lightseq.
+@pytest.mark.parametrize("nproc,args,plugin", [
+    (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"], False),
+    # with full recompute: the SP all-gather then runs inside a custom backward (the CPU mode's placement)
+    (4, lightseq(2) + ["--tensor-model-parallel-size", "2", "--sequence-parallel"] + RECOMPUTE, True),
+], ids=["tp2-sp", "cp2xtp2-sp-recompute"])
+def test_sequence_parallel_gives_tp_losses(checkout, reference, nproc, args, plugin):
+    run = pretrain(checkout, nproc, args, plugin=plugin)
+    assert "--sequence-parallel kept" in run.output
+    assert_same_losses(run, reference["rope-gqa"], range(1, ITERATIONS + 1))
+
+
 @pytest.mark.parametrize("nproc,args,layers_per_rank,ref", [
     (2, lightseq(2), 2, "rope-gqa"),
     (4, lightseq(2) + ["--pipeline-model-parallel-size", "2"], 1, "pp2"),  # 1F1B: microbatches in flight
@@ -115,6 +129,15 @@ def test_checkpoint_saved_mid_schedule_and_resumed_at_cp2(saved, resumed_cp2, re
     assert open(os.path.join(folder, "latest_checkpointed_iteration.txt")).read().strip() == "2"
     assert sorted(resumed_cp2.losses) == RESUMED
     assert resumed_cp2.losses[3] == pytest.approx(reference["rope-gqa"].losses[3], rel=REL)
+
+
+def test_use_checkpoint_args_overrides_the_rotary_base_flag(checkout, saved):
+    """docs/huggingface.md: with --use-checkpoint-args Megatron takes rotary_base (and the position
+    embedding type, the dropouts) from the checkpoint over the command line's flags; a checkpoint
+    whose arguments hold the default 10000 (as the HF converter's do) then runs with it."""
+    run = pretrain(checkout, 2, lightseq(2) + TORCH_DIST + ["--load", saved[0], "--use-checkpoint-args",
+                                                            "--rotary-base", "500000"])
+    assert "Setting rotary_base to 10000 from checkpoint" in run.output
 
 
 # A lightseq checkpoint names the backend in its pickled args: every resume loads with the plugin

@@ -1,7 +1,7 @@
 """The repository's own sbatch scripts, submitted to a real single-node Slurm in CPU mode: the job
 completes and its losses equal the same run without Slurm. Skipped where Slurm is not installed
 (.ci/run installs it). With MEGATRON_LM (a Megatron-LM checkout), the scripts also run the real
-pretrain_gpt.py through the CPU mode."""
+pretrain_gpt.py through the CPU mode, the TP+SP baseline (parallel/tp-sp) included."""
 import json
 import os
 import subprocess
@@ -24,13 +24,15 @@ def test_sbatch_cpu_mode_matches_a_run_without_slurm(tmp_path):
                     "2", "--json", str(direct), *TRAIN], check=True, cwd=ROOT, timeout=600, capture_output=True)
     reference = json.loads(direct.read_text())["results"]
     with slurm_cluster(str(tmp_path / "slurm")) as env:
-        env = dict(env, MODE="cpu", REPO=ROOT, PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+        # Submitted from outside the repository, no REPO: the scripts find their files from their own place.
+        env = dict(env, MODE="cpu", PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
         env.pop("MEGATRON_LM", None)  # the plugin's tiny GPT
+        env.pop("REPO", None)
         for script, backend in (("lightseq.sbatch", "lightseq"), ("tp_baseline.sbatch", "tp")):
             out, log = tmp_path / f"{backend}.json", tmp_path / f"{backend}.out"
             job = sbatch_and_wait(
                 ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0", f"--output={log}",
-                 f"--chdir={ROOT}", os.path.join(ROOT, "scripts", script), "--json", str(out), *TRAIN],
+                 f"--chdir={tmp_path}", os.path.join(ROOT, "scripts", script), "--json", str(out), *TRAIN],
                 env=env, timeout=600)
             assert job.returncode == 0, f"{script}: {job.stdout}{job.stderr}\n{log.read_text() if log.exists() else ''}"
             losses = json.loads(out.read_text())["results"][backend]["losses"]
@@ -46,7 +48,8 @@ def test_sbatch_cpu_mode_runs_megatrons_pretrain_gpt(tmp_path):
     with slurm_cluster(str(tmp_path / "slurm")) as env:
         env = dict(env, MODE="cpu", REPO=ROOT, MEGATRON_LM=checkout,
                    PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
-        for script, parallel in (("lightseq.sbatch", "lightseq"), ("tp_baseline.sbatch", "tp")):
+        for script, parallel in (("lightseq.sbatch", "lightseq"), ("tp_baseline.sbatch", "tp"),
+                                 ("tp_baseline.sbatch", "tp-sp")):  # the TP+SP baseline: the torch norm under SP
             log = tmp_path / f"{parallel}.out"
             job = sbatch_and_wait(
                 ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=0", f"--output={log}",
@@ -59,3 +62,4 @@ def test_sbatch_cpu_mode_runs_megatrons_pretrain_gpt(tmp_path):
     assert sorted(losses["lightseq"]) == [1, 2, 3]
     # configs/llama7b.sh trains in bf16: CP = 2 and TP = 2 agree to bf16's precision, not to the bit
     assert losses["lightseq"] == pytest.approx(losses["tp"], rel=2e-2)
+    assert losses["tp-sp"] == pytest.approx(losses["tp"], rel=2e-2)

@@ -13,10 +13,13 @@ The plugin itself (backend, core attention, runner) never installs these; a CPU 
   CPU RNG state only.
 - ``get_pos_emb_on_this_cp_rank``: its index tensor is pinned and moved with ``.cuda()``; the
   same zigzag selection without either.
+- ``WrappedTorchNorm`` (the local layers' norm) with ``--sequence-parallel``
+  (:func:`sequence_parallel_torch_norm`, also used by the CPU mode).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -44,6 +47,32 @@ def _no_fork(self, name=None):
     yield
 
 
+def sequence_parallel_torch_norm() -> None:
+    """Let Megatron's torch norm (``WrappedTorchNorm``, 0.16 and 0.19) run under sequence parallelism,
+    which only Apex's and TransformerEngine's norms (CUDA) accept. Under SP each TP rank normalizes
+    its own tokens with a replicated weight, so the weight's gradient is a sum over the TP group:
+    Megatron's ``finalize_model_grads`` all-reduces the parameters marked ``sequence_parallel``, and
+    the norm is marked as Apex's ``FusedLayerNorm`` marks its own. Idempotent."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    build = WrappedTorchNorm.__new__
+    if getattr(build, "lightseq_sequence_parallel", False):
+        return
+
+    def __new__(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return build(cls, config, *args, **kwargs)
+        unsplit = copy.copy(config)  # the same norm, past WrappedTorchNorm's assert
+        unsplit.sequence_parallel = False
+        norm = build(cls, unsplit, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    __new__.lightseq_sequence_parallel = True
+    WrappedTorchNorm.__new__ = __new__
+
+
 def install() -> None:
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.models.common.embeddings.rope_utils as rope_utils
@@ -61,3 +90,4 @@ def install() -> None:
     tp_random._set_all_rng_states = lambda cpu_state, cuda_state, tracker_states: torch.set_rng_state(cpu_state)
     rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     rotary.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+    sequence_parallel_torch_norm()

@@ -54,6 +54,12 @@ def from_environment() -> Place | None:
     return None
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 of its launch (torchrun's RANK, srun's SLURM_PROCID; a process
+    that no launcher started is). Messages meant for the user print there only, once."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 class RanksFailed(RuntimeError):
     """Some local rank raised, died or hung; the message has each one's story."""
 

@@ -9,8 +9,8 @@ fused kernels, NCCL) are replaced by their local equivalents here, each change p
 :func:`install` redirects, in this process only, the CUDA-only calls on Megatron-LM's training
 path at the tags core_v0.16.1 and core_v0.19.0 (Python 3.11 and 3.12). Megatron functions are
 patched by name wherever a name reaches the call, each with the call it serves; three things are
-process-wide, each saying why: the placement of tensors asked for on "cuda" (literals everywhere),
-torch.cuda's own functions (called through the torch.cuda module from everywhere), and torch.compile
+process-wide, each saying why: the placement of tensors asked for on "cuda" (literals everywhere,
+custom autograd backwards included), torch.cuda's own functions (called through the torch.cuda module from everywhere), and torch.compile
 (off). The plugin never imports this module.
 """
 from __future__ import annotations
@@ -25,6 +25,12 @@ import types
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from ..megatron.flags import flag_spans
+from . import dataset_helpers
+from .cpu_shims import sequence_parallel_torch_norm
+from .launch import is_rank_zero
+from .quiet import LOGGED, WARNINGS, quiet_third_party
 
 BANNER = ("CPU SMOKE RUN (megatron_lightseq.jobs.megatron_cpu): gloo on CPU processes, CUDA calls redirected; "
           "checks the launch command, not GPU speed or kernels")
@@ -63,6 +69,25 @@ class _CpuPlacement(TorchFunctionMode):
         if func is torch.Tensor.to:
             args = tuple("cpu" if i > 0 and _is_cuda(a) else a for i, a in enumerate(args))
         return func(*args, **kwargs)
+
+
+def _placement_in_backward() -> None:
+    """Custom autograd Functions' backward runs without the caller's torch-function modes (the autograd
+    engine does not carry them), and Megatron allocates there with ``device=torch.cuda.current_device()``
+    (the sequence-parallel all-gather in the backward of a recomputed layer): each such backward runs
+    under its own placement mode too. Process-wide, as the mode is."""
+    from torch.autograd.function import BackwardCFunction
+
+    for name in ("apply", "apply_boxed"):
+        original = getattr(BackwardCFunction, name, None)
+        if original is None:  # apply_boxed: newer torch only
+            continue
+
+        def under_placement(self, *args, _original=original):
+            with _CpuPlacement():
+                return _original(self, *args)
+
+        setattr(BackwardCFunction, name, under_placement)
 
 
 class _CudaGenerator:
@@ -198,6 +223,11 @@ def _patch_megatron(typing_shim: bool) -> None:
     # only then: both count one device per process.
     for name in ("_initialize_distributed", "_set_random_seed"):
         setattr(initialize, name, _during(getattr(initialize, name), torch.cuda, "device_count", lambda: 1))
+    # compile_helpers (0.16, 0.19, rank 0 while initializing) builds the dataset helpers with whatever
+    # python3-config is on the PATH: built here for this interpreter instead (dataset_helpers.py says why).
+    importlib.import_module("megatron.core.datasets.utils").compile_helpers = dataset_helpers.compile_helpers
+    # WrappedTorchNorm (0.16, 0.19) refuses --sequence-parallel, which only Apex's and TE's norms take.
+    sequence_parallel_torch_norm()
     # _warmup_jit_function (0.16, 0.19) warms fused kernels on CUDA; compilation is off here.
     initialize._warmup_jit_function = lambda *args, **kwargs: None
     # fused_kernels.load (0.16; gone at 0.19) builds the fused softmax with nvcc.
@@ -226,15 +256,27 @@ def _patch_megatron(typing_shim: bool) -> None:
             filesystem_async.get_write_results_queue = lambda mp_mode="spawn": results_queue(mp_mode="fork")
 
 
-def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+def megatron_version(path: list[str] | None = None) -> tuple[int, int] | None:
+    """(major, minor) of the megatron.core that ``import megatron`` will find on ``path`` (sys.path:
+    the script's checkout first), read from its package_info.py without importing it; None if unknown."""
+    import re
+
+    for folder in sys.path if path is None else path:
+        info = os.path.join(folder or ".", "megatron", "core", "package_info.py")
+        if os.path.isfile(info):
+            text = open(info).read()
+            found = [re.search(rf"^{name}\s*=\s*(\d+)", text, flags=re.M) for name in ("MAJOR", "MINOR")]
+            return (int(found[0].group(1)), int(found[1].group(1))) if all(found) else None
+    return None
 
 
 def _python_311_typing() -> str | None:
     """core_v0.19.0 declares Python >= 3.12; the one 3.12 feature its training path uses is
     ``typing.override`` (PEP 698, megatron/training/models/{gpt,hybrid}.py, imported by
     megatron.training.argument_utils), a marker decorator with no effect on what runs. On 3.11 the
-    CPU mode takes it from typing_extensions, and says so: the GPU job itself needs Python 3.12."""
+    CPU mode takes it from typing_extensions, and says so where the checkout needs it (0.17 and
+    later; core_v0.16.1 runs on 3.11 as it is, so its smoke runs print no note): the GPU job itself
+    needs Python 3.12 there."""
     import typing
 
     if hasattr(typing, "override"):
@@ -242,6 +284,9 @@ def _python_311_typing() -> str | None:
     import typing_extensions
 
     typing.override = typing_extensions.override
+    version = megatron_version()
+    if version is not None and version < (0, 17):
+        return None
     return ("note: Python 3.11: typing.override taken from typing_extensions for this CPU run "
             "(Megatron-LM core_v0.17+ needs Python >= 3.12 on the GPUs)")
 
@@ -288,20 +333,6 @@ _UNFUSED = (
 )
 
 
-def _flag_values(argv: list[str], flag: str) -> list[tuple[int, int]]:
-    """(start, end) of each occurrence of ``flag`` with its values (``--flag v`` or ``--flag=v``)."""
-    found = []
-    for i, arg in enumerate(argv):
-        if arg == flag:
-            end = i + 1
-            while end < len(argv) and not argv[end].startswith("--"):
-                end += 1
-            found.append((i, end))
-        elif arg.startswith(flag + "="):
-            found.append((i, i + 1))
-    return found
-
-
 def cpu_command(argv: list[str], env: dict) -> list[str]:
     """Turn the cluster's command (``argv``: the script and its flags, changed in place; ``env``:
     the environment, changed in place) into the CPU smoke run's: each flag that needs CUDA replaced by
@@ -311,7 +342,7 @@ def cpu_command(argv: list[str], env: dict) -> list[str]:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # Megatron asserts it at TP or CP > 1, before any CUDA call
         notes.append("CUDA_DEVICE_MAX_CONNECTIONS=1 set: Megatron asserts it for TP/CP > 1 (a CUDA stream setting)")
     for flag, values, replacement, why in _REPLACED:
-        spans = _flag_values(argv, flag)
+        spans = flag_spans(argv, flag)
         given = [argv[a:b] for a, b in spans]
         needs = [g for g in given if values is None or any(v.split("=")[-1] in values for v in g)]
         absent_default = not spans and flag in ("--distributed-backend", "--transformer-impl")  # defaults need CUDA
@@ -326,6 +357,9 @@ def cpu_command(argv: list[str], env: dict) -> list[str]:
         if flag not in argv:
             argv.append(flag)
             notes.append(f"{flag} added: {why}")
+    if "--sequence-parallel" in argv:
+        notes.append("--sequence-parallel kept: Megatron's torch norm takes it here (only Apex's and TransformerEngine's "
+                     "did), its weight gradients summed over the TP group as theirs are")
     return notes
 
 
@@ -333,7 +367,11 @@ def install(argv: list[str] | None = None) -> None:
     """Make this process run a Megatron-LM script on CPU. ``argv`` (the script's, changed in place):
     the cluster's command, whose flags that need CUDA become their local equivalents
     (:func:`cpu_command`, each change printed on rank 0). Call before anything imports megatron."""
+    quiet_third_party()  # before Megatron's modules warn on import
     changes = cpu_command(argv, os.environ) if argv is not None else []
+    import typing
+
+    shimmed = not hasattr(typing, "override")  # Python 3.11: typing_extensions' override put in place
     note = _python_311_typing()
     # torch.compile (Megatron's jit_fuser) would compile C++ for every fused op on CPU: minutes on a
     # small machine, for kernels a smoke run does not test.
@@ -341,14 +379,17 @@ def install(argv: list[str] | None = None) -> None:
 
     torch._dynamo.config.disable = True
     _patch_torch_cuda()
-    _patch_megatron(typing_shim=note is not None)
+    _patch_megatron(typing_shim=shimmed)
     _CpuPlacement().__enter__()  # for the rest of the process
+    _placement_in_backward()
     if os.environ.get(ENV_TRACE_DIR):
         _trace_to_file(os.environ[ENV_TRACE_DIR])
-    if _is_rank_zero():
+    if is_rank_zero():
         print(BANNER, flush=True)
         for change in changes:
             print(f"  changed for CPU: {change}", flush=True)
+        print(f"  quiet: {len(WARNINGS) + len(LOGGED)} kinds of third-party warning that say nothing on CPU processes (Apex, "
+              f"TransformerEngine, absl, fused kernels; megatron_lightseq/jobs/quiet.py lists them and why)", flush=True)
         if note:
             print(note, flush=True)
 

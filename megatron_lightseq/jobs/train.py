@@ -18,25 +18,16 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
-import warnings
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .launch import Place, from_environment, run_everywhere
+from .quiet import quiet_third_party
 from .tp_bytes import CollectiveBytes
-
-# Harmless third-party warnings that would break the progress bars, silenced by message: without
-# apex and TransformerEngine megatron-core falls back to torch's norms, optimizers and fused ops;
-# TransformerConfig warns about its own default cuda_graph_scope; Megatron's
-# CUDA_DEVICE_MAX_CONNECTIONS hint is for GPUs.
-QUIET = ("Apex is not installed", "Transformer Engine and Apex are not installed", "full scope is deprecated",
-         "set the environment variable CUDA_DEVICE_MAX_CONNECTIONS")
-
 
 DEFAULT_PLOT = "lightseq_vs_tp.png"
 
@@ -252,8 +243,7 @@ def _run(place: Place, args, backend: str, device) -> dict:
 
 
 def _rank_main(place: Place, args):
-    for message in QUIET:
-        warnings.filterwarnings("ignore", message=".*" + re.escape(message))
+    quiet_third_party()  # they would break the progress bars
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(place.local_rank)

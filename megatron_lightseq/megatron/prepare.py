@@ -9,6 +9,7 @@ from megatron.core.transformer.enums import AttnBackend
 from .backend import NAME, register
 from .batch import wired_batch_split, wired_thd_batch_split
 from .config import LightSeqConfig, layout_for, parse_lightseq_args
+from .flags import check_backend_name, check_command
 from .versions import BATCH_SPLIT_MODULES, training_args
 
 
@@ -35,9 +36,12 @@ def wire_batch_split(settings: LightSeqConfig) -> None:
 
 
 def setup(argv: list[str]) -> None:
-    """Take the --lightseq-* flags out of ``argv`` (in place), make them the settings of the models
-    the script builds, register the backend and wire the batch split."""
+    """Check the command's flags that the backend depends on (flags.py), take the --lightseq-* flags
+    out of ``argv`` (in place), make them the settings of the models the script builds, register the
+    backend and wire the batch split. ValueError for a command Megatron or the plugin would refuse."""
+    check_command(argv[1:])
     config, rest = parse_lightseq_args(argv[1:])
-    argv[1:] = rest
     register(config)
+    check_backend_name(rest, list(AttnBackend.__members__))
+    argv[1:] = rest
     wire_batch_split(config)
