@@ -46,7 +46,7 @@ def test_plan_help_gives_units_and_the_machine_defaults(capsys):
     for flag, unit in (("--nvlink-gbs", "GB/s"), ("--ib-gbs", "GB/s"), ("--gpu-memory-gib", "GiB")):
         assert f"{flag} {unit} " in text, flag  # the unit is the metavar
     assert text.count("10^9 bytes/s, not Gb/s") == 2 and "(default: 450)" in text and "(default: 50," in text
-    assert "of which 90% is planned for" in text and "(default: 80)" in text and "(default: 32k..512k)" in text
+    assert "of which 90% is planned for" in text and "(default: 80)" in text and "(default: 128k)" in text
 
 
 def test_attn_demo_help_names_every_kernel_present_or_not():
@@ -63,7 +63,7 @@ def test_attn_demo_help_names_every_kernel_present_or_not():
 def test_plan_header_states_the_machine_and_what_the_columns_count(capsys):
     # not the defaults, so that the header can only come from the flags
     assert plan_cli.main(["--seq", "32k", "--gpus", "16", "--gpus-per-node", "4", "--gpu-memory-gib", "141",
-                          "--nvlink-gbs", "300", "--ib-gbs", "25"]) == 0
+                          "--nvlink-gbs", "300", "--ib-gbs", "25", "--tp", "1", "--cp", "16", "--pp", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     columns = next(i for i, line in enumerate(lines) if line.split()[:2] == ["seq", "system"])
     header = "\n".join(lines[:columns])
@@ -73,7 +73,7 @@ def test_plan_header_states_the_machine_and_what_the_columns_count(capsys):
     assert "GEMMs 550 TFLOP/s; attention 64..325 TFLOP/s" in header
     for column in ("MiB/GPU/layer", "steps", "ms/layer", "GiB/GPU", "max seq"):  # each column explained
         assert any(line.split()[:len(column.split())] == column.split() for line in lines[:columns]), column
-    assert "bytes the busiest GPU sends, forward + backward" in header
+    assert "bytes a GPU sends, forward + backward" in header
     assert "attention steps per pass" in header and "fits 126.9 GiB per GPU" in header
 
 
@@ -83,9 +83,13 @@ def test_plan_plot_tells_every_series_apart():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    args, model, machine = plan_cli.parse_args(["--seq", "32k..256k", "--gpus", "16", "--gpu-memory-gib", "60"])
-    by_seq = {seq: plan_cli.rows_for(model, seq, args.gpus, args.gpus_per_node, machine) for seq in args.seq}
-    fig = plan_cli._figure(by_seq, model, machine, args)
+    from megatron_lightseq.planner import layer_table, plot
+
+    args, model, machine = plan_cli.parse_args(["--seq", "32k..256k", "--gpus", "16", "--gpu-memory-gib", "60",
+                                                "--tp", "1", "--cp", "16", "--pp", "1"])
+    cfg = plan_cli._layer_config(args, model)
+    by_seq = {seq: layer_table.rows_for(model, seq, cfg, args.gpus_per_node, machine) for seq in args.seq}
+    fig = plot.layer_figure(by_seq, model, machine, "16 GPUs")
     try:
         for ax in fig.axes:
             lines = ax.get_lines()
