@@ -93,7 +93,7 @@ def _equal_to_hf(rank, world_size, ref):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from gpt_cases import setup_rank
-    from megatron_lightseq.distattn import layout as layouts
+    from megatron_lightseq.distattn.plan import layout as layouts
 
     layouts.MIN_CHUNK_TOKENS = 2  # several chunks a rank in this short sequence (this process only)
     setup_rank(None)

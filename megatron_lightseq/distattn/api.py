@@ -25,7 +25,7 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
 
     q ``(batch, seqlen_local, nheads, headdim)``; k, v ``(batch, seqlen_local, nheads_kv, headdim)``
     with nheads a multiple of nheads_kv (MHA, GQA, MQA): this rank's tokens, placed by ``layout``
-    ("contiguous", "zigzag" or "balanced", see :mod:`megatron_lightseq.distattn.layout`; ``shard``
+    ("contiguous", "zigzag" or "balanced", see :mod:`megatron_lightseq.distattn.plan.layout`; ``shard``
     puts a whole-sequence tensor there). The mask: ``causal``; ``cu_seqlens``, document
     boundaries over the whole sequence as in flash-attn's varlen functions (0 first, the real
     length last, the same on every rank; a query sees only its own document); ``window_size``
