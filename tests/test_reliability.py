@@ -272,3 +272,34 @@ def test_a_failure_in_a_hybrid_call_stops_both_groups(phase):
         assert message is not None, f"rank {rank} finished although rank {VICTIM} raised"
         assert "RuntimeError: injected kernel fault" in message, message
         assert seconds < 20, f"rank {rank} took {seconds:.1f}s: the fault did not travel to both groups"
+
+
+def _mismatched_steady_calls(rank, world_size):
+    """Ranks whose calls each match a shape the group agreed before, but different shapes: per
+    layout and schedule, in a fresh group (a failure ends a group), the error each rank gets."""
+    import torch.distributed as dist
+
+    found = []
+    for layout, schedule in (("contiguous", "ring"), ("contiguous", "lightseq"), ("zigzag", "ring")):
+        group = dist.new_group(list(range(world_size)))
+        small, large = (_qkv(world_size, rank, tokens=t, requires_grad=False) for t in (CHUNK, 2 * CHUNK))
+        for agreed in (small, large):  # both shapes agreed together: later calls of either skip the agreement
+            mls.dist_attn(*agreed, group=group, layout=layout, schedule=schedule)
+        start = time.monotonic()
+        try:
+            mls.dist_attn(*(small if rank == 0 else large), group=group, layout=layout, schedule=schedule,
+                          timeout=60)
+            found.append((None, 0.0))
+        except mls.DistAttnError as e:
+            found.append((str(e), time.monotonic() - start))
+    return found
+
+
+def test_ranks_with_different_agreed_shapes_fail_by_name():
+    """Steady state skips the agreement; the header each transfer carries still tells a rank that
+    its peer runs another call (gloo: before the data lands, so no short fill and no abort)."""
+    for rank, found in enumerate(run_ranks(2, _mismatched_steady_calls, timeout=120)):
+        for message, seconds in found:
+            assert message is not None and seconds < 20, (rank, message, seconds)
+            assert "sent a transfer of another call" in message, (rank, message)
+            assert re.search(r"seqlen_local \d+ there, \d+ here", message), (rank, message)

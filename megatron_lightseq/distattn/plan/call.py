@@ -28,6 +28,8 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # The signature's fields after its first number (0: this rank's checks passed); names travel as a CRC32.
 FIELDS = ("batch", "seqlen_local", "nheads", "nheads_kv", "headdim", "dtype", "layout", "schedule", "causal",
           "cu_seqlens", "window_size", "softmax_scale", "kernel", "backward", "all-to-all size", "outer size")
+HEADER_NAMES = ("its options (dtype, layout, schedule, mask, softmax scale, kernel, backward or group sizes)", "batch",
+                "seqlen_local", "nheads", "nheads_kv", "headdim")
 _NAMED = {"dtype": [str(d) for d in DTYPES], "layout": LAYOUTS, "schedule": SCHEDULE_CHOICES}
 
 
@@ -82,6 +84,13 @@ class Call:
         documents = None if mask.cu_seqlens is None else mask.cu_seqlens_padded is not None
         return (self.shape, self.layout, self.schedule, mask.causal, documents, mask.window, self.scale, self.kernel,
                 self.backward, self.world_size, self.inner)
+
+    @cached_property
+    def header(self) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """What every transfer of this call carries in steady state (transport/exchange.py): a
+        checksum of the steady-state key, then the local sizes, named for the error message."""
+        s = self.shape
+        return HEADER_NAMES, (crc(repr(self.steady_key)), s.batch, s.seqlen_local, s.nheads, s.nheads_kv, s.headdim)
 
     def show(self, field: str, value: float) -> str:
         """A signature value for an error message: names decoded, this rank's own documents and

@@ -51,6 +51,9 @@ class RankRun:
         u = self.call.inner
         self.rank = self.plan_exchange.rank if u is None else self.plan_exchange.rank * u + self.inner.rank
         self.view: RankPlan = self.call.view(self.rank)
+        for exchange in (self.plan_exchange, self.inner):  # in steady state, transfers say whose call they are
+            if exchange is not None:
+                exchange.header = self.call.header
         self.side = None
         if u is not None:
             hyb = self.call.hybrid

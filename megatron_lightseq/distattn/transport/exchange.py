@@ -9,6 +9,15 @@
 Both count every byte in :meth:`Exchange.post` and offer :meth:`Exchange.agree`, the one
 collective the input checks use.
 
+A call's header: in steady state the ranks skip the agreement, so ranks that call with different
+shapes would post transfers that do not fit (gloo fills a larger buffer with a shorter message
+silently, and aborts the process on a longer one; NCCL hangs or truncates). So a
+:class:`GroupExchange` given a ``header`` (the call's key and sizes, a few numbers) sends it to
+each peer ahead of the step's data, in the same batch. On gloo the data is received only once
+the headers are checked (a wrong size never lands), and a difference raises :class:`WrongCall`
+naming the sizes on both sides; on NCCL the check is a device-side assert after the wait (no
+host sync). The headers are not counted in trace()'s bytes: those are the plan's.
+
 Waits with deadlines, and how a failure travels to the peers: failures.py.
 """
 from __future__ import annotations
@@ -23,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-from .failures import (DEFAULT_TIMEOUT, FAILURE_KEY, DistAttnError, GroupState, GroupWatcher, describe, record_failure,
-                       watched_wait)
+from .failures import (DEFAULT_TIMEOUT, FAILURE_KEY, DistAttnError, GroupState, GroupWatcher, WrongCall, describe,
+                       record_failure, watched_wait)
 from .trace import count, tracing
 
 Batch = Sequence[tuple[int, Sequence[torch.Tensor]]]  # (group rank of the peer, tensors)
@@ -54,9 +63,13 @@ class Exchange(ABC):
     timeout: float = DEFAULT_TIMEOUT  # seconds, per step
     label: str | None = None  # names the call in errors, e.g. "layer 3"
     failure: str | None = None  # the group's first failure, once this rank knows of one
-    # A hybrid call's other group (ulysses.py): its ranks wait on this rank too, so a failure
-    # recorded here is recorded there as well.
+    # A hybrid call's other group (run/pipeline.py): its ranks wait on this rank too, so a
+    # failure recorded here is recorded there as well.
     linked: "GroupExchange | None" = None
+    # (names, values) that every transfer of the current call carries to check that the peer runs
+    # the same call (module docstring): a checksum of the call first, then sizes; None: no header
+    # (virtual ranks run one call by construction)
+    header: tuple[tuple[str, ...], tuple[float, ...]] | None = None
 
     def post(self, sends: Batch, recvs: Batch, where: str = "", *,
              counters=("bytes_sent", "bytes_received")) -> Pending:
@@ -152,6 +165,40 @@ class _StreamPending(Pending):
             super().wait()
 
 
+def _peers(batch: Batch) -> list[int]:
+    return list(dict.fromkeys(peer for peer, _ in batch))
+
+
+class _CheckedPending(Pending):
+    """gloo with headers: wait for the headers, check them, receive the data, then end the sends."""
+
+    def __init__(self, heads: Pending, sends: Pending, peers: list[int], theirs: torch.Tensor, recvs: Batch,
+                 exchange: "GroupExchange", where: str) -> None:
+        super().__init__([])
+        self._heads, self._sends, self._peers, self._theirs, self._recvs = heads, sends, peers, theirs, recvs
+        self._exchange, self._where = exchange, where
+
+    def wait(self) -> None:
+        self._heads.wait()
+        self._exchange.check_headers(self._peers, self._theirs)
+        self._exchange._post_ops([], self._recvs, self._where).wait()
+        self._sends.wait()
+
+
+class _AssertedPending(Pending):
+    """NCCL with headers: after the stream waits, a device-side assert that every header is this
+    rank's (a mismatch stops the process with CUDA's device-side assert; no host sync)."""
+
+    def __init__(self, pending: Pending, theirs: torch.Tensor, mine: torch.Tensor) -> None:
+        super().__init__([])
+        self._pending, self._theirs, self._mine = pending, theirs, mine
+
+    def wait(self) -> None:
+        self._pending.wait()
+        torch._assert_async((self._theirs == self._mine).all(),
+                            "dist_attn: a peer sent a transfer of another call (its shapes or options differ)")
+
+
 class GroupExchange(Exchange):
     """Over ``group``; None means the default group, or a single process when torch.distributed
     is not initialised."""
@@ -199,6 +246,21 @@ class GroupExchange(Exchange):
         return self.state.failure
 
     def _post(self, sends: Batch, recvs: Batch, where: str) -> Pending:
+        if self.header is None or not (sends or recvs):
+            return self._post_ops(sends, recvs, where)
+        mine = self._header_tensor()
+        # one header per peer, ahead of that peer's data: transfers pair up in posting order
+        sends = [(peer, (mine,)) for peer in _peers(sends)] + list(sends)
+        peers = _peers(recvs)
+        theirs = torch.empty(len(peers), mine.numel(), dtype=mine.dtype, device=mine.device)
+        heads = [(peer, (theirs[i],)) for i, peer in enumerate(peers)]
+        if self._host_waits:  # the data is received once its header is checked: a wrong size never lands
+            # the sends wait apart: they end only when the peer, having checked its headers, receives
+            return _CheckedPending(self._post_ops([], heads, where), self._post_ops(sends, [], where), peers, theirs,
+                                   recvs, self, where)
+        return _AssertedPending(self._post_ops(sends, heads + list(recvs), where), theirs, mine)
+
+    def _post_ops(self, sends: Batch, recvs: Batch, where: str) -> Pending:
         ops = [(peer, dist.P2POp(dist.isend, t, self._global[peer], self.group)) for peer, ts in sends for t in ts]
         ops += [(peer, dist.P2POp(dist.irecv, t, self._global[peer], self.group)) for peer, ts in recvs for t in ts]
         if not ops:
@@ -208,6 +270,21 @@ class GroupExchange(Exchange):
             return _StreamPending(works, sorted({peer for peer, _ in ops}), sends, self, where)
         # gloo returns a work per op
         return _WatchedPending(works, [[peer] for peer, _ in ops], (sends, recvs), self)
+
+    def _header_tensor(self) -> torch.Tensor:
+        """The header as a tensor on the transport's device, made once per call (the exchange is)."""
+        if getattr(self, "_header", None) is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else "cpu"
+            self._header = torch.tensor(self.header[1], dtype=torch.float64, device=device)
+        return self._header
+
+    def check_headers(self, peers: list[int], theirs: torch.Tensor) -> None:
+        """WrongCall if a peer's header differs from this rank's (gloo: on the host)."""
+        names, mine = self.header
+        for peer, row in zip(peers, theirs.tolist()):
+            if row != list(mine):  # the first value is a checksum of the call: its name says what it covers
+                raise WrongCall(peer, [names[0] + " differ" if i == 0 else f"{n} {a:g} there, {b:g} here"
+                                       for i, (n, a, b) in enumerate(zip(names, row, mine)) if a != b])
 
     def agree(self, values: Sequence[float]) -> list[list[float]]:
         if self.world_size == 1:

@@ -49,6 +49,15 @@ class TransferError(RuntimeError):
         super().__init__(f"{what} waiting for rank(s) {owed}")
 
 
+class WrongCall(RuntimeError):
+    """A peer's transfer belongs to another call: its header (exchange.py) differs from this rank's."""
+
+    def __init__(self, peer: int, differences: list[str]) -> None:
+        super().__init__(f"rank {peer} sent a transfer of another call ({'; '.join(differences)}): every rank must "
+                         "make the same calls, in the same order, with the same shapes and options (a call whose "
+                         "shapes were agreed before skips the agreement, docs/reliability.md)")
+
+
 class PeerFailed(TransferError):
     """A wait given up because another rank recorded a failure."""
 
