@@ -52,7 +52,8 @@ MAIN = Leg(".venv", ((TORCH, "megatron-core==0.16.1", "triton==3.9.0", "transfor
 # megatron-core 0.19 wants Python >= 3.12, but its megatron.core imports on 3.11 from the sdist
 # (it needs numpy and triton at import); the glue is tested against it too.
 MCORE19 = Leg(".venv-mcore19", (
-    (TORCH, "numpy", "pytest>=8", "matplotlib", "triton==3.9.0"),
+    # tqdm: the package's own dependency (setup.py), which the --no-deps install below skips
+    (TORCH, "numpy", "pytest>=8", "matplotlib", "triton==3.9.0", "tqdm"),
     ("--no-deps", "--ignore-requires-python", "megatron-core==0.19.2"),
     ("--no-deps", "-e", "."),
 ))
