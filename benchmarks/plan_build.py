@@ -34,7 +34,7 @@ TARGETS = {"plain_p512_s": 0.050, "plain_p4096_s": 1.0, "documents_p128_s": 0.02
 
 def _clear() -> None:
     for cached in (schedules.rank_plan, schedules.plan_for, schedules._masked_plan, schedules.auto_schedule,
-                   layout_module.layout_of, work.chunk_pair_area):
+                   layout_module.layout_of, work.chunk_pairs):
         cached.cache_clear()
 
 

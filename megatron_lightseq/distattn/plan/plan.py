@@ -108,16 +108,23 @@ class Shape:
 class PairWork:
     """The share of a full chunk-by-chunk block each (query chunk, key chunk) pair computes, 0
     where the mask hides all of it (nothing computed, nothing sent). Plain masks: 1, or half for
-    a causal diagonal; other masks: the exact unmasked area (work.py)."""
+    a causal diagonal; other masks: the exact unmasked area of the pairs with any (work.py), from
+    which the rank-pair sums and the blocks come in O(pairs with work), never a dense matrix."""
 
     def __init__(self, layout: Layout, mask: Mask) -> None:
         self.causal, self.layout = mask.causal, layout
-        self.counts = None  # numpy int64 [chunks, chunks], query-key pairs, where the layout was cut for a length
+        self.pairs = None  # work.ChunkPairs, where the layout was cut for a length
         if layout.padded_tokens is not None:
-            from .work import chunk_pair_area
+            from .work import chunk_pairs
 
             self._full = (layout.padded_tokens // layout.chunk_count) ** 2
-            self.counts = chunk_pair_area(mask, layout.padded_tokens, layout.chunk_count)
+            self.pairs = chunk_pairs(mask, layout.padded_tokens, layout.chunk_count)
+
+    @cached_property
+    def counts(self):
+        """numpy int64 [chunks, chunks], query-key pairs (layouts cut for a length), else None:
+        dense, for the whole plans' checks and the tests."""
+        return None if self.pairs is None else self.pairs.dense()
 
     @cached_property
     def area(self):
@@ -129,7 +136,7 @@ class PairWork:
         return self.area.tolist()  # Python floats: one lookup per pair for the checks' loops
 
     def __call__(self, q_chunk: int, kv_chunk: int) -> float:
-        if self.counts is not None:
+        if self.pairs is not None:
             return self._rows[q_chunk][kv_chunk]
         if not self.causal or kv_chunk < q_chunk:
             return 1.0
@@ -138,38 +145,67 @@ class PairWork:
     def size(self, block: "Block") -> float:
         """The block's work in full chunk pairs. Sums exact integers, then divides once: the rank
         pair sums (:attr:`pair_sizes`) give the very same floats, whatever the order."""
-        if self.counts is None:
+        if self.pairs is None:
             return sum(self(qc, kc) for qc in block.q_chunks for kc in block.kv_chunks)
         return int(self.counts[list(block.q_chunks)][:, list(block.kv_chunks)].sum()) / self._full
 
     @cached_property
-    def _by_rank(self):
-        """counts with chunks in rank order, as [P, m, P, m] (layouts cut for a length)."""
+    def _by_pair(self):
+        """(rank pair id x * P + y of each chunk pair with work, its query and key chunks' places
+        in x's and y's chunks) (layouts cut for a length)."""
         import numpy as np
 
-        index = np.array(self.layout.owners).ravel()
         p, m = self.layout.world_size, self.layout.chunks_per_rank
-        return self.counts.take(index, 0).take(index, 1).reshape(p, m, p, m)  # take: twice as fast as [index]
+        owned = np.array(self.layout.owners).ravel()
+        rank, place = np.empty(len(owned), dtype=np.int64), np.empty(len(owned), dtype=np.int64)
+        rank[owned], place[owned] = np.repeat(np.arange(p), m), np.tile(np.arange(m), p)
+        rows, cols = self.pairs.rows, self.pairs.cols
+        return rank[rows] * p + rank[cols], place[rows], place[cols]
 
     @cached_property
     def pair_sizes(self):
         """numpy [P, P] (layouts cut for a length only): the work between rank x's queries and
         rank y's keys, equal to ``size(blocks[x, y])`` (chunks left out of a block have none);
         0 where the pair has no block."""
-        return self._by_rank.sum((1, 3)) / self._full
+        import numpy as np
+
+        p = self.layout.world_size
+        pair, _, _ = self._by_pair
+        # exact: integer counts summed in float64 stay integers far below 2**53
+        return np.bincount(pair, weights=self.pairs.counts, minlength=p * p).reshape(p, p) / self._full
+
+    @cached_property
+    def _needs(self):
+        """(rank pair ids with work, sorted; [pairs, m] bool twice: which of x's query chunks and
+        of y's key chunks have work in the pair)."""
+        import numpy as np
+
+        pair, q_place, kv_place = self._by_pair
+        ids = np.flatnonzero(self.pair_sizes.ravel())
+        index = np.empty(self.pair_sizes.size, dtype=np.int64)
+        index[ids] = np.arange(len(ids))
+        at, m = index[pair], self.layout.chunks_per_rank
+        q_need, kv_need = np.zeros((len(ids), m), dtype=bool), np.zeros((len(ids), m), dtype=bool)
+        q_need[at, q_place] = True
+        kv_need[at, kv_place] = True
+        return ids, q_need, kv_need
 
     def block(self, x: int, y: int) -> "Block | None":
         """``blocks.get((x, y))``; on the plain layouts (one or two chunks a rank) worked out for
         this pair alone, so that one rank's plan does not pay for every pair."""
-        if self.counts is None:
+        if self.pairs is None:
             return self._pair(self.layout.owners, x, y)
         return self.blocks.get((x, y))
 
     def needed(self, xs, ys):
         """numpy bool [n, m] twice (layouts cut for a length): which of x's query chunks and of y's
-        key chunks have work in the pair (xs[i], ys[i]), in the owners' local order."""
-        has = self._by_rank[xs, :, ys, :] > 0  # [n, m, m]
-        return has.any(2), has.any(1)
+        key chunks have work in the pair (xs[i], ys[i]), each a pair with work, in the owners'
+        local order."""
+        import numpy as np
+
+        ids, q_need, kv_need = self._needs
+        at = np.searchsorted(ids, np.asarray(xs) * self.layout.world_size + np.asarray(ys))
+        return q_need[at], kv_need[at]
 
     def blocks_of(self, xs, ys) -> list["Block"]:
         """The blocks of the pairs (xs[i], ys[i]), each with work (layouts cut for a length): only
@@ -185,11 +221,11 @@ class PairWork:
         the chunks with work on either side); pairs without work are absent."""
         owners = self.layout.owners
         p = len(owners)
-        if self.counts is None:
+        if self.pairs is None:
             return {(x, y): b for x in range(p) for y in range(p) if (b := self._pair(owners, x, y))}
         import numpy as np
 
-        xs, ys = np.nonzero(self.pair_sizes > 0)
+        xs, ys = np.divmod(self._needs[0], p)
         return {(b.q_owner, b.kv_owner): b for b in self.blocks_of(xs, ys)}
 
     def _pair(self, owners, x: int, y: int) -> "Block | None":

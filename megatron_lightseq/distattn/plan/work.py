@@ -12,7 +12,9 @@ the fallback for a mask whose pieces are not known.
 """
 from __future__ import annotations
 
+import heapq
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,30 +22,68 @@ from .mask import Mask
 
 
 @lru_cache(maxsize=64)
-def chunk_pair_area(mask: Mask, tokens: int, chunk_count: int) -> np.ndarray:
-    """int64 [chunks, chunks]: how many (query, key) pairs of query chunk i and key chunk j the
-    mask lets through, for a sequence of ``tokens`` cut into ``chunk_count`` equal chunks."""
+def chunk_pairs(mask: Mask, tokens: int, chunk_count: int) -> "ChunkPairs":
+    """How many (query, key) pairs of query chunk i and key chunk j the mask lets through, for a
+    sequence of ``tokens`` cut into ``chunk_count`` equal chunks: the pairs with any."""
     return area_from(_Pieces.of(mask, tokens) or _Tokens(mask, tokens), tokens, chunk_count)
 
 
-def area_from(sums: "_Tokens | _Pieces", tokens: int, chunk_count: int) -> np.ndarray:
-    """chunk_pair_area from either way of summing (both are tested against a dense mask). The
-    prefix sums are taken at the O(chunks) boundaries only: both sums grow with k (sizes and lo
-    are >= 0), so the sum at a clipped point is the clipped sum, and what is left per (query
-    chunk, boundary) is a few elementwise operations."""
+class ChunkPairs(NamedTuple):
+    """The chunk pairs with work, row by row (query chunk), key chunks increasing in a row."""
+
+    rows: np.ndarray  # int64 query chunk
+    cols: np.ndarray  # int64 key chunk
+    counts: np.ndarray  # int64 query-key pairs, > 0
+    chunk_count: int
+
+    def dense(self) -> np.ndarray:
+        """int64 [chunks, chunks], 0 where a pair has no work (the whole plans' checks, the tests)."""
+        area = np.zeros((self.chunk_count, self.chunk_count), dtype=np.int64)
+        area[self.rows, self.cols] = self.counts
+        return area
+
+    def row_sums(self) -> np.ndarray:
+        """int64 [chunks]: each query chunk's work."""
+        return np.bincount(self.rows, weights=self.counts, minlength=self.chunk_count).astype(np.int64)
+
+
+def area_from(sums: "_Tokens | _Pieces", tokens: int, chunk_count: int) -> ChunkPairs:
+    """chunk_pairs from either way of summing (both are tested against a dense mask). The prefix
+    sums are taken at the O(chunks) boundaries only: both sums grow with k (sizes and lo are >= 0),
+    so the sum at a clipped point is the clipped sum, and what is left per (query chunk,
+    boundary) is a few elementwise operations, done only inside each query chunk's band of key
+    chunks (_band): O(chunks + pairs with work), not O(chunks^2)."""
     length = tokens // chunk_count
     bounds = np.arange(chunk_count + 1, dtype=np.int64) * length
     whole = sums.ending_by(bounds)  # before it: intervals end by b
     started = np.maximum(sums.starting_before(bounds), whole)  # before it: start before b
-    first, last = bounds[:-1, None], bounds[1:, None]  # each query chunk's first and next token
+    row, k = _band(whole, started, bounds, chunk_count)
+    first, last = bounds[row], bounds[row + 1]  # each entry's query chunk's first and next token
 
-    def clipped(values, at):  # values(clip(at, first, last)), from the values at the points
-        return np.clip(values(at)[None, :], values(bounds)[:-1, None], values(bounds)[1:, None])
+    def clipped(values, at):  # values(clip(at[k], first, last)), from the values at the points
+        at_bounds = values(bounds)
+        return np.clip(values(at)[k], at_bounds[row], at_bounds[row + 1])
 
-    r1, r2 = np.clip(whole[None, :], first, last), np.clip(started[None, :], first, last)
-    below = (clipped(sums.size, whole) - sums.size(first)) + (r2 - r1) * bounds[None, :] - (
+    r1, r2 = np.clip(whole[k], first, last), np.clip(started[k], first, last)
+    below = (clipped(sums.size, whole) - sums.size(first)) + (r2 - r1) * bounds[k] - (
         clipped(sums.lo, started) - clipped(sums.lo, whole))
-    return below[:, 1:] - below[:, :-1]
+    counts = below[1:] - below[:-1]
+    keep = (row[1:] == row[:-1]) & (counts > 0)  # pairs (k, k + 1) of one row: key chunk k
+    return ChunkPairs(row[1:][keep], k[:-1][keep], counts[keep], chunk_count)
+
+
+def _band(whole, started, bounds, chunk_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, boundary) of every boundary k a query chunk's band needs, row by row. Key chunk j
+    can share work with query chunk i only if some query of i starts before j's end (it is among
+    the first started[j + 1] tokens) and ends after j's start (not among the first whole[j]):
+    both counts grow with j, so the j that can are one range, found by a search."""
+    first, last = bounds[:-1], bounds[1:]
+    lo = np.maximum(np.searchsorted(started, first, side="right") - 1, 0)
+    hi = np.maximum(np.minimum(np.searchsorted(whole, last, side="left"), chunk_count), lo)  # key chunks [lo, hi)
+    n = hi - lo + 1  # boundaries lo .. hi
+    row = np.repeat(np.arange(chunk_count, dtype=np.int64), n)
+    k = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n - lo, n)
+    return row, k
 
 
 class _Tokens:
@@ -115,12 +155,15 @@ class _Pieces:
         return self._prefix(self._lo, self._lo_sums, k)
 
     def _count(self, values, b, strict: bool):
-        """How many positions have value <= b (or < b), summed over the pieces."""
-        v0, step = (x[:, None] for x in values)
-        n, b = self._n[:, None], b[None, :] - strict
-        flat = np.where(v0 <= b, n, 0)
-        rising = np.clip(b - v0 + 1, 0, n)
-        return np.where(step == 0, flat, rising).sum(0)
+        """How many positions have value <= b (or < b), summed over the pieces: on a flat piece
+        all its n or none, on a rising one (slope 1, from v0) clip(b - v0 + 1, 0, n), which is
+        ramp(v0) - ramp(v0 + n) with ramp(a) = max(b + 1 - a, 0). Sorted starts and prefix sums
+        make every sum over the pieces a search: O((pieces + boundaries) log pieces)."""
+        v0, step = values
+        b = b - strict
+        flat = step == 0
+        return (_at_most(v0[flat], b, self._n[flat]) + _ramp(v0[~flat], b)
+                - _ramp(v0[~flat] + self._n[~flat], b))
 
     def ending_by(self, b):
         return self._count(self._end, b, strict=False)
@@ -129,19 +172,37 @@ class _Pieces:
         return self._count(self._lo, b, strict=True)
 
 
+def _at_most(values: np.ndarray, b: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """For each b, the sum of ``weights`` where ``values`` <= b."""
+    order = np.argsort(values, kind="stable")
+    sums = np.concatenate([[0], np.cumsum(weights[order])])
+    return sums[np.searchsorted(values[order], b, side="right")]
+
+
+def _ramp(starts: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each b, the sum of max(b + 1 - a, 0) over a in ``starts``."""
+    return _at_most(starts, b, np.ones_like(starts)) * (b + 1) - _at_most(starts, b, starts)
+
+
+SWAPS = 16  # the most swaps from each start: each looks at every chunk, so the deal stays linear in chunks
+
+
 def deal_chunks(mask: Mask, tokens: int, starts: list[tuple[tuple[int, ...], ...]]) -> tuple[tuple[int, ...], ...]:
     """The balanced layout. From each start (owners per rank: the contiguous cut, where neighbouring
     chunks, mostly of the same documents, stay on one rank; the zigzag pairs, the causal pairing,
-    best when one document fills most of the sequence), swap chunks until the busiest rank's load
-    stops dropping; of the results within 1% of the lightest busiest rank, the one whose busiest
-    rank sends and receives the fewest chunks. Each rank's chunks in sequence order."""
-    world_size = len(starts[0])
-    area = chunk_pair_area(mask, tokens, world_size * len(starts[0][0]))
-    work = area.sum(1).astype(np.float64)
-    dealt = [_swap_until_balanced(work, _owner_of(start), world_size) for start in starts]
+    best when one document fills most of the sequence; the heaviest chunks first, each to the
+    lightest rank with room, which balances any mix of documents in one pass), swap chunks while
+    that lowers the busiest rank's load, at most SWAPS times; of the results within 1% of the
+    lightest busiest rank, the one whose busiest rank sends and receives the fewest chunks (ties:
+    the earlier start). Each rank's chunks in sequence order."""
+    world_size, per_rank = len(starts[0]), len(starts[0][0])
+    pairs = chunk_pairs(mask, tokens, world_size * per_rank)
+    work = pairs.row_sums().astype(np.float64)
+    owners = [_owner_of(start) for start in starts] + [_heaviest_first(work, world_size, per_rank)]
+    dealt = [_swap_until_balanced(work, owner, world_size) for owner in owners]
     lightest = min(load.max() for _, load in dealt)
     fits = [owner for owner, load in dealt if load.max() <= 1.01 * lightest]
-    owner = min(fits, key=lambda owner: _chunks_moved(area, owner, world_size))  # ties: the earlier start
+    owner = min(fits, key=lambda owner: _chunks_moved(pairs, owner, world_size))
     return tuple(tuple(int(c) for c in np.nonzero(owner == r)[0]) for r in range(world_size))
 
 
@@ -153,18 +214,31 @@ def _owner_of(owners: tuple[tuple[int, ...], ...]) -> np.ndarray:
     return owner
 
 
+def _heaviest_first(work: np.ndarray, world_size: int, per_rank: int) -> np.ndarray:
+    """chunk -> rank: each chunk, heaviest first, to the least loaded rank that holds fewer than
+    ``per_rank`` (a heap of the ranks with room): O(chunks log P)."""
+    owner = np.empty(len(work), dtype=np.int64)
+    heap, room = [(0.0, r) for r in range(world_size)], [per_rank] * world_size
+    for c, w in zip(np.argsort(-work, kind="stable").tolist(), sorted(work.tolist(), reverse=True)):
+        load, r = heapq.heappop(heap)
+        owner[c] = r
+        room[r] -= 1
+        if room[r]:
+            heapq.heappush(heap, (load + w, r))
+    return owner
+
+
 def _swap_until_balanced(work: np.ndarray, owner: np.ndarray, world_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Swap a chunk of the busiest rank for a lighter one of another rank, the swap that leaves
-    the busier of the two least loaded, until no swap lowers the busiest rank's load; returns the
-    owners (``owner`` itself, changed) and the ranks' loads."""
+    the busier of the two least loaded, until no swap lowers the busiest rank's load or SWAPS
+    swaps are made; returns the owners (``owner`` itself, changed) and the ranks' loads."""
     load = np.bincount(owner, weights=work, minlength=world_size)
-    for _ in range(4 * len(work) if world_size > 1 else 0):
+    for _ in range(SWAPS if world_size > 1 else 0):
         x = int(np.argmax(load))
         mine = np.flatnonzero(owner == x)
         heavy = work[mine]
         # Only chunks lighter than one of x's, of ranks lighter than x, can lower x's load: the
-        # others' swaps all leave a rank at or above it, so dropping them keeps the first best
-        # (few numpy calls a swap: at a thousand chunks their overhead is the cost).
+        # others' swaps all leave a rank at or above it, so dropping them keeps the first best.
         their_load = load[owner]
         others = np.flatnonzero((their_load < load[x]) & (work < heavy.max()))
         moved = heavy[:, None] - work[others]  # [m, candidates]
@@ -182,11 +256,11 @@ def _swap_until_balanced(work: np.ndarray, owner: np.ndarray, world_size: int) -
     return owner, load
 
 
-def _chunks_moved(area: np.ndarray, owner: np.ndarray, world_size: int) -> int:
+def _chunks_moved(pairs: ChunkPairs, owner: np.ndarray, world_size: int) -> int:
     """The busiest rank's K/V chunks in and out: each chunk goes once to every other rank with a
     query chunk that sees some of it (what a masked plan sends, in chunks)."""
-    by_rank = np.argsort(owner, kind="stable").reshape(world_size, -1)  # every rank holds as many chunks
-    seen = (area[by_rank] > 0).any(1)  # rank -> key chunks its queries see
+    seen = np.zeros((world_size, len(owner)), dtype=bool)  # rank -> key chunks its queries see
+    seen[owner[pairs.rows], pairs.cols] = True
     seen[owner, np.arange(len(owner))] = False  # its own chunks do not travel
     received = seen.sum(1)
     sent = np.bincount(owner, weights=seen.sum(0), minlength=world_size)
