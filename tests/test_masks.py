@@ -186,5 +186,7 @@ def test_chunk_pair_areas_are_exact():
         pieces = _Pieces.of(made, tokens)
         assert pieces is not None, (made, tokens)  # the fast way knows every mask's edges
         for sums in (pieces, _Tokens(made, tokens)):
-            got = area_from(sums, tokens, chunks).dense()
+            pairs = area_from(sums, tokens, chunks)  # only the pairs with work, row by row
+            got = pairs.dense()
             assert (torch.from_numpy(got) == want).all(), (type(sums), kind, mask, causal, window, tokens, chunks)
+            assert (pairs.counts > 0).all() and (pairs.row_sums == got.sum(1)).all()

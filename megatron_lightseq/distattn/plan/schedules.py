@@ -143,9 +143,8 @@ def _masked_executors(work: PairWork, has: np.ndarray, helpers: bool) -> np.ndar
     executor = np.repeat(np.arange(p)[:, None], p, 1)
     if helpers:
         xs, ys = np.nonzero(has)
-        keys = list(zip(xs.tolist(), ys.tolist()))
-        for x, y in _hand_over(keys, dict(zip(keys, work.pair_sizes[xs, ys].tolist())), p):
-            executor[x, y] = y
+        moved = _hand_over(xs, ys, work.pair_sizes[xs, ys], p)
+        executor[xs[moved], ys[moved]] = ys[moved]
     return executor
 
 
@@ -165,17 +164,15 @@ def _masked_steps(has: np.ndarray, executor: np.ndarray) -> np.ndarray:
     return step
 
 
-def _hand_over(keys: list, sizes: dict, p: int) -> list:
-    """The pairs (of ``keys``, all computed by their queries' owner) to hand to the K/V owner:
-    move blocks from the most loaded rank while the larger of the two loads drops. The most
-    loaded rank comes from a heap (stale entries skipped) and only its own remaining blocks are
-    weighed, so a move costs O(its blocks + log P), not a scan of every block."""
-    load = [0.0] * p
-    mine = defaultdict(list)  # rank -> its own blocks it still computes, with another rank's keys
-    for key in keys:
-        load[key[0]] += sizes[key]
-        if key[0] != key[1]:
-            mine[key[0]].append(key)
+def _hand_over(xs: np.ndarray, ys: np.ndarray, sizes: np.ndarray, p: int) -> list[int]:
+    """Which of the pairs (xs[i], ys[i]) (row-major, all computed by their queries' owner) to
+    hand to the K/V owner: move blocks from the most loaded rank while the larger of the two
+    loads drops (ties: the lowest K/V owner). The most loaded rank comes from a heap (stale
+    entries skipped) and only its own remaining blocks are weighed, so a move costs O(its
+    blocks + log P), not a scan of every block."""
+    load = np.bincount(xs, weights=sizes, minlength=p)  # summed in pair order, as the moves' checks assume
+    first = np.searchsorted(xs, np.arange(p + 1))  # rank x's pairs: first[x]:first[x + 1]
+    free = xs != ys  # blocks with another rank's keys that x still computes
     heap = [(-load[r], r) for r in range(p)]
     heapq.heapify(heap)
     moved = []
@@ -183,15 +180,19 @@ def _hand_over(keys: list, sizes: dict, p: int) -> list:
         while -heap[0][0] != load[heap[0][1]]:  # stale: that rank's load changed since
             heapq.heappop(heap)
         x = heap[0][1]  # the most loaded, the lowest such rank on ties
-        best = min(((max(load[x] - sizes[key], load[key[1]] + sizes[key]), key) for key in mine[x]), default=None)
-        if best is None or best[0] >= load[x]:
+        mine = slice(first[x], first[x + 1])
+        size = sizes[mine]
+        after = np.where(free[mine], np.maximum(load[x] - size, load[ys[mine]] + size), np.inf)
+        i = int(after.argmin()) if len(after) else 0
+        if not len(after) or after[i] >= load[x]:
             return moved
-        key = best[1]
-        moved.append(key)
-        mine[x].remove(key)
-        load[x] -= sizes[key]
-        load[key[1]] += sizes[key]
-        for r in (x, key[1]):
+        pair = first[x] + i
+        y, s = ys[pair], size[i]
+        moved.append(pair)
+        free[pair] = False
+        load[x] -= s
+        load[y] += s
+        for r in (x, y):
             heapq.heappush(heap, (-load[r], r))
 
 

@@ -35,16 +35,13 @@ class ChunkPairs(NamedTuple):
     cols: np.ndarray  # int64 key chunk
     counts: np.ndarray  # int64 query-key pairs, > 0
     chunk_count: int
+    row_sums: np.ndarray  # int64 [chunks]: each query chunk's work, its row's counts summed
 
     def dense(self) -> np.ndarray:
         """int64 [chunks, chunks], 0 where a pair has no work (the whole plans' checks, the tests)."""
         area = np.zeros((self.chunk_count, self.chunk_count), dtype=np.int64)
         area[self.rows, self.cols] = self.counts
         return area
-
-    def row_sums(self) -> np.ndarray:
-        """int64 [chunks]: each query chunk's work."""
-        return np.bincount(self.rows, weights=self.counts, minlength=self.chunk_count).astype(np.int64)
 
 
 def area_from(sums: "_Tokens | _Pieces", tokens: int, chunk_count: int) -> ChunkPairs:
@@ -69,7 +66,8 @@ def area_from(sums: "_Tokens | _Pieces", tokens: int, chunk_count: int) -> Chunk
         clipped(sums.lo, started) - clipped(sums.lo, whole))
     counts = below[1:] - below[:-1]
     keep = (row[1:] == row[:-1]) & (counts > 0)  # pairs (k, k + 1) of one row: key chunk k
-    return ChunkPairs(row[1:][keep], k[:-1][keep], counts[keep], chunk_count)
+    # a row's sum is its queries' interval sizes summed: one difference of the prefix sums
+    return ChunkPairs(row[1:][keep], k[:-1][keep], counts[keep], chunk_count, np.diff(sums.size(bounds)))
 
 
 def _band(whole, started, bounds, chunk_count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,13 +195,13 @@ def deal_chunks(mask: Mask, tokens: int, starts: list[tuple[tuple[int, ...], ...
     the earlier start). Each rank's chunks in sequence order."""
     world_size, per_rank = len(starts[0]), len(starts[0][0])
     pairs = chunk_pairs(mask, tokens, world_size * per_rank)
-    work = pairs.row_sums().astype(np.float64)
+    work = pairs.row_sums.astype(np.float64)
     owners = [_owner_of(start) for start in starts] + [_heaviest_first(work, world_size, per_rank)]
     dealt = [_swap_until_balanced(work, owner, world_size) for owner in owners]
     lightest = min(load.max() for _, load in dealt)
     fits = [owner for owner, load in dealt if load.max() <= 1.01 * lightest]
     owner = min(fits, key=lambda owner: _chunks_moved(pairs, owner, world_size))
-    return tuple(tuple(int(c) for c in np.nonzero(owner == r)[0]) for r in range(world_size))
+    return tuple(map(tuple, np.argsort(owner, kind="stable").reshape(world_size, per_rank).tolist()))
 
 
 def _owner_of(owners: tuple[tuple[int, ...], ...]) -> np.ndarray:
