@@ -10,17 +10,22 @@ transfers (failures.py), and virtual ranks run them with copies (emulate.py):
 Both are generators that yield once, after posting and before waiting, like the executor's
 step loop, so emulated ranks can run them in lockstep.
 
-Copies: a sender copies its slice of the heads into a contiguous buffer (unavoidable: heads are
-the innermost but one dimension); with batch 1 a receiver receives straight into the rows of
-its result, so the to_heads side makes no second copy, and the to_tokens side writes each piece
-into its head slice once. Legend: B batch, S tokens, H heads, D head dim; the lse is [B, H, S].
+Pieces: between two members of a group only whole tensors travel, one per x and peer: a sender
+takes the peer's heads of its tokens (to_heads) or the peer's tokens of its heads (to_tokens, one
+index_select where they are several stretches of the outer tokens); a receiver places a piece
+with one copy (into the rows of its result, or receives straight into them where they are one
+contiguous stretch) or one index_copy_. So the host ops per call do not grow with the runs of
+chunks a balanced layout makes. Legend: B batch, S tokens, H heads, D head dim; the lse is [B, H, S].
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
 from ..transport.exchange import Exchange
 from ..plan.hybrid import HybridPlan
+from ..plan.runs import Run
 
 COUNTERS = ("a2a_bytes_sent", "a2a_bytes_received")  # trace(): intra-group bytes, apart from the plan's
 
@@ -48,6 +53,33 @@ def _with(x, dim: int, size: int) -> list[int]:
     return shape
 
 
+Rows = tuple[int, int] | torch.Tensor  # tokens of the outer space: one stretch [start, stop), or an index
+
+
+@lru_cache(maxsize=1024)
+def _rows_of(runs: tuple[Run, ...], chunk_len: int, device: torch.device) -> Rows:
+    """A member's tokens, in its local order, among its outer rank's tokens (runs: hybrid.member_runs)."""
+    if len(runs) == 1:
+        _, b, n = runs[0]
+        return b * chunk_len, (b + n) * chunk_len
+    return torch.cat([torch.arange(b * chunk_len, (b + n) * chunk_len) for _, b, n in runs]).to(device)
+
+
+def _pick(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """x's ``rows`` (a view of a stretch; a copy of an index's)."""
+    if isinstance(rows, tuple):
+        return _rows(x, *rows)
+    return x.index_select(_seq_dim(x), rows)
+
+
+def _place(out: torch.Tensor, rows: Rows, piece: torch.Tensor) -> None:
+    """out's ``rows`` := piece."""
+    if isinstance(rows, tuple):
+        _rows(out, *rows).copy_(piece)
+    else:
+        out.index_copy_(_seq_dim(out), rows, piece)
+
+
 class Side:
     """One rank's part in its inner group's all-to-all: the plan, where it sits, its exchange."""
 
@@ -59,10 +91,17 @@ class Side:
     def member(self, j: int) -> int:
         return self.outer_rank * self.hyb.inner + j
 
+    def rows(self, j: int, device: torch.device) -> Rows:
+        """Inner rank j's tokens among the outer rank's."""
+        return _rows_of(self.hyb.member_runs(self.member(j)), self.chunk_len, device)
+
     def heads(self, kind: str, j: int) -> tuple[int, int]:
         return self.hyb.split.q_heads(j) if kind == "q" else self.hyb.split.kv_heads(j)
 
-    def _wait(self, pending, what: str) -> None:
+    def exchange_pieces(self, sends, recvs, what: str):
+        """Post, yield once (module doc), wait: the generator both directions end with."""
+        pending = self.exchange.post(sends, recvs, what, counters=COUNTERS)
+        yield
         try:
             pending.wait()
         except Exception as e:  # noqa: BLE001 - re-raised, named
@@ -72,38 +111,31 @@ class Side:
 def to_heads(side: Side, xs: list[torch.Tensor], kinds: list[str], what: str):
     """Each local x (kind "q": split by query heads, "kv": by the K/V heads each rank needs) as its
     outer rank's tokens in the outer layout's order, this rank's heads. Generator (module doc)."""
-    c, me = side.chunk_len, side.inner_rank
-    mine_runs = side.hyb.member_runs(side.rank)
+    me, device = side.inner_rank, xs[0].device
     outs = []
     for x, kind in zip(xs, kinds):
         span = side.heads(kind, me)
         shape = _with(_with(x, _seq_dim(x), x.shape[_seq_dim(x)] * side.hyb.inner), _head_dim(x), span[1] - span[0])
-        outs.append(torch.empty(shape, dtype=x.dtype, device=x.device))
-    direct = xs[0].shape[0] == 1  # batch 1: the rows of a result are contiguous, receive into them
+        outs.append(torch.empty(shape, dtype=x.dtype, device=device))
     sends, recvs, later = [], [], []
     for j in range(side.hyb.inner):
-        theirs = side.hyb.member_runs(side.member(j))
+        rows = side.rows(j, device)
         if j == me:
             for x, kind, out in zip(xs, kinds, outs):
-                for a, b, n in mine_runs:
-                    _rows(out, b * c, (b + n) * c).copy_(_rows(_heads(x, side.heads(kind, me)), a * c, (a + n) * c))
+                _place(out, rows, _heads(x, side.heads(kind, me)))
             continue
-        sends.append((j, tuple(_rows(_heads(x, side.heads(kind, j)), a * c, (a + n) * c).contiguous()
-                               for x, kind in zip(xs, kinds) for a, _, n in mine_runs)))
+        sends.append((j, tuple(_heads(x, side.heads(kind, j)).contiguous() for x, kind in zip(xs, kinds))))
         bufs = []
-        for out in outs:
-            for _, b, n in theirs:
-                target = _rows(out, b * c, (b + n) * c)
-                buf = target if direct else torch.empty(target.shape, dtype=out.dtype, device=out.device)
-                bufs.append(buf)
-                if not direct:
-                    later.append((target, buf))
+        for x, out in zip(xs, outs):
+            target = _pick(out, rows) if isinstance(rows, tuple) else None
+            if target is None or not target.is_contiguous():  # receive apart, placed after the wait
+                target = torch.empty(_with(out, _seq_dim(out), x.shape[_seq_dim(x)]), dtype=out.dtype, device=device)
+                later.append((out, rows, target))
+            bufs.append(target)
         recvs.append((j, tuple(bufs)))
-    pending = side.exchange.post(sends, recvs, what, counters=COUNTERS)
-    yield
-    side._wait(pending, what)
-    for target, buf in later:
-        target.copy_(buf)
+    yield from side.exchange_pieces(sends, recvs, what)
+    for out, rows, buf in later:
+        _place(out, rows, buf)
     return outs
 
 
@@ -111,39 +143,30 @@ def to_tokens(side: Side, xs: list[torch.Tensor], kinds: list[str], totals: list
     """The reverse of to_heads: each outer-space x back to this rank's tokens, all ``totals`` heads
     (H for "q", G for "kv"). "kv" pieces (K/V gradients) are summed: a head that several ranks
     received comes back from each. Generator (module doc)."""
-    c, me = side.chunk_len, side.inner_rank
-    mine_runs = side.hyb.member_runs(side.rank)
-    local_len = sum(n for _, _, n in mine_runs) * c
+    me, device = side.inner_rank, xs[0].device
+    local_len = xs[0].shape[_seq_dim(xs[0])] // side.hyb.inner
     outs = []
     for x, kind, total in zip(xs, kinds, totals):
         shape = _with(_with(x, _seq_dim(x), local_len), _head_dim(x), total)
-        outs.append((torch.zeros if kind == "kv" else torch.empty)(shape, dtype=x.dtype, device=x.device))
+        outs.append((torch.zeros if kind == "kv" else torch.empty)(shape, dtype=x.dtype, device=device))
 
-    def land(out, kind, j, a, n, piece):
-        target = _rows(_heads(out, side.heads(kind, j)), a * c, (a + n) * c)
+    def land(out, kind, j, piece):  # this rank's tokens, inner rank j's heads
+        target = _heads(out, side.heads(kind, j))
         target.add_(piece) if kind == "kv" else target.copy_(piece)
 
     sends, recvs, later = [], [], []
     for j in range(side.hyb.inner):
-        theirs = side.hyb.member_runs(side.member(j))
+        rows = side.rows(j, device)
         if j == me:
             for x, kind, out in zip(xs, kinds, outs):
-                for a, b, n in mine_runs:
-                    land(out, kind, me, a, n, _rows(x, b * c, (b + n) * c))
+                land(out, kind, me, _pick(x, rows))
             continue
-        sends.append((j, tuple(_rows(x, b * c, (b + n) * c).contiguous() for x in xs for _, b, n in theirs)))
-        bufs = []
-        for x, kind, out in zip(xs, kinds, outs):
-            span = side.heads(kind, j)
-            for a, _, n in mine_runs:
-                buf = torch.empty(_with(_with(x, _seq_dim(x), n * c), _head_dim(x), span[1] - span[0]),
-                                  dtype=x.dtype, device=x.device)
-                bufs.append(buf)
-                later.append((out, kind, j, a, n, buf))
+        sends.append((j, tuple(_pick(x, rows).contiguous() for x in xs)))
+        bufs = [torch.empty(_with(_with(x, _seq_dim(x), local_len), _head_dim(x), side.heads(kind, j)[1]
+                                  - side.heads(kind, j)[0]), dtype=x.dtype, device=device) for x, kind in zip(xs, kinds)]
+        later.extend((out, kind, j, buf) for out, kind, buf in zip(outs, kinds, bufs))
         recvs.append((j, tuple(bufs)))
-    pending = side.exchange.post(sends, recvs, what, counters=COUNTERS)
-    yield
-    side._wait(pending, what)
+    yield from side.exchange_pieces(sends, recvs, what)
     for args in later:
         land(*args)
     return outs
