@@ -36,6 +36,8 @@ class _RankRun:
         self.results: dict[Payload, Tensors] = {}  # computed for other ranks, not yet sent
         self.done_after = drop_after(view, phase)
         self.device_ = next(iter(local.values()))[0].device
+        self.buffers = receive_buffers(view, phase, shape)
+        self.views: dict[tuple[str, tuple[int, ...]], Tensors] = {}  # rows of local tensors taken so far
 
     def runs(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> tuple[tuple[slice, slice], ...]:
         """Where ``chunks`` sit in a tensor of ``within``'s chunks, as (rows of a tensor of
@@ -45,16 +47,24 @@ class _RankRun:
     def take(self, kind: str, owner: int, chunks: tuple[int, ...]) -> Tensors:
         """``chunks`` of owner's ``kind`` tensors, local ones or a received payload: views when the
         chunks are neighbours there (always, with the plain layouts), else a copy."""
-        if owner == self.rank:
+        local = owner == self.rank
+        if local:
             tensors, within = self.local[kind], self.view.owned
+            taken = self.views.get((kind, chunks))
+            if taken is not None:
+                return taken
         else:
             payload, tensors = self.held[kind, owner]
             within = payload.chunks
         if chunks == within:  # all of them, in their order: the tensors themselves
             return tensors
         rows = [there for _, there in self.runs(chunks, within)]
-        return tuple(_rows(t, rows[0]) if len(rows) == 1 else torch.cat([_rows(t, r) for r in rows], _seq_dim(t))
-                     for t in tensors)
+        if len(rows) > 1:
+            return tuple(torch.cat([_rows(t, r) for r in rows], _seq_dim(t)) for t in tensors)
+        taken = tuple(_rows(t, rows[0]) for t in tensors)
+        if local:  # views of tensors that live the whole call: kept (a received payload's are not,
+            self.views[kind, chunks] = taken  # which would keep it alive past its drop)
+        return taken
 
     def post(self, t: int) -> tuple[Pending, list[tuple[Payload, Tensors]]]:
         if t >= len(self.steps):
@@ -65,12 +75,8 @@ class _RankRun:
             p = tr.payload
             tensors = self.take(p.kind, p.owner, p.chunks) if p.kind in INPUT_KINDS else self.results.pop(p)
             sends.append((tr.dst, tuple(x.contiguous() for x in tensors)))
-        recvs = []
-        for tr in mine.recvs:
-            tokens = len(tr.payload.chunks) * self.chunk_len
-            bufs = tuple(torch.empty(shape, dtype=dtype, device=self.device_)
-                         for shape, dtype, _ in _payload_tensors(tr.payload.kind, tokens, self.shape))
-            recvs.append((tr.payload, bufs))
+        recvs = [(tr.payload, tuple(torch.empty(shape, dtype=dtype, device=self.device_) for shape, dtype in specs))
+                 for tr, specs in zip(mine.recvs, self.buffers[t])]
         pending = self.exchange.post(sends, [(tr.src, bufs) for tr, (_, bufs) in zip(mine.recvs, recvs)],
                                      f"{self.phase} step {t}")
         return pending, recvs
@@ -116,9 +122,17 @@ def _rows_of(chunks: tuple[int, ...], within: tuple[int, ...], n: int) -> tuple[
     return tuple((slice(i * n, (i + k) * n), slice(at * n, (at + k) * n)) for i, at, k in chunk_runs(chunks, within))
 
 
-@lru_cache(maxsize=1024)
-def _payload_tensors(kind: str, tokens: int, shape: Shape):
-    return payload_tensors(kind, tokens, shape)
+def receive_buffers(view: RankPlan, phase: str, shape: Shape) -> tuple[tuple[tuple, ...], ...]:
+    """Per step, per receive, the (shape, dtype) of each buffer it lands in; once per view,
+    phase and shape."""
+    cache = view.runtime.setdefault("receive_buffers", {})
+    key = phase, shape
+    if key not in cache:
+        chunk_len = shape.seqlen_local // len(view.owned)
+        cache[key] = tuple(tuple(tuple((size, dtype) for size, dtype, _ in
+                                       payload_tensors(tr.payload.kind, len(tr.payload.chunks) * chunk_len, shape))
+                                 for tr in step.recvs) for step in view.steps(phase))
+    return cache[key]
 
 
 def drop_after(view: RankPlan, phase: str) -> tuple[tuple[tuple[str, int], ...], ...]:
@@ -171,9 +185,8 @@ def _seq_dim(t: torch.Tensor) -> int:
 
 
 def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
-    if t.dim() == 3:
-        return t if rows.start == 0 and rows.stop == t.shape[2] else t[:, :, rows]
-    return t if rows.start == 0 and rows.stop == t.shape[1] else t[:, rows]
+    dim = 2 if t.dim() == 3 else 1
+    return t if rows.start == 0 and rows.stop == t.shape[dim] else t.narrow(dim, rows.start, rows.stop - rows.start)
 
 
 def _spans(run: _RankRun, b: Block):
@@ -211,17 +224,17 @@ def forward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: E
     def merge(chunks, part_out, part_lse) -> None:
         runs = run.runs(chunks, owned)
         if len(runs) == 1:  # the part is the run's rows: no view of it needed
-            merge_into(out[:, runs[0][1]], lse[:, :, runs[0][1]], part_out, part_lse)
+            merge_into(_rows(out, runs[0][1]), _rows(lse, runs[0][1]), part_out, part_lse)
             return
         for here, there in runs:
-            merge_into(out[:, there], lse[:, :, there], part_out[:, here], part_lse[:, :, here])
+            merge_into(_rows(out, there), _rows(lse, there), _rows(part_out, here), _rows(part_lse, here))
 
     def compute(b: Block) -> None:
         (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
         block = dict(mask=mask, scale=scale, **_spans(run, b))
         if forward_call(view, b) == "forward_into":  # own queries, one run of rows
             there = run.runs(b.q_chunks, owned)[0][1]
-            kernel.forward_into(q_, k_, v_, out[:, there], lse[:, :, there], **block)
+            kernel.forward_into(q_, k_, v_, _rows(out, there), _rows(lse, there), **block)
         elif b.q_owner == rank:
             merge(b.q_chunks, *kernel.forward(q_, k_, v_, **block))
         else:
