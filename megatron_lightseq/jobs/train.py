@@ -165,18 +165,16 @@ def _packed_inputs(backend: str, cu, args, device):
     return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds), None
 
 
-def _run(place: Place, args, backend: str, device) -> dict:
-    import megatron_lightseq as mls
+def _model(args, backend: str, world: int, device):
+    """Megatron's parallel state for ``backend`` (lightseq: CP over the world; tp: TP over it), the
+    GPT model with the same weights for both, and its optimizer."""
     import megatron_lightseq.megatron as mlm
     from megatron.core import parallel_state as ps
-
-    from ..megatron.config import layout_for
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.enums import AttnBackend
 
-    world = place.world_size
     tp, cp = (1, world) if backend == "lightseq" else (world, 1)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -190,26 +188,40 @@ def _run(place: Place, args, backend: str, device) -> dict:
     torch.manual_seed(0)  # the same weights for both runs (split by TP where it splits them)
     model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=args.vocab, max_sequence_length=args.seq,
                      position_embedding_type="rope").to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    return model, torch.optim.Adam(model.parameters(), lr=args.lr)
+
+
+def _progress(steps, place: Place, backend: str):
+    """The steps, with a progress bar on rank 0 where tqdm is installed and stderr is a terminal."""
+    if place.rank != 0:
+        return steps
+    try:
+        from threading import RLock
+
+        from tqdm import tqdm
+    except ImportError:
+        return steps
+    tqdm.set_lock(RLock())  # not tqdm's default multiprocessing lock, which os._exit would leak
+    # disable=None: no bar where stderr is not a terminal (a Slurm log, CI), whose lines it would garble
+    return tqdm(steps, desc=f"{backend} x{place.world_size}", leave=False, disable=None)
+
+
+def _run(place: Place, args, backend: str, device) -> dict:
+    import megatron_lightseq as mls
+    import megatron_lightseq.megatron as mlm
+    from megatron.core import parallel_state as ps
+
+    from ..megatron.config import layout_for
+
+    world = place.world_size
+    model, opt = _model(args, backend, world, device)
     group = ps.get_context_parallel_group()
     positions = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
     losses, seconds = [], 0.0
     counter = CollectiveBytes(model.decoder.layers) if backend == "tp" else None
-    steps = range(args.steps)
-    if place.rank == 0:
-        try:
-            from threading import RLock
-
-            from tqdm import tqdm
-
-            tqdm.set_lock(RLock())  # not tqdm's default multiprocessing lock, which os._exit would leak
-            # disable=None: no bar where stderr is not a terminal (a Slurm log, CI), whose lines it would garble
-            steps = tqdm(steps, desc=f"{backend} x{world}", leave=False, disable=None)
-        except ImportError:
-            pass
     data = _data(args, device)
     with mls.trace() as t, (counter or contextlib.nullcontext()):
-        for step in steps:
+        for step in _progress(range(args.steps), place, backend):
             batch = {"tokens": data[step, :, :-1], "labels": data[step, :, 1:], "position_ids": positions,
                      "loss_mask": torch.ones(args.batch, args.seq, device=device)}
             cu = _documents(args, step)
@@ -224,7 +236,7 @@ def _run(place: Place, args, backend: str, device) -> dict:
                               packed_seq_params=packed)
             loss = (per_token * batch["loss_mask"]).sum() / (args.batch * args.seq)
             loss.backward()
-            if cp > 1:  # what Megatron's data/context-parallel grad reduction does
+            if backend == "lightseq" and world > 1:  # what Megatron's data/context-parallel grad reduction does
                 for p in model.parameters():
                     dist.all_reduce(p.grad, group=group)
                 dist.all_reduce(loss.detach(), group=group)
