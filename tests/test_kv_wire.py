@@ -103,3 +103,79 @@ def test_an_unknown_kv_wire_is_a_value_error(bad):
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(ValueError, match="kv_wire must be one of"):
         mls.dist_attn(q, q, q, kv_wire=bad)
+
+
+ACCURACY_CASES = [  # (P, layout, schedule, mask, (H, G), head dim, keys with outlier channels)
+    (2, "contiguous", "ring", "causal", (4, 4), 64, False), (3, "zigzag", "lightseq", "causal", (8, 2), 128, True),
+    (4, "zigzag", "ring", "documents", (4, 2), 64, True), (5, "contiguous", "lightseq", "window", (4, 4), 128, False),
+    (8, "zigzag", "lightseq", "causal", (8, 2), 64, True), (6, "balanced", "ring", "documents", (4, 2), 128, False),
+    (8, "contiguous", "ring", "full", (4, 1), 64, True), (7, "balanced", "lightseq", "window", (8, 2), 64, False),
+]
+
+
+def _relative_error(got, want) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+def kv_wire_error_ratios(p, layout, schedule, kind, heads, d, outliers, seed=0) -> dict[str, float]:
+    """Per result (out, dq, dk, dv): the relative L2 error of dist_attn with int8 K/V on the wire
+    (computing in float64, so that only the wire's rounding shows) over that of the float64
+    oracle with K/V rounded to bf16, both against the exact oracle."""
+    from mask_cases import dense_allowed, masked_reference
+
+    tokens = 48 * p
+    mask = _mask(kind, tokens)
+    gen = torch.Generator().manual_seed(seed)
+    (h, g) = heads
+    q, dout = (torch.randn(1, tokens, h, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, tokens, g, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    if outliers:  # real keys carry a few fixed channels several times larger
+        k[..., torch.randperm(d, generator=gen)[:4]] *= 8
+    allowed = dense_allowed(tokens, **mask)
+    exact = masked_reference(q, k, v, dout, allowed)
+    bf16 = masked_reference(q, k.bfloat16().double(), v.bfloat16().double(), dout, allowed)
+    got = emulate_dist_attn(q, k, v, dout, world_size=p, layout=layout, schedule=schedule, kv_wire="int8", **mask)
+    pick = lambda r: (r[0], *r[2:])  # noqa: E731  (out, dq, dk, dv)
+    return {name: _relative_error(a, e) / _relative_error(b, e)
+            for name, a, b, e in zip(("out", "dq", "dk", "dv"), pick(got), pick(bf16), pick(exact))}
+
+
+@pytest.mark.parametrize("case", ACCURACY_CASES, ids=["-".join(map(str, c)) for c in ACCURACY_CASES])
+def test_int8_wire_error_is_within_five_times_bf16_rounding(case):
+    ratios = kv_wire_error_ratios(*case)
+    assert max(ratios.values()) <= 5, f"{case}: {ratios}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_inputs_add_at_most_five_bf16_roundings(dtype):
+    """In the inputs' dtype, int8 on the wire adds at most 5x the error rounding K/V to bf16 makes
+    to the dtype's own error (both against float64), and the results keep the inputs' dtype."""
+    from oracle import reference_with_grads
+
+    gen = torch.Generator().manual_seed(3)
+    q, dout = (torch.randn(1, 256, 4, 64, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, 256, 2, 64, generator=gen, dtype=torch.float64) for _ in range(2))
+    exact = reference_with_grads(q, k, v, dout, causal=True)
+    bf16 = reference_with_grads(q, k.bfloat16().double(), v.bfloat16().double(), dout, causal=True)
+    low = [x.to(dtype) for x in (q, k, v, dout)]
+    runs = {w: emulate_dist_attn(*low, world_size=4, layout="zigzag", schedule="ring", kernel="math", kv_wire=w)
+            for w in (None, "int8")}
+    assert [t.dtype for t in runs["int8"]] == [dtype, torch.float32, dtype, dtype, dtype]
+    for i, name in ((0, "out"), (2, "dq"), (3, "dk"), (4, "dv")):
+        plain, wire = (_relative_error(runs[w][i].double(), exact[i]) for w in (None, "int8"))
+        assert wire <= plain + 5 * _relative_error(bf16[i], exact[i]), f"{dtype} {name}: {wire:.3g} vs {plain:.3g}"
+
+
+def test_hybrid_sends_int8_between_groups_and_keeps_the_all_to_all_dtype():
+    gen = torch.Generator().manual_seed(4)
+    q, dout = (torch.randn(1, 128, 4, 16, generator=gen, dtype=torch.float32) for _ in range(2))
+    k, v = (torch.randn(1, 128, 2, 16, generator=gen, dtype=torch.float32) for _ in range(2))
+    traces, results = {}, {}
+    for w in (None, "int8"):
+        with mls.trace() as traces[w]:
+            results[w] = emulate_dist_attn(q, k, v, dout, world_size=4, layout="zigzag", schedule="ring",
+                                           heads_group=2, kv_wire=w)
+    assert traces["int8"].a2a_bytes_sent == traces[None].a2a_bytes_sent
+    assert traces["int8"].bytes_sent < 0.8 * traces[None].bytes_sent  # dkv keeps its dtype
+    for a, b in zip(results["int8"], results[None]):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
