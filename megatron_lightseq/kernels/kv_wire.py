@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import torch
 
-SCALE_DTYPE = torch.float32
-QMAX = 127.0
-TINY = torch.finfo(torch.float32).tiny  # a zero amax: scale stays positive, q = 0
+from .wire_form import QMAX, SCALE_DTYPE, TINY
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

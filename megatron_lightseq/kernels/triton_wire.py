@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_wire import QMAX, SCALE_DTYPE, TINY
+from .wire_form import QMAX, SCALE_DTYPE, TINY
 
 BLOCK_T = 32  # tokens per program (a V program's rows; a K program's tile along T)
 TINY_, QMAX_ = tl.constexpr(TINY), tl.constexpr(QMAX)

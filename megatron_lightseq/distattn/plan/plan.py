@@ -39,11 +39,11 @@ from typing import NamedTuple
 import torch
 
 from ...kernels.base import accum_dtype
+from ...kernels.wire_form import SCALE_DTYPE as WIRE_SCALE
 from .mask import Mask
 from .layout import Layout, as_count, check_place
 
 KV_WIRES = (None, "int8")  # how kv payloads travel: None, in the inputs' dtype; "int8", quantized
-WIRE_SCALE = torch.float32  # the int8 form's scales
 INPUT_KINDS = ("kv", "q", "qg")  # the rest (o, dq, dkv) are partial results, sent home once
 PHASES = ("forward", "backward", "both")
 
