@@ -30,6 +30,7 @@ class Case:
     cp_comm_type: str | tuple | None = None  # TransformerConfig.cp_comm_type (a tuple: one per layer)
     hcp: tuple[int, int] | None = None  # --hierarchical-context-parallel-sizes (a2a size, p2p size)
     hidden: int = 32
+    kv_wire: str = "none"  # LightSeqConfig.kv_wire
 
 
 def _config(case: Case, *, cp: int, backend):
@@ -55,7 +56,8 @@ def _config(case: Case, *, cp: int, backend):
 def settings(case: Case):
     from megatron_lightseq.megatron.config import LightSeqConfig
 
-    return LightSeqConfig(layout=case.layout, schedule=case.schedule, kernel=case.kernel, remat=case.remat)
+    return LightSeqConfig(layout=case.layout, schedule=case.schedule, kernel=case.kernel, remat=case.remat,
+                          kv_wire=case.kv_wire)
 
 
 def build_model(case: Case, *, cp: int, backend):

@@ -79,6 +79,7 @@ def test_flag_parses_through_megatron_training_parser():
     (["--lightseq-schedule", "striped"], "invalid choice: 'striped'"),
     (["--lightseq-layout", "diagonal"], "invalid choice: 'diagonal'"),
     (["--lightseq-kernel", "cutlass"], "invalid choice: 'cutlass'"),
+    (["--lightseq-kv-wire", "fp8"], "invalid choice: 'fp8'"),
     (["--lightseq-schedul", "ring"], "unknown ['--lightseq-schedul']"),
 ])
 def test_flags_are_validated(argv, message):
@@ -108,11 +109,14 @@ def test_main_job_flags_are_checked_before_any_process_starts(capsys, monkeypatc
 
 
 def test_flags_are_taken_out_of_argv():
-    config, rest = mlm.parse_lightseq_args(["--num-layers", "2", "--lightseq-schedule", "ring", "--lightseq-layout=contiguous"])
+    config, rest = mlm.parse_lightseq_args(["--num-layers", "2", "--lightseq-schedule", "ring", "--lightseq-layout=contiguous",
+                                            "--lightseq-kv-wire", "int8"])
     assert rest == ["--num-layers", "2"]
-    assert config == mlm.LightSeqConfig(schedule="ring", layout="contiguous")
+    assert config == mlm.LightSeqConfig(schedule="ring", layout="contiguous", kv_wire="int8")
     with pytest.raises(ValueError, match="--lightseq-kernel must be one of"):
         mlm.LightSeqConfig(kernel="nope")
+    with pytest.raises(ValueError, match="--lightseq-kv-wire must be one of"):
+        mlm.LightSeqConfig(kv_wire=None)
 
 
 def test_runner_sets_up_and_runs_the_script_as_main():

@@ -50,14 +50,15 @@ def meta_kernels(monkeypatch):
     return {"triton": triton_kernels.TritonKernel(), "cudnn": CudnnKernel()}
 
 
-def _measured(kernel, plan, rank, batch, seqlen, heads, headdim=64):
+def _measured(kernel, plan, rank, batch, seqlen, heads, headdim=64, kv_wire=None):
     sbhd = lambda n: torch.empty(seqlen, batch, n, headdim, device="meta", dtype=torch.bfloat16).transpose(0, 1)
     q, k, v, dout = sbhd(heads[0]), sbhd(heads[1]), sbhd(heads[1]), sbhd(heads[0])
     view, scale = plan.view(rank), headdim ** -0.5
     with Allocations("meta") as fwd:
-        out, lse = drive(forward_steps(view, kernel, scale, _Keeping(rank, plan.world_size), q, k, v))
+        out, lse = drive(forward_steps(view, kernel, scale, _Keeping(rank, plan.world_size), q, k, v, kv_wire=kv_wire))
     with Allocations("meta") as bwd:
-        drive(backward_steps(view, kernel, scale, _Keeping(rank, plan.world_size), dout, q, k, v, out, lse))
+        drive(backward_steps(view, kernel, scale, _Keeping(rank, plan.world_size), dout, q, k, v, out, lse,
+                             kv_wire=kv_wire))
     return fwd.peak, bwd.peak
 
 
@@ -84,6 +85,29 @@ def test_memory_model_bounds_what_the_executor_and_kernels_allocate(meta_kernels
             assert peak <= model <= 1.04 * peak, (rank, phase, peak, model)
     assert attention_bytes(plan, shape, kernel=kernel) == max(
         attention_rank_bytes(plan.view(r), shape, p, kernel) for r in range(world_size) for p in ("forward", "backward"))
+
+
+WIRE_CASES = [(2, "zigzag", "ring", (8, 2), 2), (4, "contiguous", "lightseq", (8, 2), 1),
+              (5, "zigzag", "ring", (8, 8), 1), (4, "contiguous", "lightseq", (4, 4), 2)]
+
+
+@pytest.mark.parametrize("world_size,layout,schedule,heads,batch", WIRE_CASES,
+                         ids=[f"P{c[0]}-{c[1]}-{c[2]}-{c[3][0]}x{c[3][1]}-b{c[4]}" for c in WIRE_CASES])
+def test_memory_model_bounds_the_int8_wire(meta_kernels, monkeypatch, world_size, layout, schedule, heads, batch):
+    """kv_wire="int8" through the fused quantize/dequantize (their launches left out): the model
+    holds what the executor holds, on every rank, within the same 4%."""
+    from megatron_lightseq.kernels import kv_wire, triton_wire
+
+    monkeypatch.setattr(kv_wire, "_fused", lambda x: True)
+    monkeypatch.setattr(triton_wire, "_launch", lambda *args, **kwargs: None)
+    seqlen = 1024
+    shape = Shape(batch, seqlen, *heads, 64, torch.bfloat16, "int8")
+    plan = resolve_plan(shape, world_size=world_size, layout=layout, schedule=schedule, mask=Mask(causal=True))
+    for rank in range(world_size):
+        got = _measured(meta_kernels["triton"], plan, rank, batch, seqlen, heads, kv_wire="int8")
+        for phase, peak in zip(("forward", "backward"), got):
+            model = attention_rank_bytes(plan.view(rank), shape, phase, "triton")
+            assert peak <= model <= 1.04 * peak, (rank, phase, peak, model)
 
 
 def test_memory_model_counts_what_the_old_estimate_left_out():

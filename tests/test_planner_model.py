@@ -130,3 +130,28 @@ def test_hybrid_split_is_kv_replication_aware():
     split = HeadSplit(32, 1, 8)
     got = a2a_bytes(Comm("lightseq", 8), 32, 1, 1024, 128, 2, 8, "none")
     assert all(split.kv_count(j) == 1 for j in range(8)) and "recompute" not in got
+
+
+def test_int8_kv_wire_is_offered_and_recommended_where_the_exchange_is_exposed():
+    """The planner's K/V bytes are distattn's payload bytes (int8: about half of bf16's); int8 is
+    faster where the K/V exchange crosses nodes exposed, slower by its quantize passes where the
+    exchange hides behind the blocks, and the search recommends it, with its flag, only where faster."""
+    from dataclasses import replace
+
+    from megatron_lightseq.planner.attention import Comm, attention_cost
+    from megatron_lightseq.planner.closed_form import Sizes
+    from megatron_lightseq.planner.flags import training_flags
+    from megatron_lightseq.planner.model import MODELS, Machine
+    from megatron_lightseq.planner.search import search
+
+    plain = Sizes(32, 8, 128, 2, 2048)
+    assert replace(plain, kv_wire="int8").per_token("kv") <= 0.51 * plain.per_token("kv")
+    assert replace(plain, kv_wire="int8").per_token("dkv") == plain.per_token("dkv")
+    llama, m = MODELS["llama-7b"], Machine()
+    cost = lambda comm, seq: attention_cost(comm, llama, seq, 1, 16, 8, m, "none").seconds  # noqa: E731
+    ring = Comm("lightseq", 1, "zigzag", "ring")
+    assert cost(replace(ring, kv_wire="int8"), 32768) < 0.9 * cost(ring, 32768)  # 2K tokens a GPU, 2 nodes
+    hidden = Comm("lightseq", 2, "zigzag", "ring")
+    assert cost(replace(hidden, kv_wire="int8"), 131072) > cost(hidden, 131072)
+    best = search(llama, 32768, 32, 8, m, progress=False, cp=32, tp=1).best["lightseq"].config
+    assert best.comm.kv_wire == "int8" and "--lightseq-kv-wire int8" in training_flags(best)

@@ -20,7 +20,7 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
               schedule: str = "auto", causal: bool = True, cu_seqlens=None, window_size=(-1, -1),
               cu_seqlens_padded=None, softmax_scale: float | None = None, kernel: str = "auto", return_lse: bool = False,
               timeout: float = DEFAULT_TIMEOUT, label: str | None = None, backward: bool | None = None,
-              heads_group=None):
+              heads_group=None, kv_wire: str | None = None):
     """Attention of this rank's queries against the keys of the whole sequence.
 
     q ``(batch, seqlen_local, nheads, headdim)``; k, v ``(batch, seqlen_local, nheads_kv, headdim)``
@@ -46,6 +46,9 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     group of U ranks trades the sequence for heads (Ulysses) around the plan over ``group``, which
     is then the outer group (None: none, pure Ulysses); the layout is over all U x |group| ranks,
     rank = group rank x U + heads_group rank, as Megatron's hierarchical CP groups number them.
+    ``kv_wire``: None, K/V travel in the inputs' dtype; "int8", every K/V payload travels as int8
+    with per-(head, channel) K and per-(token, head) V scales, half of bf16's bytes, dequantized
+    on arrival (docs/kv_wire.md); results, gradients and the all-to-all keep their dtype.
 
     Returns out shaped like q, or ``(out, lse)`` with ``return_lse``: lse ``(batch, nheads,
     seqlen_local)`` in float32 (float64 for float64 inputs), not differentiable. Differentiable in
@@ -53,7 +56,7 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
     """
     run = _run(q, k, v, group, heads_group, timeout, label, backward, layout=layout, schedule=schedule,
                causal=causal, cu_seqlens=cu_seqlens, window_size=window_size,
-               cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel)
+               cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel, kv_wire=kv_wire)
     out, lse = DistAttnFunction.apply(q, k, v, run, None, return_lse)
     return (out, lse) if return_lse else out
 
@@ -61,7 +64,8 @@ def dist_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, 
 def dist_attn_from_saved(q, k, v, out, lse, *, group=None, layout: str = "contiguous", schedule: str = "auto",
                          causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None,
                          softmax_scale: float | None = None, kernel: str = "auto",
-                         timeout: float = DEFAULT_TIMEOUT, label: str | None = None, heads_group=None):
+                         timeout: float = DEFAULT_TIMEOUT, label: str | None = None, heads_group=None,
+                         kv_wire: str | None = None):
     """``dist_attn``'s ``out`` for inputs whose forward already ran and gave ``(out, lse)``: nothing
     is computed or sent now, and the backward is dist_attn's, from (q, k, v, out, lse). The
     options must be the ones that forward ran with (with ``backward=True``: then its agreement,
@@ -71,7 +75,7 @@ def dist_attn_from_saved(q, k, v, out, lse, *, group=None, layout: str = "contig
     backward needs them by heads); the outer plan computes and sends nothing."""
     run = _run(q, k, v, group, heads_group, timeout, label, True, layout=layout, schedule=schedule,
                causal=causal, cu_seqlens=cu_seqlens, window_size=window_size,
-               cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel)
+               cu_seqlens_padded=cu_seqlens_padded, softmax_scale=softmax_scale, kernel=kernel, kv_wire=kv_wire)
     return DistAttnFunction.apply(q, k, v, run, (out, lse), False)[0]
 
 
@@ -100,7 +104,7 @@ def _run(q, k, v, group, heads_group, timeout, label, backward, **options) -> Ra
 
 
 def agreed_run(q, k, v, plan_ex, inner_ex, backward, *, layout, schedule, causal, cu_seqlens, window_size,
-               cu_seqlens_padded, softmax_scale, kernel, timeout=DEFAULT_TIMEOUT) -> RankRun:
+               cu_seqlens_padded, softmax_scale, kernel, timeout=DEFAULT_TIMEOUT, kv_wire=None) -> RankRun:
     """This rank's run of the call, once every rank of its group(s) has passed its checks and
     all agree on the call; else ValueError on every rank together, before any transfer.
     ``plan_ex``/``inner_ex``: the plan's exchange and the all-to-all's (None: a flat call), real
@@ -109,7 +113,7 @@ def agreed_run(q, k, v, plan_ex, inner_ex, backward, *, layout, schedule, causal
     if backward is None:
         backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
     run, problem = None, local_problem(q, k, v, layout=layout, schedule=schedule, softmax_scale=softmax_scale,
-                                       timeout=timeout)
+                                       timeout=timeout, kv_wire=kv_wire)
     if problem is None and kernel not in kernel_names():
         problem = unknown_kernel(kernel)
     if problem is None and not isinstance(backward, bool):
@@ -120,7 +124,7 @@ def agreed_run(q, k, v, plan_ex, inner_ex, backward, *, layout, schedule, causal
             inner = None if inner_ex is None else inner_ex.world_size
             call, block_kernel = prepare(q, k, mask=mask, layout=layout, schedule=schedule,
                                          softmax_scale=softmax_scale, kernel=kernel, backward=backward,
-                                         world_size=plan_ex.world_size * (inner or 1), inner=inner)
+                                         world_size=plan_ex.world_size * (inner or 1), inner=inner, kv_wire=kv_wire)
             run = RankRun(call, block_kernel, plan_ex, inner_ex)
         except ValueError as e:  # the mask, the kernel for these inputs, sizes that do not fit
             problem = str(e)

@@ -15,6 +15,7 @@ from ..distattn.transport.failures import DEFAULT_TIMEOUT
 from ..distattn import LAYOUTS
 
 LAYOUT_CHOICES = LAYOUTS + ("auto",)
+KV_WIRE_CHOICES = ("none", "int8")  # the flag's spelling of dist_attn's kv_wire (None, "int8")
 from ..distattn.plan.schedules import SCHEDULE_CHOICES
 from ..kernels import kernel_names
 
@@ -35,12 +36,17 @@ class LightSeqConfig:
     timeout: float = DEFAULT_TIMEOUT
     """Seconds a rank waits for one step's transfers before it fails, naming the ranks and the layer
     (docs/reliability.md); well below Megatron's process-group timeout."""
+    kv_wire: str = "none"
+    """How K/V travel between CP ranks: none, in the model's dtype; int8, quantized (half of bf16's
+    bytes, docs/kv_wire.md); results and gradients keep their dtype."""
 
     def __post_init__(self) -> None:
-        choices = {"schedule": SCHEDULE_CHOICES, "layout": LAYOUT_CHOICES, "kernel": kernel_names()}
+        choices = {"schedule": SCHEDULE_CHOICES, "layout": LAYOUT_CHOICES, "kernel": kernel_names(),
+                   "kv_wire": KV_WIRE_CHOICES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--lightseq-{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(f"--lightseq-{name.replace('_', '-')} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
         if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < float("inf")):
             raise ValueError(f"--lightseq-timeout must be a positive number of seconds, got {self.timeout!r}")
 
@@ -67,12 +73,16 @@ def add_lightseq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--lightseq-timeout", type=float, default=defaults.timeout, metavar="SECONDS",
                        help=f"fail a rank that waits this long for one attention step's transfers, naming the "
                             f"ranks it waits for and the layer (default {defaults.timeout:g})")
+    group.add_argument("--lightseq-kv-wire", choices=KV_WIRE_CHOICES, default=defaults.kv_wire,
+                       help="send K/V between context-parallel ranks as int8 with per-channel K and per-token V "
+                            "scales (half of bf16's bytes; the attention still computes in the model's dtype), "
+                            "or as they are (default: none)")
     return parser
 
 
 def config_from_namespace(ns: argparse.Namespace) -> LightSeqConfig:
     return LightSeqConfig(schedule=ns.lightseq_schedule, layout=ns.lightseq_layout, kernel=ns.lightseq_kernel,
-                          remat=ns.lightseq_remat, timeout=ns.lightseq_timeout)
+                          remat=ns.lightseq_remat, timeout=ns.lightseq_timeout, kv_wire=ns.lightseq_kv_wire)
 
 
 def parse_lightseq_args(argv: list[str]) -> tuple[LightSeqConfig, list[str]]:
@@ -91,6 +101,11 @@ def layout_for(settings: LightSeqConfig, packed: bool) -> str:
     if settings.layout != "auto":
         return settings.layout
     return "balanced" if packed else "zigzag"
+
+
+def kv_wire_of(settings: LightSeqConfig) -> str | None:
+    """dist_attn's kv_wire for a model's settings."""
+    return None if settings.kv_wire == "none" else settings.kv_wire
 
 
 def settings_of(transformer_config) -> LightSeqConfig | None:

@@ -18,7 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..distattn import dist_attn, dist_attn_from_saved
 from ..distattn import split_problem
-from .config import LightSeqConfig, layout_for
+from .config import LightSeqConfig, kv_wire_of, layout_for
 from .cp_groups import attention_groups, cp_comm_of
 from .packed import packing_of, window_of
 from .remat import AttentionStash
@@ -82,7 +82,7 @@ class LightSeqAttention(MegatronModule):
         q, k, v = (x.unsqueeze(0) if thd else x.transpose(0, 1) for x in (query, key, value))  # [b, s, heads, hn]
         options = dict(**self.groups, layout=layout_for(s, packed=packing is not None), schedule=s.schedule,
                        causal=mask_type == AttnMaskType.causal, window_size=window_of(self.config, self.layer_number),
-                       softmax_scale=self.softmax_scale, kernel=s.kernel, timeout=s.timeout,
+                       softmax_scale=self.softmax_scale, kernel=s.kernel, timeout=s.timeout, kv_wire=kv_wire_of(s),
                        label=f"layer {self.layer_number}", **(packing.mask if packing else {}))
         if s.remat and is_checkpointing() and not torch.is_grad_enabled():  # first pass of a checkpoint
             # backward=True: its recompute differentiates this result, so the group agrees on the

@@ -10,19 +10,26 @@ a2a+p2p is that all-to-all over the first hierarchical group around the ring ove
 Megatron's full recompute runs the attention forward again, transfers included; the plugin's
 rematerialization skips it (its all-to-all of q, k, v, out, lse still runs again, docs/hybrid.md).
 The all-to-all is not overlapped, by either.
+The plugin's plans may also send K/V in int8 (``kv_wire``, docs/kv_wire.md): the plan's bytes
+come from distattn's payload description, plus a quantize and a dequantize pass over each K/V
+payload at the GPU's memory bandwidth, on the critical path (a pass a step at most: it pays where
+the exchange is exposed, across nodes, and loses a little where it is hidden).
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..distattn import HeadSplit, split_problem
-from .closed_form import BWD_SHARE, FWD_SHARE, Group, Sizes, plan_cost, steps
+from .closed_form import BWD_SHARE, FWD_SHARE, Group, PhaseCost, Sizes, plan_cost, steps
 from .model import Machine, ModelSpec
 
 PLUGIN_FLAT = (("contiguous", "lightseq"), ("zigzag", "ring"), ("zigzag", "lightseq"), ("contiguous", "ring"))
+HBM_GBS = 3000.0  # an H100's memory bandwidth, what the int8 wire's quantize/dequantize passes run at
+# bytes moved per int8 byte of K/V: quantize reads bf16 (2) and writes int8 (1); dequantize the reverse
+WIRE_PASS_BYTES = 6.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class Comm:
     inner: int = 1
     layout: str = "zigzag"
     schedule: str = "ring"
+    kv_wire: str | None = None  # the plugin's K/V on the wire: None (the model's dtype) or "int8"
 
     def comm_type(self, cp: int) -> str:
         """Megatron's --cp-comm-type for this."""
@@ -46,7 +54,8 @@ class Comm:
             return "no CP"
         plan = "p2p" if self.system == "megatron" else f"{self.layout}/{self.schedule}"
         kind = self.comm_type(cp)
-        return {"p2p": plan, "a2a": "a2a", "a2a+p2p": f"a2a {self.inner} x {plan} {cp // self.inner}"}[kind]
+        wire = " int8 K/V" if self.kv_wire else ""
+        return {"p2p": plan, "a2a": "a2a", "a2a+p2p": f"a2a {self.inner} x {plan} {cp // self.inner}"}[kind] + wire
 
 
 NO_CP = Comm("megatron", 1, "zigzag", "p2p")
@@ -74,6 +83,7 @@ def comms(model: ModelSpec, tp: int, cp: int) -> list[Comm]:
     for u in divisors(cp)[1:]:
         if split_problem(cp, u, h, g) is None:
             found += [Comm("lightseq", u, "zigzag", s) for s in (("ring", "lightseq") if u < cp else ("ring",))]
+    found += [replace(c, kv_wire="int8") for c in found if c.inner < cp]  # a plan sends K/V: int8 may pay
     found.append(Comm("megatron", 1, "zigzag", "p2p"))
     found += [Comm("megatron", u, "zigzag", "p2p") for u in divisors(cp)[1:] if h % u == 0 and g % u == 0]
     return found
@@ -118,14 +128,24 @@ def attention_cost(comm: Comm, model: ModelSpec, seq: int, tp: int, cp: int, gpu
         intra = inter = 0.0
     else:
         chunk = seq // (q * (1 if comm.layout == "contiguous" else 2))
-        sizes, group = Sizes(split.local_heads, kv, d, item, chunk), Group(q, u * tp, gpus_per_node)
+        sizes, group = Sizes(split.local_heads, kv, d, item, chunk, comm.kv_wire), Group(q, u * tp, gpus_per_node)
         f, b = (plan_cost(kind, phase, group, sizes, m) for phase in ("forward", "backward"))
-        fwd, bwd = f.seconds, b.seconds
+        wire = wire_seconds(comm, f)
+        fwd, bwd = f.seconds + wire, b.seconds + wire  # the backward quantizes the same payloads again
         intra, inter = f.intra * (1 + again) + b.intra, f.inter * (1 + again) + b.inter
     a2a = A2A() if u == 1 else all_to_all(comm, h, g, seq // cp, d, item, Group(u, tp, gpus_per_node), m, recompute)
     return AttentionCost(fwd + a2a.forward, bwd + a2a.backward, again * fwd + a2a.recompute, intra + a2a.intra,
                          inter + a2a.inter, 1 if cp == 1 else steps(kind, q),
                          a2a.forward + a2a.backward + a2a.recompute)
+
+
+def wire_seconds(comm: Comm, forward: PhaseCost) -> float:
+    """The int8 wire's quantize and dequantize passes in one pass of the plan, bounded by the
+    bytes a GPU receives in the forward (all K/V on the ring plans) as if each were quantized
+    and dequantized once."""
+    if comm.kv_wire is None:
+        return 0.0
+    return WIRE_PASS_BYTES * (forward.intra + forward.inter) / (HBM_GBS * 1e9)
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from ..distattn import Shape, payload_bytes
 from .model import Machine
 
 KINDS = ("zigzag/ring", "zigzag/lightseq", "contiguous/ring", "contiguous/lightseq", "te/p2p")
 FWD_SHARE, BWD_SHARE = 1 / 3.5, 2.5 / 3.5  # of fwd+bwd attention FLOPs (backward = 2.5x forward)
+DTYPES = {2: torch.bfloat16, 4: torch.float32}  # a model's bytes per element -> the dtype they travel in
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,13 @@ class Sizes:
     headdim: int
     item: int
     chunk: int
+    kv_wire: str | None = None  # distattn's Shape.kv_wire: None, or "int8"
 
-    def per_token(self, kind: str) -> int:
-        q, kv, lse = self.heads * self.headdim * self.item, 2 * self.kv_heads * self.headdim * self.item, 4 * self.heads
-        return {"kv": kv, "dkv": kv, "q": q, "dq": q, "o": q + lse, "qg": 3 * q + lse}[kind]
+    def per_token(self, kind: str) -> float:
+        """distattn's own payload bytes (the one description of what travels) per token of a
+        one-chunk payload (the int8 form's K scales shared by the chunk's tokens)."""
+        shape = Shape(1, self.chunk, self.heads, self.kv_heads, self.headdim, DTYPES[self.item], self.kv_wire)
+        return payload_bytes(kind, self.chunk, shape) / self.chunk
 
     @property
     def pair_flops(self) -> float:

@@ -28,8 +28,9 @@ def attention_flags(cfg: Config) -> str:
     comm_type = "" if kind == "p2p" and comm.system == "lightseq" else f" --cp-comm-type {kind}{hierarchy}"
     if comm.system == "megatron":
         return f"--attention-backend auto{comm_type}"
+    wire = f" --lightseq-kv-wire {comm.kv_wire}" if comm.kv_wire else ""
     return (f"--attention-backend lightseq --lightseq-layout {comm.layout} --lightseq-schedule {comm.schedule} "
-            f"--attention-dropout 0{comm_type}")
+            f"--attention-dropout 0{comm_type}{wire}")
 
 
 def training_flags(cfg: Config, *, window: int = -1, layout: str | None = None, schedule: str | None = None) -> str:

@@ -27,16 +27,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import torch
-
 from ..distattn import HeadSplit, Shape, attention_bytes, build_plan
 from .attention import Comm, heads_per_rank
+from .closed_form import DTYPES as _DTYPES
 from .config import Config
 from .model import Machine, ModelSpec
 
 CAP = 16  # ranks of the plan whose working memory per token stands for any larger one
 _TOKENS = 2**14  # tokens per rank of that plan
-_DTYPES = {2: torch.bfloat16, 4: torch.float32}
 
 
 @dataclass(frozen=True)

@@ -45,14 +45,17 @@ class Result:
 
 
 def choose(found: list[Estimate]) -> Estimate | None:
-    """The most tokens per second per GPU; among those within TIE of it, the fewest bytes across
-    nodes, then the fewest GPUs per sequence (TP x CP x PP), then the faster, then the shorter
-    layer (steps bound by an exposed gradient reduction tie exactly), then the least memory."""
+    """The most tokens per second per GPU; among those within TIE of it, K/V in their own dtype
+    (int8 on the wire is recommended only where it makes the step faster: where the exchange is
+    exposed), the fewest bytes across nodes, then the fewest GPUs per sequence (TP x CP x PP),
+    then the faster, then the shorter layer (steps bound by an exposed gradient reduction tie
+    exactly), then the least memory."""
     if not found:
         return None
     fastest = max(e.tokens_per_s_per_gpu for e in found)
     tied = [e for e in found if e.tokens_per_s_per_gpu >= fastest * (1 - TIE)]
-    return min(tied, key=lambda e: (e.inter_bytes, e.config.tp * e.config.cp * e.config.pp,
+    return min(tied, key=lambda e: (e.config.comm.kv_wire is not None, e.inter_bytes,
+                                    e.config.tp * e.config.cp * e.config.pp,
                                     -e.tokens_per_s_per_gpu, e.layer_seconds, e.memory.total))
 
 

@@ -1,7 +1,7 @@
 """One dist_attn call, described once: the value every rank of a group must hold alike.
 
 :class:`Call` holds what shapes the exchange (local sizes and dtype, layout, schedule, mask,
-softmax scale, kernel, whether a backward follows, the group sizes) and gives the plan a rank
+softmax scale, kernel, whether a backward follows, the group sizes, the form K/V travel in) and gives the plan a rank
 runs, flat or hybrid. The ranks agree on its :meth:`Call.signature` (transport/agreement.py)
 before any transfer, once per :meth:`Call.steady_key`: the key leaves the documents out (only
 whether there are any, padded or not) and keeps the schedule as asked, since ``auto`` resolves
@@ -21,16 +21,19 @@ from ...kernels import kernel_names
 from .hybrid import HybridPlan, resolve_hybrid, split_problem
 from .layout import LAYOUTS, Layout, fitted_layout
 from .mask import Mask
-from .plan import Plan, RankPlan, Shape
+from .plan import KV_WIRES, Plan, RankPlan, Shape, kv_wire_problem
 from .schedules import SCHEDULE_CHOICES, auto_schedule, plan_for, rank_plan
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # The signature's fields after its first number (0: this rank's checks passed); names travel as a CRC32.
 FIELDS = ("batch", "seqlen_local", "nheads", "nheads_kv", "headdim", "dtype", "layout", "schedule", "causal",
-          "cu_seqlens", "window_size", "softmax_scale", "kernel", "backward", "all-to-all size", "outer size")
-HEADER_NAMES = ("its options (dtype, layout, schedule, mask, softmax scale, kernel, backward or group sizes)", "batch",
+          "cu_seqlens", "window_size", "softmax_scale", "kernel", "backward", "all-to-all size", "outer size",
+          "kv_wire")
+HEADER_NAMES = ("its options (dtype, layout, schedule, mask, softmax scale, kernel, backward, group sizes or kv_wire)",
+                "batch",
                 "seqlen_local", "nheads", "nheads_kv", "headdim")
-_NAMED = {"dtype": [str(d) for d in DTYPES], "layout": LAYOUTS, "schedule": SCHEDULE_CHOICES}
+_NAMED = {"dtype": [str(d) for d in DTYPES], "layout": LAYOUTS, "schedule": SCHEDULE_CHOICES,
+          "kv_wire": [str(w) for w in KV_WIRES]}
 
 
 def crc(name: str) -> float:
@@ -39,7 +42,7 @@ def crc(name: str) -> float:
 
 @dataclass(frozen=True)
 class Call:
-    shape: Shape  # this rank's local q/k sizes and dtype
+    shape: Shape  # this rank's local q/k sizes and dtype, and the form K/V travel in (shape.kv_wire)
     layout: str
     schedule: str  # as asked ("auto" included)
     mask: Mask
@@ -48,6 +51,11 @@ class Call:
     backward: bool  # a backward will run from this call's results
     world_size: int  # P, the ranks the layout spans
     inner: int | None = None  # the all-to-all group's size (hybrid), None for a flat call
+
+    @property
+    def kv_wire(self) -> str | None:
+        """None, or "int8": every kv payload travels quantized (plan.py, run/wire.py)."""
+        return self.shape.kv_wire
 
     @cached_property
     def hybrid(self) -> HybridPlan | None:
@@ -76,7 +84,7 @@ class Call:
         inner = 1 if self.inner is None else self.inner
         return (0.0, s.batch, s.seqlen_local, s.nheads, s.nheads_kv, s.headdim, crc(str(s.dtype)), crc(self.layout),
                 crc(self.plan_schedule), float(mask.causal), crc(_documents(mask)), crc(str(mask.window)), self.scale,
-                crc(self.kernel), float(self.backward), inner, self.world_size // inner)
+                crc(self.kernel), float(self.backward), inner, self.world_size // inner, crc(str(s.kv_wire)))
 
     @cached_property
     def steady_key(self) -> tuple:
@@ -125,7 +133,7 @@ def _documents(mask: Mask) -> str:
     return f"{mask.cu_seqlens}{padded}"
 
 
-def local_problem(q, k, v, *, layout, schedule, softmax_scale, timeout=1.0) -> str | None:
+def local_problem(q, k, v, *, layout, schedule, softmax_scale, timeout=1.0, kv_wire=None) -> str | None:
     """What is wrong with this rank's own tensors and options (the kernel and mask apart), or None."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -157,11 +165,11 @@ def local_problem(q, k, v, *, layout, schedule, softmax_scale, timeout=1.0) -> s
         return f"softmax_scale must be None or a positive finite number, got {softmax_scale!r}"
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         return f"timeout must be a positive number of seconds, got {timeout!r}"
-    return None
+    return kv_wire_problem(kv_wire)
 
 
 def call_of(q, k, *, mask: Mask, layout: str, schedule: str, softmax_scale, kernel: str, backward: bool,
-            world_size: int, inner: int | None) -> Call:
+            world_size: int, inner: int | None, kv_wire: str | None = None) -> Call:
     """The Call for checked tensors; ValueError when the sizes do not fit the layout, the mask or
     the head split (the plan is resolved here, so that every such error comes before any transfer)."""
     s = q.shape[1]
@@ -174,6 +182,6 @@ def call_of(q, k, *, mask: Mask, layout: str, schedule: str, softmax_scale, kern
         if problem:
             raise ValueError(problem)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    call = Call(Shape.of(q, k), layout, schedule, mask, scale, kernel, backward, world_size, inner)
+    call = Call(Shape.of(q, k, kv_wire), layout, schedule, mask, scale, kernel, backward, world_size, inner)
     call.plan_schedule  # resolves the layout for the mask (and the head split): their errors now
     return call

@@ -136,7 +136,7 @@ class HybridPlan:
     def outer_shape(self, shape: Shape, inner_rank: int) -> Shape:
         """The outer plan's local sizes on inner rank ``inner_rank``, from the P-rank local ones."""
         return Shape(shape.batch, shape.seqlen_local * self.inner, self.split.local_heads,
-                     self.split.local_kv(inner_rank), shape.headdim, shape.dtype)
+                     self.split.local_kv(inner_rank), shape.headdim, shape.dtype, shape.kv_wire)
 
     def member_runs(self, rank: int) -> tuple[Run, ...]:
         """P-layout rank ``rank``'s chunks' runs in its outer rank's tokens (runs.chunk_runs)."""
@@ -204,7 +204,7 @@ def _resolve(shape: Shape, world_size: int, inner: int, layout: str, schedule: s
     split = HeadSplit(shape.nheads, shape.nheads_kv, inner)
     if schedule == "auto":
         shape0 = Shape(shape.batch, shape.seqlen_local * inner, split.local_heads, split.local_kv(0), shape.headdim,
-                       shape.dtype)
+                       shape.dtype, shape.kv_wire)
         schedule = auto_schedule(outer_layout(lay, inner), mask, shape0)
     return HybridPlan(lay, inner, schedule, mask, split)
 

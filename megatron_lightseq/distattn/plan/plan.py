@@ -24,6 +24,10 @@ Payload kinds (what travels; ``owner`` is the rank whose tokens they are):
            ``qg``  q, out, lse, d_out of ``chunks``    (to a helper)
            ``dq``  partial dq                           (helper -> owner)
            ``dkv`` partial dk and dv                    (back to the kv owner)
+
+``Shape.kv_wire`` "int8" makes every ``kv`` payload travel as int8 with float32 scales (one per
+(batch, head, channel) of K over the payload's tokens, one per (batch, token, head) of V); every
+other payload keeps the inputs' dtype (docs/kv_wire.md).
 """
 from __future__ import annotations
 
@@ -35,9 +39,11 @@ from typing import NamedTuple
 import torch
 
 from ...kernels.base import accum_dtype
+from ...kernels.wire_form import SCALE_DTYPE as WIRE_SCALE
 from .mask import Mask
 from .layout import Layout, as_count, check_place
 
+KV_WIRES = (None, "int8")  # how kv payloads travel: None, in the inputs' dtype; "int8", quantized
 INPUT_KINDS = ("kv", "q", "qg")  # the rest (o, dq, dkv) are partial results, sent home once
 PHASES = ("forward", "backward", "both")
 
@@ -84,11 +90,12 @@ class Shape:
     nheads_kv: int
     headdim: int
     dtype: torch.dtype
+    kv_wire: str | None = None  # one of KV_WIRES: the form kv payloads travel in
 
     @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor) -> "Shape":
+    def of(cls, q: torch.Tensor, k: torch.Tensor, kv_wire: str | None = None) -> "Shape":
         b, s, h, d = q.shape
-        return cls(batch=b, seqlen_local=s, nheads=h, nheads_kv=k.shape[2], headdim=d, dtype=q.dtype)
+        return cls(batch=b, seqlen_local=s, nheads=h, nheads_kv=k.shape[2], headdim=d, dtype=q.dtype, kv_wire=kv_wire)
 
     @staticmethod
     def problem(shape) -> str | None:
@@ -102,7 +109,14 @@ class Shape:
             return f"nheads ({shape.nheads}) must be a multiple of nheads_kv ({shape.nheads_kv})"
         if not isinstance(shape.dtype, torch.dtype):
             return f"dtype must be a torch.dtype, got {shape.dtype!r}"
-        return None
+        return kv_wire_problem(shape.kv_wire)
+
+
+def kv_wire_problem(kv_wire) -> str | None:
+    """What is wrong with ``kv_wire`` as a user gave it, or None."""
+    if not any(kv_wire is w or (isinstance(kv_wire, str) and kv_wire == w) for w in KV_WIRES):
+        return f"kv_wire must be one of {KV_WIRES}, got {kv_wire!r}"
+    return None
 
 
 class PairWork:
@@ -243,6 +257,12 @@ def payload_tensors(kind: str, tokens: int, s: Shape) -> tuple[tuple[tuple[int, 
     q = ((s.batch, tokens, s.nheads, s.headdim), s.dtype, 1)
     kv = ((s.batch, tokens, s.nheads_kv, s.headdim), s.dtype, 1)
     lse = ((s.batch, s.nheads, tokens), accum_dtype(s.dtype), 2)  # LSEs travel as they are merged
+    if kind == "kv" and s.kv_wire == "int8":
+        # keys carry their outliers in fixed channels: a scale per (head, channel) over the tokens
+        # (no sequence dim); values one per (token, head)
+        kv8 = ((s.batch, tokens, s.nheads_kv, s.headdim), torch.int8, 1)
+        return (kv8, ((s.batch, 1, s.nheads_kv, s.headdim), WIRE_SCALE, None),
+                kv8, ((s.batch, tokens, s.nheads_kv, 1), WIRE_SCALE, 1))  # k, k scale, v, v scale
     return {
         "kv": (kv, kv),  # k, v
         "q": (q,),

@@ -49,10 +49,11 @@ def virtual_exchanges(world_size: int, inner: int | None) -> tuple[list[tuple], 
 
 def emulate_dist_attn(q, k, v, dout=None, *, world_size: int, layout: str = "contiguous", schedule: str = "auto",
                       causal: bool = True, cu_seqlens=None, window_size=(-1, -1), cu_seqlens_padded=None,
-                      softmax_scale: float | None = None, kernel: str = "auto", heads_group: int | None = None):
+                      softmax_scale: float | None = None, kernel: str = "auto", heads_group: int | None = None,
+                      kv_wire: str | None = None):
     """(out, lse) of dist_attn over ``world_size`` virtual ranks, plus (dq, dk, dv) when ``dout``
     is given; whole-sequence tensors in, whole-sequence tensors out. ``heads_group``: the size U
-    of the all-to-all groups of a hybrid split (module docstring)."""
+    of the all-to-all groups of a hybrid split (module docstring); ``kv_wire`` as in dist_attn."""
     mask = mask_of(causal, cu_seqlens, window_size, cu_seqlens_padded)
     keywords = dict(causal=causal, cu_seqlens=cu_seqlens, window_size=window_size,
                     cu_seqlens_padded=cu_seqlens_padded)
@@ -61,7 +62,7 @@ def emulate_dist_attn(q, k, v, dout=None, *, world_size: int, layout: str = "con
     qs, ks, vs = parts(q), parts(k), parts(v)
     call, block_kernel = prepare(qs[0], ks[0], mask=mask, layout=layout, schedule=schedule,
                                  softmax_scale=softmax_scale, kernel=kernel, backward=dout is not None,
-                                 world_size=world_size, inner=heads_group)
+                                 world_size=world_size, inner=heads_group, kv_wire=kv_wire)
     exchanges, boxes = virtual_exchanges(world_size, heads_group)
     runs = [RankRun(call, block_kernel, *pair) for pair in exchanges]
     fwd = lockstep([run.forward(qs[r], ks[r], vs[r]) for r, run in enumerate(runs)])

@@ -18,6 +18,7 @@ from ..plan.plan import INPUT_KINDS, Block, Payload, RankPlan, Shape, payload_te
 from ..plan.runs import chunk_runs, one_run, span_of
 from ..transport.exchange import Exchange, Pending
 from ..transport.trace import count
+from .wire import KvWire
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -38,6 +39,8 @@ class _RankRun:
         self.device_ = next(iter(local.values()))[0].device
         self.buffers = receive_buffers(view, phase, shape)
         self.views: dict[tuple[str, tuple[int, ...]], Tensors] = {}  # rows of local tensors taken so far
+        dtype = local["kv"][0].dtype
+        self.wire = KvWire(view, phase, dtype) if shape.kv_wire == "int8" else None  # kv payloads in 8 bits
 
     def runs(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> tuple[tuple[slice, slice], ...]:
         """Where ``chunks`` sit in a tensor of ``within``'s chunks, as (rows of a tensor of
@@ -73,7 +76,10 @@ class _RankRun:
         sends = []
         for tr in mine.sends:
             p = tr.payload
-            tensors = self.take(p.kind, p.owner, p.chunks) if p.kind in INPUT_KINDS else self.results.pop(p)
+            if p.kind == "kv" and self.wire is not None:
+                tensors = self.wire.outgoing(p, self.take)
+            else:
+                tensors = self.take(p.kind, p.owner, p.chunks) if p.kind in INPUT_KINDS else self.results.pop(p)
             sends.append((tr.dst, tuple(x.contiguous() for x in tensors)))
         recvs = [(tr.payload, tuple(torch.empty(shape, dtype=dtype, device=self.device_) for shape, dtype in specs))
                  for tr, specs in zip(mine.recvs, self.buffers[t])]
@@ -85,7 +91,9 @@ class _RankRun:
         """Hold received inputs, absorb received results. A method of its own so that no loop
         variable keeps the last payload alive after the next post (planner/memory.py counts none)."""
         for payload, tensors in arriving:
-            if payload.kind in INPUT_KINDS:
+            if payload.kind == "kv" and self.wire is not None:
+                self.held["kv", payload.owner] = (payload, self.wire.arrived(payload, tensors))
+            elif payload.kind in INPUT_KINDS:
                 self.held[payload.kind, payload.owner] = (payload, tensors)
             else:
                 absorb(payload, tensors)
@@ -110,6 +118,8 @@ class _RankRun:
                 count(blocks=len(blocks))
                 for key in self.done_after[t]:
                     self.held.pop(key, None)
+                    if self.wire is not None and key[0] == "kv":
+                        self.wire.drop(key[1])
             t = len(self.steps)
             yield
             pending.wait()
@@ -210,11 +220,13 @@ def kernel_calls(view: RankPlan, shape: Shape, device: torch.device, scale: floa
     return found
 
 
-def forward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: Exchange, q, k, v):
+def forward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: Exchange, q, k, v, *,
+                  kv_wire: str | None = None):
     """This rank's (out_BSHD, lse_BHS) of attention over the whole sequence, as a generator
-    (see _RankRun.run; :func:`drive` runs it straight through)."""
+    (see _RankRun.run; :func:`drive` runs it straight through). ``kv_wire``: the form K/V
+    travel in (Shape.kv_wire; wire.py)."""
     rank, mask = view.rank, view.mask
-    shape = Shape.of(q, k)
+    shape = Shape.of(q, k, kv_wire)
     acc = accum_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((shape.batch, shape.nheads, shape.seqlen_local), float("-inf"), dtype=acc, device=q.device)
@@ -249,14 +261,17 @@ def forward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: E
     return out.to(q.dtype), lse
 
 
-def backward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: Exchange, dout, q, k, v, out, lse):
+def backward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: Exchange, dout, q, k, v, out, lse, *,
+                   kv_wire: str | None = None):
     """This rank's (dq, dk, dv) from the saved forward results (the forward is not re-run), as a
-    generator (see _RankRun.run)."""
+    generator (see _RankRun.run). K/V that travel in int8 (``kv_wire``) are quantized as the
+    forward quantized them, so the gradients are those of the values the forward computed with,
+    passed straight through to k and v."""
     rank, mask = view.rank, view.mask
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     local = {"qg": (q, out, lse, dout), "kv": (k, v)}
-    run = _RankRun(view, "backward", exchange, Shape.of(q, k), local)
+    run = _RankRun(view, "backward", exchange, Shape.of(q, k, kv_wire), local)
     owned = view.owned
 
     def add(acc, chunks, part):  # in place into a view (``acc[rows] += x`` would also copy it back)

@@ -8,15 +8,20 @@ inputs being sent (made dense for the transport: views of Megatron's [s, b, h, d
 micro-batch > 1 are not) and results waiting to go, until their step's wait; and per block what
 the kernel makes (``block_bytes``). Checked against the tensors the executor and kernels create,
 counted on meta tensors (tests/test_memory_model.py). The planner reads it (planner/memory.py).
+With int8 K/V on the wire (``shape.kv_wire``, run/wire.py): receive buffers in wire form, a
+received payload held dequantized (plus its wire form where the rank passes it on), an owner's
+quantized payload from its first send to its last; the fused kernels make nothing else.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ...kernels.base import accum_dtype
 from ..plan.plan import INPUT_KINDS, Payload, Plan, RankPlan, Shape, payload_bytes, payload_tensors
 from ..plan.runs import one_run
 from .executor import drop_after, forward_call
+from .wire import own_sends, passed_on
 
 # "cudnn" stands for the vendor ops' adapters that repeat K/V (cuDNN, torch's flash op on CUDA).
 KERNELS = ("triton", "cudnn")
@@ -66,6 +71,7 @@ def attention_rank_bytes(view: RankPlan, shape: Shape, phase: str, kernel: str =
         sizes = [(len(qc) * chunk, len(kc) * chunk) for qc, kc in spans]
         accumulators += sum(4 * (2 * sq + sk + 4 * -(-sq // 16) + 4 * -(-sk // 16)) for sq, sk in sizes)
     drops = drop_after(view, phase)
+    wire = _WireBytes(view, phase, shape, size)
     held: dict[tuple[str, int], int] = {}
     held_chunks: dict[tuple[str, int], tuple[int, ...]] = {}
     results: dict = {}  # computed for other ranks, not yet posted
@@ -82,6 +88,8 @@ def attention_rank_bytes(view: RankPlan, shape: Shape, phase: str, kernel: str =
         """Bytes sending ``p`` allocates: results move, inputs are made dense for the transport."""
         if p.kind not in INPUT_KINDS:
             return size(p)
+        if wire.on and p.kind == "kv":
+            return wire.send(p)
         local = p.owner == rank
         within = owned if local else held_chunks[p.kind, p.owner]
         if not one_run(p.chunks, within):
@@ -105,7 +113,11 @@ def attention_rank_bytes(view: RankPlan, shape: Shape, phase: str, kernel: str =
         # alive until the next post replaces them)
         absorbed = 0
         for tr in arriving:
-            if tr.payload.kind in INPUT_KINDS:
+            if wire.on and tr.payload.kind == "kv":
+                held["kv", tr.payload.owner], freed = wire.arrived(tr.payload)
+                absorbed += freed
+                held_chunks["kv", tr.payload.owner] = tr.payload.chunks
+            elif tr.payload.kind in INPUT_KINDS:
                 held[tr.payload.kind, tr.payload.owner] = size(tr.payload)
                 held_chunks[tr.payload.kind, tr.payload.owner] = tr.payload.chunks
             else:
@@ -113,7 +125,7 @@ def attention_rank_bytes(view: RankPlan, shape: Shape, phase: str, kernel: str =
         for tr in steps[t + 1].sends if t + 1 < len(steps) else ():
             results.pop(tr.payload, None)
         sending, receiving, arriving = posted(t + 1)
-        base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving
+        base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving + wire.kept()
         peak = max(peak, base + absorbed)
         for blk in step.blocks:
             sq, sk = chunk * len(blk.q_chunks), chunk * len(blk.kv_chunks)
@@ -132,10 +144,43 @@ def attention_rank_bytes(view: RankPlan, shape: Shape, phase: str, kernel: str =
                     results[Payload("dq", blk.q_owner, blk.q_chunks)] = b * sq * h * d * e
                 if blk.kv_owner != rank:
                     results[Payload("dkv", blk.kv_owner, blk.kv_chunks)] = 2 * b * sk * g * d * e
-            base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving
+            base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving + wire.kept()
         for key in drops[t]:
             held.pop(key, None)
     return max(peak, accumulators + sending + receiving + casts)
+
+
+class _WireBytes:
+    """What run/wire.py holds of the int8 wire form, step by step (nothing unless ``kv_wire``)."""
+
+    def __init__(self, view: RankPlan, phase: str, shape: Shape, size) -> None:
+        self.on, self.size = shape.kv_wire == "int8", size
+        self.plain = dataclasses.replace(shape, kv_wire=None)
+        self.chunk = shape.seqlen_local // len(view.owned)
+        self.uses = own_sends(view, phase) if self.on else {}
+        self.passed_on = passed_on(view, phase) if self.on else frozenset()
+        self.packed: dict[Payload, int] = {}  # own payloads quantized, kept for a later send
+
+    def send(self, p: Payload) -> int:
+        """Bytes a kv send allocates: an owner's quantized copy at its last send (kept until then);
+        a payload passed on is sent as held."""
+        if p not in self.uses:  # not its own
+            return 0
+        self.uses[p] -= 1
+        if self.uses[p]:
+            self.packed[p] = self.size(p)
+            return 0
+        self.packed.pop(p, None)
+        return self.size(p)
+
+    def arrived(self, p: Payload) -> tuple[int, int]:
+        """(bytes held for a kv payload that arrived, bytes of its receive buffer freed after)."""
+        dequantized = payload_bytes("kv", self.chunk * len(p.chunks), self.plain)
+        kept = p.owner in self.passed_on
+        return dequantized + (self.size(p) if kept else 0), 0 if kept else self.size(p)
+
+    def kept(self) -> int:
+        return sum(self.packed.values())
 
 
 def attention_bytes(plan: Plan | list[RankPlan], shape: Shape, *, kernel: str = "triton",

@@ -28,12 +28,12 @@ from .executor import backward_steps, drive, forward_steps, kernel_calls
 
 
 def prepare(q, k, *, mask: Mask, layout: str, schedule: str, softmax_scale, kernel: str, backward: bool,
-            world_size: int, inner: int | None) -> tuple[Call, BlockKernel]:
+            world_size: int, inner: int | None, kv_wire: str | None = None) -> tuple[Call, BlockKernel]:
     """The call's description and the kernel object that runs it; ValueError for inputs the
     named kernel cannot take or sizes that do not fit the layout, mask or head split."""
     block_kernel = resolve_kernel(kernel, q, k)
     call = call_of(q, k, mask=mask, layout=layout, schedule=schedule, softmax_scale=softmax_scale,
-                   kernel=block_kernel.name, backward=backward, world_size=world_size, inner=inner)
+                   kernel=block_kernel.name, backward=backward, world_size=world_size, inner=inner, kv_wire=kv_wire)
     return call, block_kernel
 
 
@@ -94,18 +94,19 @@ class RankRun:
         return out, lse, (q_o, k_o, v_o, out_o, lse_o)
 
     def _plan_forward(self, q, k, v):
-        return (yield from forward_steps(self.view, self.kernel, self.call.scale, self.plan_exchange, q, k, v))
+        return (yield from forward_steps(self.view, self.kernel, self.call.scale, self.plan_exchange, q, k, v,
+                                         kv_wire=self.call.kv_wire))
 
     def backward(self, kept, dout):
         """Generator of (dq, dk, dv) from what forward() returned for the backward."""
         q, k, v, out, lse = kept
         if self.side is None:
             return (yield from backward_steps(self.view, self.kernel, self.call.scale, self.plan_exchange, dout,
-                                              q, k, v, out, lse))
+                                              q, k, v, out, lse, kv_wire=self.call.kv_wire))
         s, shape = self.side, self.call.shape
         (dout_o,) = yield from to_heads(s, [dout.contiguous()], ["q"], "backward d_out")
         dq_o, dk_o, dv_o = yield from backward_steps(self.view, self.kernel, self.call.scale, self.plan_exchange,
-                                                     dout_o, q, k, v, out, lse)
+                                                     dout_o, q, k, v, out, lse, kv_wire=self.call.kv_wire)
         dk_o, dv_o = reduce_kv(s, [dk_o, dv_o])
         return (yield from to_tokens(s, [dq_o, dk_o, dv_o], ["q", "kv", "kv"],
                                      [shape.nheads, shape.nheads_kv, shape.nheads_kv], "backward dq, dk, dv"))
