@@ -131,6 +131,30 @@ def test_runner_sets_up_and_runs_the_script_as_main():
     assert report["batch_split_wired"] and report["thd_split_wired"] and "contiguous" in str(report["config"])
 
 
+def test_setup_twice_on_one_argv_keeps_the_commands_settings(monkeypatch):
+    """The runner sets up sys.argv, then a patched pretrain_gpt.py calls setup() on the same list,
+    whose --lightseq-* flags are gone: the command's settings stand (they used to fall back to the
+    defaults, the batch split keeping the first call's layout: wrong attention, no error). A new
+    command's settings replace them, batch split included."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_lightseq.megatron import prepare
+
+    monkeypatch.setattr(prepare, "_wired", [])
+    monkeypatch.setattr(prepare, "_set_up", [])
+    mlm.register()
+    monkeypatch.setattr(GPTModel.__init__, "lightseq_defaults", GPTModel.__init__.lightseq_defaults)
+    command = ["--attention-backend", "lightseq", "--attention-dropout", "0"]
+    argv = ["pretrain_gpt.py", "--lightseq-layout", "contiguous", *command]
+    prepare.setup(argv)
+    prepare.setup(argv)
+    assert argv[1:] == command
+    assert GPTModel.__init__.lightseq_defaults.layout == "contiguous"
+    assert prepare.layout_for(prepare._wired[0], False) == "contiguous"
+    prepare.setup(["pretrain_gpt.py", "--lightseq-layout", "zigzag", *command])
+    assert GPTModel.__init__.lightseq_defaults.layout == prepare._wired[0].layout == "zigzag"
+
+
 def test_runner_rejects_a_bad_flag_and_a_missing_script():
     script = os.path.join(ROOT, "tests", "data", "show_setup.py")
     run = subprocess.run([sys.executable, "-m", "megatron_lightseq.run", script, "--lightseq-layout", "spiral",

@@ -19,10 +19,17 @@ def lightseq_active() -> bool:
     return args is None or getattr(args, "attention_backend", None) == AttnBackend[NAME]
 
 
+_wired: list[LightSeqConfig] = []  # the settings the wired batch split reads, the last setup()'s
+_set_up: list[list[str]] = []  # the argv list the last setup() read and rewrote
+
+
 def wire_batch_split(settings: LightSeqConfig) -> None:
     """Route Megatron's get_batch_on_this_cp_rank (and get_thd_batch_on_this_cp_rank, for packed
-    batches) through the plugin's layouts. Must run before the training script imports them."""
-    layout = lambda packed: layout_for(settings, packed)  # noqa: E731
+    batches) through the plugin's layouts, those of ``settings`` (a later call's replace them:
+    each function is wrapped once and reads the settings when called). Must run before the
+    training script imports them."""
+    _wired[:] = [settings]
+    layout = lambda packed: layout_for(_wired[0], packed)  # noqa: E731
     wrappers = {"get_batch_on_this_cp_rank": wired_batch_split, "get_thd_batch_on_this_cp_rank": wired_thd_batch_split}
     for name in BATCH_SPLIT_MODULES:
         try:
@@ -38,10 +45,16 @@ def wire_batch_split(settings: LightSeqConfig) -> None:
 def setup(argv: list[str]) -> None:
     """Check the command's flags that the backend depends on (flags.py), take the --lightseq-* flags
     out of ``argv`` (in place), make them the settings of the models the script builds, register the
-    backend and wire the batch split. ValueError for a command Megatron or the plugin would refuse."""
+    backend and wire the batch split. ValueError for a command Megatron or the plugin would refuse.
+    Called again with the list it rewrote (the runner, then a patched pretrain_gpt.py on the same
+    sys.argv), it does nothing: the flags are gone from it, and reading it again would put the
+    defaults back in place of the command's settings."""
+    if _set_up and argv is _set_up[0]:
+        return
     check_command(argv[1:])
     config, rest = parse_lightseq_args(argv[1:])
     register(config)
     check_backend_name(rest, list(AttnBackend.__members__))
     argv[1:] = rest
     wire_batch_split(config)
+    _set_up[:] = [argv]
