@@ -57,97 +57,121 @@ def attention_rank_bytes(view: RankPlan, shape: Shape, phase: str, kernel: str =
     """The most bytes dist_attn holds at once on the view's rank in ``phase`` ("forward",
     "backward"), by the lifetimes above, for inputs in Megatron's layout (q, k, v, d_out views of
     [s, b, h, d] tensors: dense at micro-batch 1 only)."""
-    steps, rank, owned = view.steps(phase), view.rank, view.owned
-    chunk = shape.seqlen_local // len(owned)
-    size = lambda p: payload_bytes(p.kind, chunk * len(p.chunks), shape)
-    acc = accum_dtype(shape.dtype).itemsize
-    b, s, h, g, d, e = shape.batch, shape.seqlen_local, shape.nheads, shape.nheads_kv, shape.headdim, shape.dtype.itemsize
-    if phase == "forward":
-        accumulators, casts = b * s * h * (d + 1) * acc, b * s * h * d * e
-    else:
-        accumulators, casts = b * s * (h + 2 * g) * d * acc, b * s * (h + 2 * g) * d * e
-    if kernel == "triton":  # its tile tables, cached per block (kernels/tiles.py): int32 per token and granule
-        spans = {(blk.q_chunks, blk.kv_chunks) for step in steps for blk in step.blocks}
-        sizes = [(len(qc) * chunk, len(kc) * chunk) for qc, kc in spans]
-        accumulators += sum(4 * (2 * sq + sk + 4 * -(-sq // 16) + 4 * -(-sk // 16)) for sq, sk in sizes)
-    drops = drop_after(view, phase)
-    wire = _WireBytes(view, phase, shape, size)
-    held: dict[tuple[str, int], int] = {}
-    held_chunks: dict[tuple[str, int], tuple[int, ...]] = {}
-    results: dict = {}  # computed for other ranks, not yet posted
+    return _RankMemory(view, shape, phase, kernel).peak()
 
-    def dense(name: str, local: bool, whole: bool) -> bool:
+
+class _RankMemory:
+    """One rank's walk through one phase's steps, counting what the executor holds."""
+
+    def __init__(self, view: RankPlan, shape: Shape, phase: str, kernel: str) -> None:
+        self.view, self.shape, self.phase, self.kernel = view, shape, phase, kernel
+        self.steps, self.rank, self.owned = view.steps(phase), view.rank, view.owned
+        self.chunk = shape.seqlen_local // len(self.owned)
+        b, s, h, g, d, e = shape.batch, shape.seqlen_local, shape.nheads, shape.nheads_kv, shape.headdim, shape.dtype.itemsize
+        acc = accum_dtype(shape.dtype).itemsize
+        if phase == "forward":
+            self.accumulators, self.casts = b * s * h * (d + 1) * acc, b * s * h * d * e
+        else:
+            self.accumulators, self.casts = b * s * (h + 2 * g) * d * acc, b * s * (h + 2 * g) * d * e
+        if kernel == "triton":  # its tile tables, cached per block (kernels/tiles.py): int32 per token and granule
+            spans = {(blk.q_chunks, blk.kv_chunks) for step in self.steps for blk in step.blocks}
+            sizes = [(len(qc) * self.chunk, len(kc) * self.chunk) for qc, kc in spans]
+            self.accumulators += sum(4 * (2 * sq + sk + 4 * -(-sq // 16) + 4 * -(-sk // 16)) for sq, sk in sizes)
+        self.wire = _WireBytes(view, phase, shape, self.size)
+        self.held: dict[tuple[str, int], int] = {}
+        self.held_chunks: dict[tuple[str, int], tuple[int, ...]] = {}
+        self.results: dict = {}  # computed for other ranks, not yet posted
+
+    def size(self, p: Payload) -> int:
+        return payload_bytes(p.kind, self.chunk * len(p.chunks), self.shape)
+
+    def dense(self, name: str, local: bool, whole: bool) -> bool:
         """Whether the rows of tensor ``name`` a block or send takes are dense: Megatron's q, k, v,
         d_out at micro-batch 1 only; the executor's out and lse, and received payloads, when taken
         whole or (out) at micro-batch 1; an lse [B, H, S] slice of rows only if B * H is 1."""
+        b = self.shape.batch
         if local and name in ("q", "k", "v", "dout"):
             return b == 1
-        return whole or (b * h == 1 if name == "lse" else b == 1)
+        return whole or (b * self.shape.nheads == 1 if name == "lse" else b == 1)
 
-    def send_bytes(p: Payload) -> int:
+    def send_bytes(self, p: Payload) -> int:
         """Bytes sending ``p`` allocates: results move, inputs are made dense for the transport."""
         if p.kind not in INPUT_KINDS:
-            return size(p)
-        if wire.on and p.kind == "kv":
-            return wire.send(p)
-        local = p.owner == rank
-        within = owned if local else held_chunks[p.kind, p.owner]
+            return self.size(p)
+        if self.wire.on and p.kind == "kv":
+            return self.wire.send(p)
+        local = p.owner == self.rank
+        within = self.owned if local else self.held_chunks[p.kind, p.owner]
         if not one_run(p.chunks, within):
-            return size(p)  # rows of several runs are concatenated
+            return self.size(p)  # rows of several runs are concatenated
         whole = len(p.chunks) == len(within)
         names = {"kv": ("k", "v"), "q": ("q",), "qg": ("q", "out", "lse", "dout")}[p.kind]
         return sum(math.prod(shp) * dt.itemsize for name, (shp, dt, _) in
-                   zip(names, payload_tensors(p.kind, chunk * len(p.chunks), shape)) if not dense(name, local, whole))
+                   zip(names, payload_tensors(p.kind, self.chunk * len(p.chunks), self.shape))
+                   if not self.dense(name, local, whole))
 
-    def posted(t: int) -> tuple[int, int, list]:
+    def posted(self, t: int) -> tuple[int, int, list]:
         """(bytes of step t's sends (copies and results), of its receive buffers, the receives)."""
-        if t >= len(steps):
+        if t >= len(self.steps):
             return 0, 0, []
-        mine = steps[t]
-        return sum(send_bytes(tr.payload) for tr in mine.sends), sum(size(tr.payload) for tr in mine.recvs), mine.recvs
+        mine = self.steps[t]
+        return (sum(self.send_bytes(tr.payload) for tr in mine.sends), sum(self.size(tr.payload) for tr in mine.recvs),
+                mine.recvs)
 
-    sending, receiving, arriving = posted(0)
-    peak = accumulators + sending + receiving
-    for t, step in enumerate(steps):
-        # wait: step t's sends are done; its inputs are held, its results merged (their buffers
-        # alive until the next post replaces them)
+    def arrive(self, arriving) -> int:
+        """Step t's wait: its inputs are held, its results merged; the merged results' bytes (their
+        buffers alive until the next post replaces them)."""
         absorbed = 0
         for tr in arriving:
-            if wire.on and tr.payload.kind == "kv":
-                held["kv", tr.payload.owner], freed = wire.arrived(tr.payload)
+            key = tr.payload.kind, tr.payload.owner
+            if self.wire.on and tr.payload.kind == "kv":
+                self.held[key], freed = self.wire.arrived(tr.payload)
                 absorbed += freed
-                held_chunks["kv", tr.payload.owner] = tr.payload.chunks
+                self.held_chunks[key] = tr.payload.chunks
             elif tr.payload.kind in INPUT_KINDS:
-                held[tr.payload.kind, tr.payload.owner] = size(tr.payload)
-                held_chunks[tr.payload.kind, tr.payload.owner] = tr.payload.chunks
+                self.held[key], self.held_chunks[key] = self.size(tr.payload), tr.payload.chunks
             else:
-                absorbed += size(tr.payload)
-        for tr in steps[t + 1].sends if t + 1 < len(steps) else ():
-            results.pop(tr.payload, None)
-        sending, receiving, arriving = posted(t + 1)
-        base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving + wire.kept()
-        peak = max(peak, base + absorbed)
-        for blk in step.blocks:
-            sq, sk = chunk * len(blk.q_chunks), chunk * len(blk.kv_chunks)
-            local = blk.q_owner == rank
-            if phase == "forward":
-                made = block_bytes(kernel, forward_call(view, blk), sq, sk, shape)
-            else:
-                whole = len(blk.q_chunks) == len(owned if local else held_chunks["qg", blk.q_owner])
-                made = block_bytes(kernel, "backward", sq, sk, shape, out_dense=dense("out", local, whole),
-                                   dout_dense=dense("dout", local, whole), lse_dense=dense("lse", local, whole))
-            peak = max(peak, base + made)
-            if phase == "forward" and not local:
-                results[Payload("o", blk.q_owner, blk.q_chunks)] = b * sq * h * (d * e + 4)
-            if phase == "backward":
-                if not local:
-                    results[Payload("dq", blk.q_owner, blk.q_chunks)] = b * sq * h * d * e
-                if blk.kv_owner != rank:
-                    results[Payload("dkv", blk.kv_owner, blk.kv_chunks)] = 2 * b * sk * g * d * e
-            base = accumulators + sum(held.values()) + sum(results.values()) + sending + receiving + wire.kept()
-        for key in drops[t]:
-            held.pop(key, None)
-    return max(peak, accumulators + sending + receiving + casts)
+                absorbed += self.size(tr.payload)
+        return absorbed
+
+    def block(self, blk) -> int:
+        """Bytes the kernel makes for ``blk``; its results for other ranks are held from then on."""
+        b, h, g, d, e = self.shape.batch, self.shape.nheads, self.shape.nheads_kv, self.shape.headdim, self.shape.dtype.itemsize
+        sq, sk = self.chunk * len(blk.q_chunks), self.chunk * len(blk.kv_chunks)
+        local = blk.q_owner == self.rank
+        if self.phase == "forward":
+            made = block_bytes(self.kernel, forward_call(self.view, blk), sq, sk, self.shape)
+            if not local:
+                self.results[Payload("o", blk.q_owner, blk.q_chunks)] = b * sq * h * (d * e + 4)
+            return made
+        whole = len(blk.q_chunks) == len(self.owned if local else self.held_chunks["qg", blk.q_owner])
+        made = block_bytes(self.kernel, "backward", sq, sk, self.shape, out_dense=self.dense("out", local, whole),
+                           dout_dense=self.dense("dout", local, whole), lse_dense=self.dense("lse", local, whole))
+        if not local:
+            self.results[Payload("dq", blk.q_owner, blk.q_chunks)] = b * sq * h * d * e
+        if blk.kv_owner != self.rank:
+            self.results[Payload("dkv", blk.kv_owner, blk.kv_chunks)] = 2 * b * sk * g * d * e
+        return made
+
+    def peak(self) -> int:
+        steps, drops = self.steps, drop_after(self.view, self.phase)
+        sending, receiving, arriving = self.posted(0)
+        peak = self.accumulators + sending + receiving
+        for t, step in enumerate(steps):
+            absorbed = self.arrive(arriving)
+            for tr in steps[t + 1].sends if t + 1 < len(steps) else ():
+                self.results.pop(tr.payload, None)
+            sending, receiving, arriving = self.posted(t + 1)
+            live = self.accumulators + sending + receiving
+            base = live + sum(self.held.values()) + sum(self.results.values()) + self.wire.kept()
+            peak = max(peak, base + absorbed)
+            for blk in step.blocks:
+                made = self.block(blk)
+                peak = max(peak, base + made)
+                base = live + sum(self.held.values()) + sum(self.results.values()) + self.wire.kept()
+            for key in drops[t]:
+                self.held.pop(key, None)
+        return max(peak, self.accumulators + sending + receiving + self.casts)
 
 
 class _WireBytes:
