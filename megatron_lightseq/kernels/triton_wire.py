@@ -36,6 +36,16 @@ def _to_int8(y):
 
 
 @triton.jit
+def _tile(T, G, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's (batch, head, tokens, channels, in-bounds mask) of a [B, T, G, D] grid of
+    (B * G, tiles of BLOCK_T tokens) programs."""
+    bg, tb = tl.program_id(0), tl.program_id(1)
+    rt = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    rd = tl.arange(0, BLOCK_D)
+    return bg // G, bg % G, rt, rd, (rt[:, None] < T) & (rd[None, :] < D)
+
+
+@triton.jit
 def _quantize_k(X, Q, S, T, sxb, sxt, sxg, sqb, sqt, sqg, ssb, ssg, G, D: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_T: tl.constexpr, F64: tl.constexpr):
     """One program per (batch, head): each channel's amax over the T tokens, then the int8 values."""
@@ -63,11 +73,7 @@ def _quantize_k(X, Q, S, T, sxb, sxt, sxg, sqb, sqt, sqg, ssb, ssg, G, D: tl.con
 def _quantize_v(X, Q, S, T, sxb, sxt, sxg, sqb, sqt, sqg, ssb, sst, ssg, G, D: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, F64: tl.constexpr):
     """One program per (batch, head, BLOCK_T tokens): each token's amax over D, its int8 values."""
-    bg, tb = tl.program_id(0), tl.program_id(1)
-    b, g = bg // G, bg % G
-    rt = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    rd = tl.arange(0, BLOCK_D)
-    ok = (rt[:, None] < T) & (rd[None, :] < D)
+    b, g, rt, rd, ok = _tile(T, G, D, BLOCK_D, BLOCK_T)
     x = tl.load(X + b * sxb + rt[:, None] * sxt + g * sxg + rd[None, :], mask=ok, other=0.0)
     x = x.to(tl.float64 if F64 else tl.float32)
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 1).to(tl.float32), TINY_), QMAX_)
@@ -80,11 +86,7 @@ def _quantize_v(X, Q, S, T, sxb, sxt, sxg, sqb, sqt, sqg, ssb, sst, ssg, G, D: t
 def _dequantize(Q, S, Y, T, sqb, sqt, sqg, ssb, sst, ssg, ssd, syb, syt, syg, G, D: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, F64: tl.constexpr, BF16: tl.constexpr):
     """int8 times its scale (stride 0 along the dims a scale spans), written in Y's dtype."""
-    bg, tb = tl.program_id(0), tl.program_id(1)
-    b, g = bg // G, bg % G
-    rt = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    rd = tl.arange(0, BLOCK_D)
-    ok = (rt[:, None] < T) & (rd[None, :] < D)
+    b, g, rt, rd, ok = _tile(T, G, D, BLOCK_D, BLOCK_T)
     q = tl.load(Q + b * sqb + rt[:, None] * sqt + g * sqg + rd[None, :], mask=ok, other=0)
     s = tl.load(S + b * ssb + rt[:, None] * sst + g * ssg + rd[None, :] * ssd, mask=ok, other=0.0)
     y = q.to(tl.float64 if F64 else tl.float32) * s.to(tl.float64 if F64 else tl.float32)
