@@ -182,7 +182,14 @@ def _ramp(starts: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _at_most(starts, b, np.ones_like(starts)) * (b + 1) - _at_most(starts, b, starts)
 
 
-SWAPS = 16  # the most swaps from each start: each looks at every chunk, so the deal stays linear in chunks
+# Swaps from each start: each looks at every chunk, so at most SWAP_WORK // chunks of them (and at
+# least 16) keep the deal linear in chunks, while small layouts swap to the end, keeping their
+# neighbouring chunks together (the heaviest-first start balances but scatters them).
+SWAP_WORK, MIN_SWAPS = 2**15, 16
+
+
+def _swap_cap(chunk_count: int) -> int:
+    return max(MIN_SWAPS, SWAP_WORK // chunk_count)
 
 
 def deal_chunks(mask: Mask, tokens: int, starts: list[tuple[tuple[int, ...], ...]]) -> tuple[tuple[int, ...], ...]:
@@ -190,7 +197,7 @@ def deal_chunks(mask: Mask, tokens: int, starts: list[tuple[tuple[int, ...], ...
     chunks, mostly of the same documents, stay on one rank; the zigzag pairs, the causal pairing,
     best when one document fills most of the sequence; the heaviest chunks first, each to the
     lightest rank with room, which balances any mix of documents in one pass), swap chunks while
-    that lowers the busiest rank's load, at most SWAPS times; of the results within 1% of the
+    that lowers the busiest rank's load (at most _swap_cap times); of the results within 1% of the
     lightest busiest rank, the one whose busiest rank sends and receives the fewest chunks (ties:
     the earlier start). Each rank's chunks in sequence order."""
     world_size, per_rank = len(starts[0]), len(starts[0][0])
@@ -228,10 +235,10 @@ def _heaviest_first(work: np.ndarray, world_size: int, per_rank: int) -> np.ndar
 
 def _swap_until_balanced(work: np.ndarray, owner: np.ndarray, world_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Swap a chunk of the busiest rank for a lighter one of another rank, the swap that leaves
-    the busier of the two least loaded, until no swap lowers the busiest rank's load or SWAPS
+    the busier of the two least loaded, until no swap lowers the busiest rank's load or _swap_cap
     swaps are made; returns the owners (``owner`` itself, changed) and the ranks' loads."""
     load = np.bincount(owner, weights=work, minlength=world_size)
-    for _ in range(SWAPS if world_size > 1 else 0):
+    for _ in range(_swap_cap(len(work)) if world_size > 1 else 0):
         x = int(np.argmax(load))
         mine = np.flatnonzero(owner == x)
         heavy = work[mine]
