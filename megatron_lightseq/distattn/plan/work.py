@@ -1,14 +1,15 @@
 """The work a mask leaves between chunks, exactly, and the balanced layout's deal of chunks.
 
 For every mask the keys a query at position i sees are one interval [lo_i, end_i) of positions
-(kernels/mask.py), and both ends only grow with i. So the number of keys before a boundary b
+(plan/mask.py), and both ends only grow with i. So the number of keys before a boundary b
 that query i sees is clip(min(end_i, b) - lo_i, 0), and summed over a chunk of queries it splits
 at two points found by counting: queries whose interval ends by b count their whole interval,
 queries whose interval starts before b count b - lo_i, the rest nothing. Prefix sums of the
 interval lengths and of lo make each (query chunk, boundary) sum O(1). Those sums come from the
-pieces on which lo and end are linear (a few per document), so the whole [chunks x chunks] area
-matrix costs O(documents x chunks + chunks^2), not O(tokens x chunks); every token's interval is
-the fallback for a mask whose pieces are not known.
+pieces on which lo and end are linear (a few per document), and only the pairs inside each
+query chunk's band of key chunks are summed, so the pairs with work cost O((documents + chunks)
+log documents + pairs with work), never a dense [chunks x chunks] matrix nor O(tokens x chunks);
+every token's interval is the fallback for a mask whose pieces are not known.
 """
 from __future__ import annotations
 
