@@ -30,8 +30,7 @@ FIELDS = ("batch", "seqlen_local", "nheads", "nheads_kv", "headdim", "dtype", "l
           "cu_seqlens", "window_size", "softmax_scale", "kernel", "backward", "all-to-all size", "outer size",
           "kv_wire")
 HEADER_NAMES = ("its options (dtype, layout, schedule, mask, softmax scale, kernel, backward, group sizes or kv_wire)",
-                "batch",
-                "seqlen_local", "nheads", "nheads_kv", "headdim")
+                "batch", "seqlen_local", "nheads", "nheads_kv", "headdim")
 _NAMED = {"dtype": [str(d) for d in DTYPES], "layout": LAYOUTS, "schedule": SCHEDULE_CHOICES,
           "kv_wire": [str(w) for w in KV_WIRES]}
 

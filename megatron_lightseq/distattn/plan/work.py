@@ -57,18 +57,18 @@ def area_from(sums: "_Tokens | _Pieces", tokens: int, chunk_count: int) -> Chunk
     started = np.maximum(sums.starting_before(bounds), whole)  # before it: start before b
     row, k = _band(whole, started, bounds, chunk_count)
     first, last = bounds[row], bounds[row + 1]  # each entry's query chunk's first and next token
+    size_at, lo_at = sums.size(bounds), sums.lo(bounds)  # the sums at the boundaries, once
 
-    def clipped(values, at):  # values(clip(at[k], first, last)), from the values at the points
-        at_bounds = values(bounds)
+    def clipped(values, at_bounds, at):  # values(clip(at[k], first, last)), from the values at the points
         return np.clip(values(at)[k], at_bounds[row], at_bounds[row + 1])
 
     r1, r2 = np.clip(whole[k], first, last), np.clip(started[k], first, last)
-    below = (clipped(sums.size, whole) - sums.size(first)) + (r2 - r1) * bounds[k] - (
-        clipped(sums.lo, started) - clipped(sums.lo, whole))
+    below = (clipped(sums.size, size_at, whole) - size_at[row]) + (r2 - r1) * bounds[k] - (
+        clipped(sums.lo, lo_at, started) - clipped(sums.lo, lo_at, whole))
     counts = below[1:] - below[:-1]
     keep = (row[1:] == row[:-1]) & (counts > 0)  # pairs (k, k + 1) of one row: key chunk k
     # a row's sum is its queries' interval sizes summed: one difference of the prefix sums
-    return ChunkPairs(row[1:][keep], k[:-1][keep], counts[keep], chunk_count, np.diff(sums.size(bounds)))
+    return ChunkPairs(row[1:][keep], k[:-1][keep], counts[keep], chunk_count, np.diff(size_at))
 
 
 def _band(whole, started, bounds, chunk_count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -57,7 +57,7 @@ Rows = tuple[int, int] | torch.Tensor  # tokens of the outer space: one stretch 
 
 
 @lru_cache(maxsize=1024)
-def _rows_of(runs: tuple[Run, ...], chunk_len: int, device: torch.device) -> Rows:
+def _member_rows(runs: tuple[Run, ...], chunk_len: int, device: torch.device) -> Rows:
     """A member's tokens, in its local order, among its outer rank's tokens (runs: hybrid.member_runs)."""
     if len(runs) == 1:
         _, b, n = runs[0]
@@ -93,7 +93,7 @@ class Side:
 
     def rows(self, j: int, device: torch.device) -> Rows:
         """Inner rank j's tokens among the outer rank's."""
-        return _rows_of(self.hyb.member_runs(self.member(j)), self.chunk_len, device)
+        return _member_rows(self.hyb.member_runs(self.member(j)), self.chunk_len, device)
 
     def heads(self, kind: str, j: int) -> tuple[int, int]:
         return self.hyb.split.q_heads(j) if kind == "q" else self.hyb.split.kv_heads(j)
