@@ -19,27 +19,17 @@ chunks a balanced layout makes. Legend: B batch, S tokens, H heads, D head dim; 
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from ..transport.exchange import Exchange
 from ..plan.hybrid import HybridPlan
-from ..plan.runs import Run
+from .rows import Rows, pick, place, rows_of, seq_dim
 
 COUNTERS = ("a2a_bytes_sent", "a2a_bytes_received")  # trace(): intra-group bytes, apart from the plan's
 
 
-def _seq_dim(x: torch.Tensor) -> int:
-    return 2 if x.dim() == 3 else 1  # lse [B, H, S]; the rest [B, S, H, D]
-
-
 def _head_dim(x: torch.Tensor) -> int:
     return 1 if x.dim() == 3 else 2
-
-
-def _rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    return x.narrow(_seq_dim(x), start, stop - start)
 
 
 def _heads(x: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
@@ -51,33 +41,6 @@ def _with(x, dim: int, size: int) -> list[int]:
     shape = list(x.shape if isinstance(x, torch.Tensor) else x)
     shape[dim] = size
     return shape
-
-
-Rows = tuple[int, int] | torch.Tensor  # tokens of the outer space: one stretch [start, stop), or an index
-
-
-@lru_cache(maxsize=1024)
-def _member_rows(runs: tuple[Run, ...], chunk_len: int, device: torch.device) -> Rows:
-    """A member's tokens, in its local order, among its outer rank's tokens (runs: hybrid.member_runs)."""
-    if len(runs) == 1:
-        _, b, n = runs[0]
-        return b * chunk_len, (b + n) * chunk_len
-    return torch.cat([torch.arange(b * chunk_len, (b + n) * chunk_len) for _, b, n in runs]).to(device)
-
-
-def _pick(x: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """x's ``rows`` (a view of a stretch; a copy of an index's)."""
-    if isinstance(rows, tuple):
-        return _rows(x, *rows)
-    return x.index_select(_seq_dim(x), rows)
-
-
-def _place(out: torch.Tensor, rows: Rows, piece: torch.Tensor) -> None:
-    """out's ``rows`` := piece."""
-    if isinstance(rows, tuple):
-        _rows(out, *rows).copy_(piece)
-    else:
-        out.index_copy_(_seq_dim(out), rows, piece)
 
 
 class Side:
@@ -92,8 +55,8 @@ class Side:
         return self.outer_rank * self.hyb.inner + j
 
     def rows(self, j: int, device: torch.device) -> Rows:
-        """Inner rank j's tokens among the outer rank's."""
-        return _member_rows(self.hyb.member_runs(self.member(j)), self.chunk_len, device)
+        """Inner rank j's tokens, in its local order, among the outer rank's."""
+        return rows_of(self.hyb.member_runs(self.member(j)), self.chunk_len, device)
 
     def heads(self, kind: str, j: int) -> tuple[int, int]:
         return self.hyb.split.q_heads(j) if kind == "q" else self.hyb.split.kv_heads(j)
@@ -115,27 +78,27 @@ def to_heads(side: Side, xs: list[torch.Tensor], kinds: list[str], what: str):
     outs = []
     for x, kind in zip(xs, kinds):
         span = side.heads(kind, me)
-        shape = _with(_with(x, _seq_dim(x), x.shape[_seq_dim(x)] * side.hyb.inner), _head_dim(x), span[1] - span[0])
+        shape = _with(_with(x, seq_dim(x), x.shape[seq_dim(x)] * side.hyb.inner), _head_dim(x), span[1] - span[0])
         outs.append(torch.empty(shape, dtype=x.dtype, device=device))
     sends, recvs, later = [], [], []
     for j in range(side.hyb.inner):
         rows = side.rows(j, device)
         if j == me:
             for x, kind, out in zip(xs, kinds, outs):
-                _place(out, rows, _heads(x, side.heads(kind, me)))
+                place(out, rows, _heads(x, side.heads(kind, me)))
             continue
         sends.append((j, tuple(_heads(x, side.heads(kind, j)).contiguous() for x, kind in zip(xs, kinds))))
         bufs = []
         for x, out in zip(xs, outs):
-            target = _pick(out, rows) if isinstance(rows, tuple) else None
+            target = pick(out, rows) if isinstance(rows, tuple) else None
             if target is None or not target.is_contiguous():  # receive apart, placed after the wait
-                target = torch.empty(_with(out, _seq_dim(out), x.shape[_seq_dim(x)]), dtype=out.dtype, device=device)
+                target = torch.empty(_with(out, seq_dim(out), x.shape[seq_dim(x)]), dtype=out.dtype, device=device)
                 later.append((out, rows, target))
             bufs.append(target)
         recvs.append((j, tuple(bufs)))
     yield from side.exchange_pieces(sends, recvs, what)
     for out, rows, buf in later:
-        _place(out, rows, buf)
+        place(out, rows, buf)
     return outs
 
 
@@ -144,10 +107,10 @@ def to_tokens(side: Side, xs: list[torch.Tensor], kinds: list[str], totals: list
     (H for "q", G for "kv"). "kv" pieces (K/V gradients) are summed: a head that several ranks
     received comes back from each. Generator (module doc)."""
     me, device = side.inner_rank, xs[0].device
-    local_len = xs[0].shape[_seq_dim(xs[0])] // side.hyb.inner
+    local_len = xs[0].shape[seq_dim(xs[0])] // side.hyb.inner
     outs = []
     for x, kind, total in zip(xs, kinds, totals):
-        shape = _with(_with(x, _seq_dim(x), local_len), _head_dim(x), total)
+        shape = _with(_with(x, seq_dim(x), local_len), _head_dim(x), total)
         outs.append((torch.zeros if kind == "kv" else torch.empty)(shape, dtype=x.dtype, device=device))
 
     def land(out, kind, j, piece):  # this rank's tokens, inner rank j's heads
@@ -159,10 +122,10 @@ def to_tokens(side: Side, xs: list[torch.Tensor], kinds: list[str], totals: list
         rows = side.rows(j, device)
         if j == me:
             for x, kind, out in zip(xs, kinds, outs):
-                land(out, kind, me, _pick(x, rows))
+                land(out, kind, me, pick(x, rows))
             continue
-        sends.append((j, tuple(_pick(x, rows).contiguous() for x in xs)))
-        bufs = [torch.empty(_with(_with(x, _seq_dim(x), local_len), _head_dim(x), side.heads(kind, j)[1]
+        sends.append((j, tuple(pick(x, rows).contiguous() for x in xs)))
+        bufs = [torch.empty(_with(_with(x, seq_dim(x), local_len), _head_dim(x), side.heads(kind, j)[1]
                                   - side.heads(kind, j)[0]), dtype=x.dtype, device=device) for x, kind in zip(xs, kinds)]
         later.extend((out, kind, j, buf) for out, kind, buf in zip(outs, kinds, bufs))
         recvs.append((j, tuple(bufs)))

@@ -18,6 +18,7 @@ from ..plan.plan import INPUT_KINDS, Block, Payload, RankPlan, Shape, payload_te
 from ..plan.runs import chunk_runs, one_run, span_of
 from ..transport.exchange import Exchange, Pending
 from ..transport.trace import count
+from .rows import Rows, add_to, pick, rows_in
 from .wire import KvWire
 
 Tensors = tuple[torch.Tensor, ...]
@@ -32,42 +33,36 @@ class _RankRun:
         self.steps = view.steps(phase)
         self.rank = view.rank
         self.chunk_len = shape.seqlen_local // len(view.owned)
-        self.local = local  # kind -> this rank's own tensors for that kind (whole local sequence)
+        self.local = local  # kind -> this rank's own tensors for that kind (whole local sequence), accumulators too
         self.held: dict[tuple[str, int], tuple[Payload, Tensors]] = {}  # received inputs
         self.results: dict[Payload, Tensors] = {}  # computed for other ranks, not yet sent
         self.done_after = drop_after(view, phase)
         self.device_ = next(iter(local.values()))[0].device
         self.buffers = receive_buffers(view, phase, shape)
-        self.views: dict[tuple[str, tuple[int, ...]], Tensors] = {}  # rows of local tensors taken so far
+        self.views: dict[tuple[str, tuple[int, ...]], Tensors] = {}  # views of local tensors' rows taken so far
         dtype = local["kv"][0].dtype
         self.wire = KvWire(view, phase, dtype) if shape.kv_wire == "int8" else None  # kv payloads in 8 bits
 
-    def runs(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> tuple[tuple[slice, slice], ...]:
-        """Where ``chunks`` sit in a tensor of ``within``'s chunks, as (rows of a tensor of
-        ``chunks``, rows of a tensor of ``within``), one pair per run of neighbouring chunks."""
-        return _rows_of(chunks, within, self.chunk_len)
+    def rows(self, chunks: tuple[int, ...], within: tuple[int, ...]) -> Rows:
+        """Where ``chunks`` sit in a tensor of ``within``'s chunks (rows.py)."""
+        return rows_in(chunks, within, self.chunk_len, self.device_)
 
     def take(self, kind: str, owner: int, chunks: tuple[int, ...]) -> Tensors:
         """``chunks`` of owner's ``kind`` tensors, local ones or a received payload: views when the
-        chunks are neighbours there (always, with the plain layouts), else a copy."""
-        local = owner == self.rank
-        if local:
-            tensors, within = self.local[kind], self.view.owned
+        chunks are neighbours there (always, with the plain layouts), else one copy per tensor."""
+        if owner == self.rank:
             taken = self.views.get((kind, chunks))
-            if taken is not None:
-                return taken
-        else:
-            payload, tensors = self.held[kind, owner]
-            within = payload.chunks
-        if chunks == within:  # all of them, in their order: the tensors themselves
+            if taken is None:
+                rows = self.rows(chunks, self.view.owned)
+                taken = tuple(pick(t, rows) for t in self.local[kind])
+                if isinstance(rows, tuple):  # views of tensors that live the whole call: kept (not copies,
+                    self.views[kind, chunks] = taken  # nor a received payload's, kept past its drop)
+            return taken
+        payload, tensors = self.held[kind, owner]
+        if chunks == payload.chunks:  # all of them, in their order: the tensors themselves
             return tensors
-        rows = [there for _, there in self.runs(chunks, within)]
-        if len(rows) > 1:
-            return tuple(torch.cat([_rows(t, r) for r in rows], _seq_dim(t)) for t in tensors)
-        taken = tuple(_rows(t, rows[0]) for t in tensors)
-        if local:  # views of tensors that live the whole call: kept (a received payload's are not,
-            self.views[kind, chunks] = taken  # which would keep it alive past its drop)
-        return taken
+        rows = self.rows(chunks, payload.chunks)
+        return tuple(pick(t, rows) for t in tensors)
 
     def post(self, t: int) -> tuple[Pending, list[tuple[Payload, Tensors]]]:
         if t >= len(self.steps):
@@ -125,11 +120,6 @@ class _RankRun:
             pending.wait()
         except Exception as e:  # noqa: BLE001 - re-raised, named
             raise self.exchange.fail(f"{self.phase} step {t}", e) from e
-
-
-@lru_cache(maxsize=4096)
-def _rows_of(chunks: tuple[int, ...], within: tuple[int, ...], n: int) -> tuple[tuple[slice, slice], ...]:
-    return tuple((slice(i * n, (i + k) * n), slice(at * n, (at + k) * n)) for i, at, k in chunk_runs(chunks, within))
 
 
 def receive_buffers(view: RankPlan, phase: str, shape: Shape) -> tuple[tuple[tuple, ...], ...]:
@@ -190,15 +180,6 @@ def drive(steps):
             return done.value
 
 
-def _seq_dim(t: torch.Tensor) -> int:
-    return 2 if t.dim() == 3 else 1  # lse is [B, H, S], the rest [B, S, ...]
-
-
-def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
-    dim = 2 if t.dim() == 3 else 1
-    return t if rows.start == 0 and rows.stop == t.shape[dim] else t.narrow(dim, rows.start, rows.stop - rows.start)
-
-
 def _spans(run: _RankRun, b: Block):
     return _block_spans(b.q_chunks, b.kv_chunks, run.chunk_len)
 
@@ -230,23 +211,22 @@ def forward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: E
     acc = accum_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((shape.batch, shape.nheads, shape.seqlen_local), float("-inf"), dtype=acc, device=q.device)
-    run = _RankRun(view, "forward", exchange, shape, {"q": (q,), "kv": (k, v)})
-    owned = view.owned
+    run = _RankRun(view, "forward", exchange, shape, {"q": (q,), "kv": (k, v), "acc": (out, lse)})
+    owned, n = view.owned, run.chunk_len
 
     def merge(chunks, part_out, part_lse) -> None:
-        runs = run.runs(chunks, owned)
-        if len(runs) == 1:  # the part is the run's rows: no view of it needed
-            merge_into(_rows(out, runs[0][1]), _rows(lse, runs[0][1]), part_out, part_lse)
+        if isinstance(run.rows(chunks, owned), tuple):  # one stretch: the part is its rows
+            merge_into(*run.take("acc", rank, chunks), part_out, part_lse)
             return
-        for here, there in runs:
-            merge_into(_rows(out, there), _rows(lse, there), _rows(part_out, here), _rows(part_lse, here))
+        for i, at, c in chunk_runs(chunks, owned):  # stretch by stretch, in place (no copy of the rows)
+            here, there = (i * n, (i + c) * n), (at * n, (at + c) * n)
+            merge_into(pick(out, there), pick(lse, there), pick(part_out, here), pick(part_lse, here))
 
     def compute(b: Block) -> None:
         (q_,), (k_, v_) = run.take("q", b.q_owner, b.q_chunks), run.take("kv", b.kv_owner, b.kv_chunks)
         block = dict(mask=mask, scale=scale, **_spans(run, b))
         if forward_call(view, b) == "forward_into":  # own queries, one run of rows
-            there = run.runs(b.q_chunks, owned)[0][1]
-            kernel.forward_into(q_, k_, v_, _rows(out, there), _rows(lse, there), **block)
+            kernel.forward_into(q_, k_, v_, *run.take("acc", rank, b.q_chunks), **block)
         elif b.q_owner == rank:
             merge(b.q_chunks, *kernel.forward(q_, k_, v_, **block))
         else:
@@ -270,40 +250,34 @@ def backward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: 
     rank, mask = view.rank, view.mask
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
-    local = {"qg": (q, out, lse, dout), "kv": (k, v)}
+    local = {"qg": (q, out, lse, dout), "kv": (k, v), "dq": (dq,), "dkv": (dk, dv)}
     run = _RankRun(view, "backward", exchange, Shape.of(q, k, kv_wire), local)
     owned = view.owned
 
-    def add(acc, chunks, part):  # in place into a view (``acc[rows] += x`` would also copy it back)
-        runs = run.runs(chunks, owned)
-        if len(runs) == 1:
-            _rows(acc, runs[0][1]).add_(part)
+    def add(kind, chunks, *parts):  # in place (``acc[rows] += x`` would also copy it back)
+        rows = run.rows(chunks, owned)
+        if isinstance(rows, tuple):  # into views of one stretch
+            for acc, part in zip(run.take(kind, rank, chunks), parts):
+                acc.add_(part)
             return
-        for here, there in runs:
-            _rows(acc, there).add_(_rows(part, here))
-
-    def add_dkv(chunks, part_k, part_v):
-        add(dk, chunks, part_k)
-        add(dv, chunks, part_v)
+        for acc, part in zip(run.local[kind], parts):  # several: one index_add_ each
+            add_to(acc, rows, part)
 
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)
         k_, v_ = run.take("kv", b.kv_owner, b.kv_chunks)
         dq_, dk_, dv_ = kernel.backward(do_, q_, k_, v_, o_, l_, mask=mask, scale=scale, **_spans(run, b))
         if b.q_owner == rank:
-            add(dq, b.q_chunks, dq_)
+            add("dq", b.q_chunks, dq_)
         else:
             run.results[Payload("dq", b.q_owner, b.q_chunks)] = (dq_,)
         if b.kv_owner == rank:
-            add_dkv(b.kv_chunks, dk_, dv_)
+            add("dkv", b.kv_chunks, dk_, dv_)
         else:
             run.results[Payload("dkv", b.kv_owner, b.kv_chunks)] = (dk_, dv_)
 
     def absorb(p: Payload, tensors) -> None:
-        if p.kind == "dq":
-            add(dq, p.chunks, *tensors)
-        else:
-            add_dkv(p.chunks, *tensors)
+        add(p.kind, p.chunks, *tensors)
 
     yield from run.run(compute, absorb)
     count(backward_calls=1)

@@ -1,0 +1,61 @@
+"""Token rows of a rank's tensors, as the executor and the all-to-all take and land them.
+
+Some chunks of a tensor (plan/runs.py finds their runs) are its token rows: one stretch, which a
+view takes, or several, which one index takes (a copy, ``index_select``) and lands (``index_copy_``,
+``index_add_``): one op per tensor whatever the number of runs, instead of a view, an op and a
+concatenation per run. Tensors are [B, S, ...], or [B, H, S] for the lse.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from ..plan.runs import Run, chunk_runs
+
+Rows = tuple[int, int] | torch.Tensor  # one stretch [start, stop), or the index of several, in order
+
+
+def seq_dim(x: torch.Tensor) -> int:
+    return 2 if x.dim() == 3 else 1  # lse [B, H, S]; the rest [B, S, H, D]
+
+
+@lru_cache(maxsize=4096)
+def rows_of(runs: tuple[Run, ...], chunk_len: int, device: torch.device) -> Rows:
+    """The rows of ``runs`` (chunk_runs: where some chunks sit in a tensor of others), in the
+    chunks' order; an index lives on ``device`` (made once per runs and device)."""
+    if len(runs) == 1:
+        _, at, n = runs[0]
+        return at * chunk_len, (at + n) * chunk_len
+    return torch.cat([torch.arange(at * chunk_len, (at + n) * chunk_len) for _, at, n in runs]).to(device)
+
+
+def rows_in(chunks: tuple[int, ...], within: tuple[int, ...], chunk_len: int, device: torch.device) -> Rows:
+    """Where ``chunks`` sit in a tensor of ``within``'s chunks."""
+    return rows_of(chunk_runs(chunks, within), chunk_len, device)
+
+
+def pick(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """x's ``rows``: x itself when they are all of it, a view of a stretch, a copy of an index's."""
+    if isinstance(rows, tuple):
+        start, stop = rows
+        dim = seq_dim(x)
+        return x if start == 0 and stop == x.shape[dim] else x.narrow(dim, start, stop - start)
+    return x.index_select(seq_dim(x), rows)
+
+
+def place(out: torch.Tensor, rows: Rows, piece: torch.Tensor) -> None:
+    """out's ``rows`` := piece."""
+    if isinstance(rows, tuple):
+        pick(out, rows).copy_(piece)
+    else:
+        out.index_copy_(seq_dim(out), rows, piece)
+
+
+def add_to(acc: torch.Tensor, rows: Rows, part: torch.Tensor) -> None:
+    """acc's ``rows`` += part, in place (each row once: index_add_ is deterministic here, and
+    torch runs it deterministically on CUDA under use_deterministic_algorithms)."""
+    if isinstance(rows, tuple):
+        pick(acc, rows).add_(part)
+    else:
+        acc.index_add_(seq_dim(acc), rows, part)
