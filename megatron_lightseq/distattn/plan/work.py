@@ -239,26 +239,24 @@ def _swap_until_balanced(work: np.ndarray, owner: np.ndarray, world_size: int) -
     the busier of the two least loaded, until no swap lowers the busiest rank's load or _swap_cap
     swaps are made; returns the owners (``owner`` itself, changed) and the ranks' loads."""
     load = np.bincount(owner, weights=work, minlength=world_size)
-    for _ in range(_swap_cap(len(work)) if world_size > 1 else 0):
-        x = int(np.argmax(load))
-        mine = np.flatnonzero(owner == x)
-        heavy = work[mine]
-        # Only chunks lighter than one of x's, of ranks lighter than x, can lower x's load: the
-        # others' swaps all leave a rank at or above it, so dropping them keeps the first best.
-        their_load = load[owner]
-        others = np.flatnonzero((their_load < load[x]) & (work < heavy.max()))
-        moved = heavy[:, None] - work[others]  # [m, candidates]
-        after = np.maximum(load[x] - moved, their_load[others] + moved)
-        after[moved <= 0] = np.inf
-        best = int(after.argmin()) if after.size else 0
-        i, j = divmod(best, max(after.shape[1], 1))
-        if not after.size or after[i, j] >= load[x]:
+    count = len(work)
+    for _ in range(_swap_cap(count) if world_size > 1 else 0):
+        x = int(load.argmax())
+        top = load[x]
+        mine = (owner == x).nonzero()[0]
+        moved = work[mine][:, None] - work  # [x's chunks, every chunk]
+        # Every pair is scored: only a lighter chunk of a lighter rank can leave both ranks below
+        # x's load, any other swap leaves one at or above it, so the first least score below
+        # x's load is the first best swap, with no candidates picked out first.
+        after = np.maximum(top - moved, load[owner] + moved)
+        best = int(after.argmin())
+        if after.flat[best] >= top:
             break
-        a, b = mine[i], others[j]
-        y = owner[b]
+        i, b = divmod(best, count)
+        a, y, d = mine[i], owner[b], moved[i, b]
         owner[a], owner[b] = y, x
-        load[x] -= moved[i, j]
-        load[y] += moved[i, j]
+        load[x] -= d
+        load[y] += d
     return owner, load
 
 
