@@ -77,3 +77,27 @@ def test_kernel_calls_name_the_calls_the_executor_makes():
     assert own_split, "the case must have a rank's own queries in several runs"
     settled = [AutoKernel.kind(*c) for view in views for c in kernel_calls(view, shape, q.device, 8 ** -0.5, True)]
     assert sorted(settled) == sorted(made)
+
+
+def test_bf16_balanced_documents_within_twice_plain_bf16():
+    """bf16 inputs on the balanced layout, whose chunks sit in several runs of a rank's rows:
+    partial dq/dK/dV arrive in bf16 and are added into float32 accumulators across those runs.
+    flash-attn's rule against the float64 oracle, for outputs and gradients."""
+    from megatron_lightseq.distattn.plan.runs import one_run
+    from mask_cases import dense_allowed, documents, masked_reference
+    from oracle import assert_within_twice_plain
+
+    p, tokens = 4, 4 * 64
+    mask = dict(causal=True, cu_seqlens=documents("short", tokens, seed=SEED))
+    g = torch.Generator().manual_seed(1)
+    full64 = [torch.randn(1, tokens, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4)]  # q, k, v, dout
+    full16 = [x.to(torch.bfloat16) for x in full64]
+    allowed = dense_allowed(tokens, **mask)
+    ref, plain = (masked_reference(*xs, allowed) for xs in (full64, full16))
+    got = emulate_dist_attn(*full16, world_size=p, layout="balanced", schedule="lightseq", kernel="math", **mask)
+    assert_within_twice_plain(got, plain, ref, label="bf16")
+    views = [mls.build_plan("lightseq", layout="balanced", world_size=p, rank=r, **mask) for r in range(p)]
+    arriving = [(v, tr.payload.chunks) for v in views for rs in v.backward for tr in rs.recvs
+                if tr.payload.kind in ("dq", "dkv")]
+    assert any(not one_run(chunks, v.owned) for v, chunks in arriving), \
+        "the case must add partial gradients into several runs of a rank's rows"

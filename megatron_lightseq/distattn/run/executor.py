@@ -15,10 +15,10 @@ import torch
 from ...kernels.base import BlockKernel, accum_dtype
 from ...kernels.merge import merge_into
 from ..plan.plan import INPUT_KINDS, Block, Payload, RankPlan, Shape, payload_tensors
-from ..plan.runs import chunk_runs, one_run, span_of
+from ..plan.runs import one_run, span_of
 from ..transport.exchange import Exchange, Pending
 from ..transport.trace import count
-from .rows import Rows, add_to, pick, rows_in
+from .rows import Rows, add_to, pick, rows_in, stretches
 from .wire import KvWire
 
 Tensors = tuple[torch.Tensor, ...]
@@ -212,14 +212,13 @@ def forward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: E
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((shape.batch, shape.nheads, shape.seqlen_local), float("-inf"), dtype=acc, device=q.device)
     run = _RankRun(view, "forward", exchange, shape, {"q": (q,), "kv": (k, v), "acc": (out, lse)})
-    owned, n = view.owned, run.chunk_len
+    owned = view.owned
 
     def merge(chunks, part_out, part_lse) -> None:
         if isinstance(run.rows(chunks, owned), tuple):  # one stretch: the part is its rows
             merge_into(*run.take("acc", rank, chunks), part_out, part_lse)
             return
-        for i, at, c in chunk_runs(chunks, owned):  # stretch by stretch, in place (no copy of the rows)
-            here, there = (i * n, (i + c) * n), (at * n, (at + c) * n)
+        for here, there in stretches(chunks, owned, run.chunk_len):  # in place, no copy of the rows
             merge_into(pick(out, there), pick(lse, there), pick(part_out, here), pick(part_lse, here))
 
     def compute(b: Block) -> None:
@@ -260,8 +259,12 @@ def backward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: 
             for acc, part in zip(run.take(kind, rank, chunks), parts):
                 acc.add_(part)
             return
-        for acc, part in zip(run.local[kind], parts):  # several: one index_add_ each
-            add_to(acc, rows, part)
+        for acc, part in zip(run.local[kind], parts):
+            if part.dtype == acc.dtype:  # several stretches: one index_add_
+                add_to(acc, rows, part)
+                continue
+            for here, there in stretches(chunks, owned, run.chunk_len):  # bf16 into float32: add_ casts
+                pick(acc, there).add_(pick(part, here))                  # as it adds, no copy of the part
 
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)

@@ -35,6 +35,14 @@ def rows_in(chunks: tuple[int, ...], within: tuple[int, ...], chunk_len: int, de
     return rows_of(chunk_runs(chunks, within), chunk_len, device)
 
 
+@lru_cache(maxsize=4096)
+def stretches(chunks: tuple[int, ...], within: tuple[int, ...], chunk_len: int) -> tuple[tuple[Rows, Rows], ...]:
+    """Per run of ``chunks`` in a tensor of ``within``'s: (its rows in a tensor of ``chunks``, its
+    rows in the tensor of ``within``), for what must go stretch by stretch, in place."""
+    n = chunk_len
+    return tuple((((i * n, (i + c) * n)), (at * n, (at + c) * n)) for i, at, c in chunk_runs(chunks, within))
+
+
 def pick(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     """x's ``rows``: x itself when they are all of it, a view of a stretch, a copy of an index's."""
     if isinstance(rows, tuple):
@@ -53,8 +61,9 @@ def place(out: torch.Tensor, rows: Rows, piece: torch.Tensor) -> None:
 
 
 def add_to(acc: torch.Tensor, rows: Rows, part: torch.Tensor) -> None:
-    """acc's ``rows`` += part, in place (each row once: index_add_ is deterministic here, and
-    torch runs it deterministically on CUDA under use_deterministic_algorithms)."""
+    """acc's ``rows`` += part, in place, ``part`` in acc's dtype where ``rows`` is an index (each
+    row once: index_add_ is deterministic here, and torch runs it deterministically on CUDA under
+    use_deterministic_algorithms)."""
     if isinstance(rows, tuple):
         pick(acc, rows).add_(part)
     else:
