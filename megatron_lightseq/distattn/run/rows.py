@@ -20,14 +20,16 @@ def seq_dim(x: torch.Tensor) -> int:
     return 2 if x.dim() == 3 else 1  # lse [B, H, S]; the rest [B, S, H, D]
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def rows_of(runs: tuple[Run, ...], chunk_len: int, device: torch.device) -> Rows:
     """The rows of ``runs`` (chunk_runs: where some chunks sit in a tensor of others), in the
-    chunks' order; an index lives on ``device`` (made once per runs and device)."""
+    chunks' order. An index is made on ``device`` (no copy from the host, which would wait for
+    the stream) once per runs, chunk length and device: runs are positions among a rank's few
+    chunks, so batches of new documents mostly meet the same ones."""
     if len(runs) == 1:
         _, at, n = runs[0]
         return at * chunk_len, (at + n) * chunk_len
-    return torch.cat([torch.arange(at * chunk_len, (at + n) * chunk_len) for _, at, n in runs]).to(device)
+    return torch.cat([torch.arange(at * chunk_len, (at + n) * chunk_len, device=device) for _, at, n in runs])
 
 
 def rows_in(chunks: tuple[int, ...], within: tuple[int, ...], chunk_len: int, device: torch.device) -> Rows:
@@ -40,7 +42,7 @@ def stretches(chunks: tuple[int, ...], within: tuple[int, ...], chunk_len: int) 
     """Per run of ``chunks`` in a tensor of ``within``'s: (its rows in a tensor of ``chunks``, its
     rows in the tensor of ``within``), for what must go stretch by stretch, in place."""
     n = chunk_len
-    return tuple((((i * n, (i + c) * n)), (at * n, (at + c) * n)) for i, at, c in chunk_runs(chunks, within))
+    return tuple(((i * n, (i + c) * n), (at * n, (at + c) * n)) for i, at, c in chunk_runs(chunks, within))
 
 
 def pick(x: torch.Tensor, rows: Rows) -> torch.Tensor:
