@@ -254,17 +254,12 @@ def backward_steps(view: RankPlan, kernel: BlockKernel, scale: float, exchange: 
     owned = view.owned
 
     def add(kind, chunks, *parts):  # in place (``acc[rows] += x`` would also copy it back)
-        rows = run.rows(chunks, owned)
-        if isinstance(rows, tuple):  # into views of one stretch
+        if isinstance(run.rows(chunks, owned), tuple):  # one stretch: into the call's kept views
             for acc, part in zip(run.take(kind, rank, chunks), parts):
                 acc.add_(part)
             return
-        for acc, part in zip(run.local[kind], parts):
-            if part.dtype == acc.dtype:  # several stretches: one index_add_
-                add_to(acc, rows, part)
-                continue
-            for here, there in stretches(chunks, owned, run.chunk_len):  # bf16 into float32: add_ casts
-                pick(acc, there).add_(pick(part, here))                  # as it adds, no copy of the part
+        for acc, part in zip(run.local[kind], parts):  # several (rows.add_to)
+            add_to(acc, chunks, owned, run.chunk_len, part)
 
     def compute(b: Block) -> None:
         q_, o_, l_, do_ = run.take("qg", b.q_owner, b.q_chunks)

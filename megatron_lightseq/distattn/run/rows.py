@@ -62,11 +62,18 @@ def place(out: torch.Tensor, rows: Rows, piece: torch.Tensor) -> None:
         out.index_copy_(seq_dim(out), rows, piece)
 
 
-def add_to(acc: torch.Tensor, rows: Rows, part: torch.Tensor) -> None:
-    """acc's ``rows`` += part, in place, ``part`` in acc's dtype where ``rows`` is an index (each
-    row once: index_add_ is deterministic here, and torch runs it deterministically on CUDA under
-    use_deterministic_algorithms)."""
+def add_to(acc: torch.Tensor, chunks: tuple[int, ...], within: tuple[int, ...], chunk_len: int,
+           part: torch.Tensor) -> None:
+    """The rows of ``chunks`` in ``acc`` (a tensor of ``within``'s chunks) += part, in place: into a
+    view of one stretch; over several, one index_add_ where part is in acc's dtype (each row once:
+    deterministic, and torch runs it deterministically on CUDA under use_deterministic_algorithms),
+    else stretch by stretch, since add_ casts (a bf16 part into float32) as it adds where
+    index_add_ would need a copy of the part."""
+    rows = rows_in(chunks, within, chunk_len, acc.device)
     if isinstance(rows, tuple):
         pick(acc, rows).add_(part)
-    else:
+    elif part.dtype == acc.dtype:
         acc.index_add_(seq_dim(acc), rows, part)
+    else:
+        for here, there in stretches(chunks, within, chunk_len):
+            pick(acc, there).add_(pick(part, here))
